@@ -1,0 +1,66 @@
+"""Stage 1: record random-policy rollouts of CarRacing-v3 into ``<data-dir>/rollouts/``.
+
+    python 01_generate_data.py --preset small            # 200 episodes, all cores
+    python 01_generate_data.py --set data.episodes=50 --set data.workers=2
+    python 01_generate_data.py --backend ray --ray-address auto   # on a Ray cluster
+
+Each episode ``i`` is seeded from ``(data.seed, i)`` and saved atomically as
+``rollouts/episode_<i>.npz``, so an interrupted run (Ctrl-C, SIGKILL, a terminated
+instance) loses at most the episodes in flight: rerun the same command to finish.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+import config
+from worldmodels import cli, collect, storage
+from worldmodels.parallel import parallel_map, resolve_workers
+
+# Fields that define what a rollout *is*: a folder made with other values cannot be extended.
+COMPATIBLE_KEYS = ("data.seed", "data.policy", "data.max_steps")
+
+
+def main(argv=None) -> int:
+    parser = config.make_parser(__doc__)
+    parser.add_argument("--backend", choices=["serial", "process", "ray"], help="overrides data.backend")
+    parser.add_argument("--ray-address", default="", help="Ray cluster address for --backend ray ('' = local)")
+    cfg, args = config.parse_args(__doc__, argv, parser)
+    if args.backend:
+        cfg = config.apply_overrides(cfg, {"data.backend": args.backend})
+    folder = args.data_dir / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    saved_path = folder / "config.json"
+    if saved_path.exists():
+        config.check_compatible(config.load_config(saved_path), cfg, COMPATIBLE_KEYS, f"{folder}")
+    config.save_config(cfg, folder)
+
+    pending, notes = collect.pending_indices(folder, cfg.data.episodes)
+    for note in notes:
+        print(f"[01] {note}")
+    done = cfg.data.episodes - len(pending)
+    workers = resolve_workers(cfg.data.workers)
+    print(f"[01] {folder}: {done} of {cfg.data.episodes} episodes already complete; recording {len(pending)} "
+          f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}'")
+    jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
+                               cfg.data.compresslevel) for i in pending]
+    frames, start = 0, time.perf_counter()
+    with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
+        for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):
+            frames += result.frames
+            bar.update(1)
+            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
+    extra = [p for p in storage.list_episodes(folder) if storage.episode_index(p) >= cfg.data.episodes] \
+        if cfg.data.episodes else []
+    if extra:
+        print(f"[01] note: {len(extra)} episode(s) beyond data.episodes={cfg.data.episodes} are also in {folder} "
+              "and will be used by later stages")
+    print(f"[01] done: {cfg.data.episodes} episodes in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,516 @@
+"""One configuration for the whole pipeline, readable top to bottom.
+
+Every numbered script builds its :class:`Config` with :func:`parse_args`:
+
+    python 02_train_vae.py --preset small --set vae.epochs=3 --data-dir /mnt/data
+
+* Defaults are the paper's numbers (REFERENCE.md). A *preset* overrides a few of them; presets
+  change data volume, epochs and generations, never a network shape.
+* ``--set section.field=value`` overrides one field, parsed to the field's type. An unknown
+  section or field, or a value of the wrong type, is a :class:`ConfigError` that lists the
+  valid choices.
+* The resolved config is written as ``config.json`` beside every artifact
+  (:func:`save_config`), and a stage that consumes an artifact checks that the fields it
+  depends on agree (:func:`check_compatible`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or preset is invalid; the message says what is allowed."""
+
+
+def _f(default, doc: str):
+    """A dataclass field with a one-line docstring (shown by ``--help-config``)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Stage 1: random-policy rollouts of CarRacing-v3 (``01_generate_data.py``)."""
+
+    episodes: int = _f(10_000, "number of rollouts to record (paper: 10,000)")
+    max_steps: int = _f(1000, "time limit of an episode in environment steps (CarRacing-v3 default: 1000)")
+    policy: str = _f("brownian", "exploration policy: 'brownian' (temporally correlated random actions) or 'uniform'")
+    seed: int = _f(0, "base seed; episode i is reproducible from (seed, i)")
+    workers: int = _f(0, "parallel worker processes; 0 means one per CPU core")
+    backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
+    compresslevel: int = _f(1, "zlib level of the episode .npz files (1 = fast, 9 = smallest)")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Stage 2: the convolutional VAE, V (``02_train_vae.py``)."""
+
+    model: str = _f("vae", "which V to train and use downstream: 'vae' or 'vae_gan'")
+    z_size: int = _f(32, "latent dimension (paper: 32)")
+    kl_tolerance: float = _f(0.5, "free bits: KL floor of kl_tolerance * z_size nats per frame (0 disables)")
+    learning_rate: float = _f(1e-4, "Adam learning rate")
+    batch_size: int = _f(100, "frames per batch")
+    epochs: int = _f(10, "passes over the training frames")
+    heldout_fraction: float = _f(0.05, "fraction of episodes held out for validation (split by episode)")
+    shuffle_buffer: int = _f(10_000, "frames in the shuffle buffer of the streaming pipeline")
+    episodes_in_flight: int = _f(8, "episodes read in parallel and interleaved, so batches mix episodes")
+    mixed_precision: bool = _f(False, "train in mixed_float16 (useful on a GPU only)")
+    distribute: bool = _f(False, "train with tf.distribute.MirroredStrategy over all visible GPUs")
+    seed: int = _f(0, "seed for initialisation and shuffling")
+
+
+@dataclass(frozen=True)
+class VAEGANConfig:
+    """The VAE-GAN variant of V (Larsen et al. 2016), used when ``vae.model='vae_gan'``."""
+
+    gamma: float = _f(1e-2, "weight of the feature-wise reconstruction loss in the decoder's loss")
+    adversarial: str = _f("gan", "discriminator objective: 'gan' (Larsen et al.) or 'wgan-gp' (Wasserstein, gradient penalty)")
+    learning_rate: float = _f(3e-4, "RMSProp learning rate (authors' choice) for the 'gan' objective")
+    gp_weight: float = _f(10.0, "gradient-penalty weight lambda for 'wgan-gp'")
+    critic_steps: int = _f(5, "critic updates per generator update for 'wgan-gp'")
+    epochs: int = _f(10, "passes over the training frames")
+
+
+@dataclass(frozen=True)
+class RNNConfig:
+    """Stages 3-4: latent series and the MDN-RNN, M (``03_generate_rnn_data.py``, ``04_train_rnn.py``)."""
+
+    hidden_units: int = _f(256, "LSTM units (paper: 256)")
+    num_mixtures: int = _f(5, "Gaussian components per latent dimension (paper: 5)")
+    sequence_length: int = _f(999, "steps per training sequence; shorter episodes are padded and masked")
+    batch_size: int = _f(100, "sequences per batch")
+    learning_rate: float = _f(1e-3, "initial Adam learning rate")
+    min_learning_rate: float = _f(1e-5, "learning rate reached by the decay at the last step")
+    grad_clip: float = _f(1.0, "gradient clipping by global norm")
+    steps: int = _f(4000, "training steps (paper: 4000)")
+    reward_head: bool = _f(True, "predict the reward (needed for a CarRacing dream)")
+    done_head: bool = _f(True, "predict episode termination (needed for a CarRacing dream)")
+    done_weight: float = _f(10.0, "weight of the done loss (paper's Doom model: 10)")
+    dropout: float = _f(0.0, "dropout on the LSTM output (Dropout's Dream Land uses 0.1)")
+    heldout_fraction: float = _f(0.05, "fraction of episodes held out for validation (same split as V)")
+    encode_batch_size: int = _f(1000, "frames per V call when encoding rollouts into series")
+    seed: int = _f(0, "seed for initialisation, batching and z re-sampling")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Stage 5: the linear controller, C, evolved with CMA-ES (``05_train_controller.py``)."""
+
+    env: str = _f("real", "where members are scored: 'real' CarRacing or the 'dream' of M")
+    population: int = _f(64, "CMA-ES population size (paper: 64)")
+    rollouts_per_member: int = _f(16, "episodes averaged into one member's fitness (paper: 16)")
+    sigma_init: float = _f(0.1, "initial CMA-ES step size (paper: 0.1)")
+    weight_decay: float = _f(0.0, "L2 penalty on the parameters subtracted from the fitness")
+    generations: int = _f(1800, "CMA-ES generations (paper: ~1800)")
+    max_steps: int = _f(1000, "time limit of a real episode")
+    eval_every: int = _f(25, "evaluate the CMA mean every this many generations (paper: 25)")
+    eval_episodes: int = _f(1024, "held-out tracks for the periodic evaluation (paper: 1024)")
+    final_eval_episodes: int = _f(100, "held-out tracks for the reported score (paper: 100)")
+    workers: int = _f(0, "environment worker processes; 0 means one per CPU core")
+    backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
+    ray_address: str = _f("", "address of a Ray cluster for backend 'ray' ('' starts a local one)")
+    curiosity: float = _f(0.0, "weight of M's prediction loss added to the reward (0 disables)")
+    seed: int = _f(0, "seed of CMA-ES and of the training tracks")
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    """The dream: CarRacing generated by M (``05_train_controller.py --env dream``)."""
+
+    temperature: float = _f(1.15, "sampling temperature tau of M (paper's best Doom value: 1.15)")
+    temperatures: tuple[float, ...] = _f((0.1, 0.5, 1.0, 1.15, 1.3), "temperatures of the temperature study")
+    max_steps: int = _f(1000, "time limit of a dream episode")
+    skip_initial_frames: int = _f(50, "real frames skipped before taking a starting z (CarRacing's zoom-in)")
+    batch_size: int = _f(1024, "dream agents stepped together in one model call")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline's configuration; ``preset`` records which preset it started from."""
+
+    preset: str = _f("paper", "name of the preset the values started from")
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    vae_gan: VAEGANConfig = field(default_factory=VAEGANConfig)
+    rnn: RNNConfig = field(default_factory=RNNConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    dream: DreamConfig = field(default_factory=DreamConfig)
+
+
+SECTIONS = ("data", "vae", "vae_gan", "rnn", "controller", "dream")
+
+# Presets override data volume, epochs and generations only; the networks are always the paper's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's numbers are the defaults.
+    "paper": {},
+    # The seed report's scale: 2000 rollouts.
+    "report": {
+        "data.episodes": 2000,
+        "rnn.steps": 4000,
+        "controller.generations": 300,
+    },
+    # A 2-core CPU box finishes the whole pipeline in a few hours.
+    "small": {
+        "data.episodes": 200,
+        "vae.epochs": 3,
+        "vae_gan.epochs": 3,
+        "rnn.steps": 1000,
+        "rnn.batch_size": 16,
+        "controller.population": 16,
+        "controller.rollouts_per_member": 2,
+        "controller.generations": 20,
+        "controller.eval_every": 5,
+        "controller.eval_episodes": 16,
+        "controller.final_eval_episodes": 100,
+        "dream.batch_size": 512,
+    },
+    # Default of the README's one-line run: the whole pipeline on 2 CPU cores in under 30 minutes.
+    "quick": {
+        "data.episodes": 16,
+        "data.max_steps": 300,
+        "vae.epochs": 1,
+        "vae_gan.epochs": 1,
+        "rnn.sequence_length": 299,
+        "rnn.steps": 100,
+        "rnn.batch_size": 8,
+        "controller.population": 8,
+        "controller.rollouts_per_member": 1,
+        "controller.generations": 3,
+        "controller.max_steps": 300,
+        "controller.eval_every": 3,
+        "controller.eval_episodes": 4,
+        "controller.final_eval_episodes": 8,
+        "dream.max_steps": 300,
+        "dream.batch_size": 64,
+    },
+    # Tests: a few short episodes and tiny epochs, so the full pipeline runs in seconds to minutes.
+    "smoke": {
+        "data.episodes": 3,
+        "data.max_steps": 60,
+        "data.workers": 1,
+        "vae.epochs": 1,
+        "vae.batch_size": 16,
+        "vae.heldout_fraction": 0.34,
+        "vae.shuffle_buffer": 256,
+        "vae_gan.epochs": 1,
+        "rnn.sequence_length": 59,
+        "rnn.steps": 4,
+        "rnn.batch_size": 2,
+        "rnn.heldout_fraction": 0.34,
+        "rnn.encode_batch_size": 64,
+        "controller.population": 4,
+        "controller.rollouts_per_member": 1,
+        "controller.generations": 2,
+        "controller.max_steps": 60,
+        "controller.eval_every": 1,
+        "controller.eval_episodes": 2,
+        "controller.final_eval_episodes": 2,
+        "controller.workers": 1,
+        "dream.max_steps": 60,
+        "dream.skip_initial_frames": 5,
+        "dream.batch_size": 8,
+    },
+}
+
+DEFAULT_PRESET = "paper"
+
+
+# --------------------------------------------------------------------------- parsing values
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _parse_value(text: str, annotation) -> Any:
+    """Parse ``text`` to the type of a field annotation (int, float, bool, str, tuple[float, ...])."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        items = [t for t in text.replace(" ", "").strip("()[]").split(",") if t]
+        return tuple(_parse_value(t, item_type) for t in items)
+    if annotation is bool:
+        return _parse_bool(text)
+    if annotation is int:
+        # Accept "10_000" and "1e3" as a user would type them, but not "2.5".
+        value = float(text.replace("_", ""))
+        if not value.is_integer():
+            raise ValueError("expected an integer")
+        return int(value)
+    if annotation is float:
+        return float(text)
+    if annotation is str:
+        return text
+    raise TypeError(f"unsupported config type {annotation!r}")
+
+
+def _coerce(value: Any, annotation, where: str) -> Any:
+    """Check (and gently convert) a Python value against a field type, e.g. from a preset or JSON."""
+    try:
+        if isinstance(value, str) and annotation is not str:
+            return _parse_value(value, annotation)
+        if typing.get_origin(annotation) is tuple:
+            (item_type, _) = typing.get_args(annotation)
+            return tuple(_coerce(v, item_type, where) for v in value)
+        if annotation is bool:
+            if not isinstance(value, bool):
+                raise ValueError("expected true/false")
+            return value
+        if annotation is int:
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value {value!r} for {where} ({_type_name(annotation)}): {exc}") from None
+    raise ConfigError(f"unsupported type for {where}")
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return f"comma-separated list of {typing.get_args(annotation)[0].__name__}"
+    return annotation.__name__
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# --------------------------------------------------------------------------- validation
+
+# Fields whose value must be one of a fixed set.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.policy": ("brownian", "uniform"),
+    "data.backend": ("serial", "process", "ray"),
+    "vae.model": ("vae", "vae_gan"),
+    "vae_gan.adversarial": ("gan", "wgan-gp"),
+    "controller.env": ("real", "dream"),
+    "controller.backend": ("serial", "process", "ray"),
+}
+
+
+def _validate(cfg: Config) -> None:
+    """Reject values that parse but make no sense, with a message that says what is allowed."""
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    positive = [
+        "data.episodes", "data.max_steps", "vae.z_size", "vae.batch_size", "vae.epochs",
+        "vae.shuffle_buffer", "vae.episodes_in_flight", "vae_gan.epochs", "vae_gan.critic_steps",
+        "rnn.hidden_units", "rnn.num_mixtures", "rnn.sequence_length", "rnn.batch_size", "rnn.steps",
+        "rnn.encode_batch_size", "controller.population", "controller.rollouts_per_member",
+        "controller.generations", "controller.max_steps", "controller.eval_every",
+        "controller.eval_episodes", "controller.final_eval_episodes", "dream.max_steps",
+        "dream.batch_size",
+    ]
+    for key in positive:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
+    non_negative = [
+        "data.workers", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
+        "controller.curiosity", "dream.skip_initial_frames", "rnn.dropout",
+    ]
+    for key in non_negative:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)}")
+    for key in ("vae.heldout_fraction", "rnn.heldout_fraction"):
+        if not 0.0 <= get(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {get(cfg, key)}")
+    if not 1 <= cfg.data.compresslevel <= 9:
+        raise ConfigError(f"data.compresslevel must be in 1..9, got {cfg.data.compresslevel}")
+    if not 0.0 <= cfg.rnn.dropout < 1.0:
+        raise ConfigError(f"rnn.dropout must be in [0, 1), got {cfg.rnn.dropout}")
+    if cfg.controller.population < 2:
+        raise ConfigError("controller.population must be at least 2 for CMA-ES")
+    temps = (cfg.dream.temperature, *cfg.dream.temperatures)
+    if any(t <= 0 for t in temps):
+        raise ConfigError(f"dream temperatures must be > 0, got {temps}")
+
+
+# --------------------------------------------------------------------------- building configs
+
+
+def get(cfg: Config, key: str) -> Any:
+    """Value of ``"section.field"`` (or a top-level field such as ``"preset"``)."""
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def valid_keys() -> list[str]:
+    """Every ``section.field`` that ``--set`` accepts."""
+    keys = []
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        keys += [f"{section}.{name}" for name in _field_types(cls)]
+    return keys
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with ``{"section.field": value}`` applied and validated.
+
+    Values may be strings (from the command line) or Python values (from presets and JSON).
+    """
+    updates: dict[str, dict[str, Any]] = {}
+    for key, raw in overrides.items():
+        section, dot, name = key.partition(".")
+        if not dot or section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config key {key!r}: keys look like section.field with section one of "
+                f"{', '.join(SECTIONS)}"
+            )
+        types = _field_types(type(getattr(cfg, section)))
+        if name not in types:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid fields of {section!r}: {', '.join(types)}"
+            )
+        updates.setdefault(section, {})[name] = _coerce(raw, types[name], key)
+    new = dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **fields) for s, fields in updates.items()}
+    )
+    _validate(new)
+    return new
+
+
+def make_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the preset, then explicit overrides (later wins)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = apply_overrides(Config(preset=preset), PRESETS[preset])
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_set_arguments(items: Iterable[str]) -> dict[str, str]:
+    """``["vae.epochs=3", ...]`` -> ``{"vae.epochs": "3"}``, rejecting items without ``=``."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved by :func:`save_config`; unknown keys are an error, missing ones default."""
+    if not isinstance(data, dict):
+        raise ConfigError("a saved config must be a JSON object")
+    overrides = {}
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"unknown config section {section!r} in saved config")
+        overrides.update({f"{section}.{k}": v for k, v in values.items()})
+    cfg = Config(preset=str(data.get("preset", DEFAULT_PRESET)))
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: Config, folder: str | os.PathLike, name: str = "config.json") -> Path:
+    """Write the resolved config as JSON beside an artifact (atomically)."""
+    from worldmodels.storage import atomic_write_json
+
+    return atomic_write_json(Path(folder) / name, to_dict(cfg))
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read a config written by :func:`save_config`."""
+    from worldmodels.storage import read_json
+
+    try:
+        return from_dict(read_json(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_compatible(saved: Config, current: Config, keys: Sequence[str], artifact: str) -> None:
+    """Refuse to consume an artifact whose config differs from ours in ``keys``.
+
+    For example M trained on 32-d latents cannot read a V with ``z_size=64``; mixing them
+    would fail deep inside TensorFlow with a shape error, or worse, silently.
+    """
+    diffs = [f"{k}: artifact has {get(saved, k)!r}, current config has {get(current, k)!r}"
+             for k in keys if get(saved, k) != get(current, k)]
+    if diffs:
+        raise ConfigError(
+            f"{artifact} was made with an incompatible config ({'; '.join(diffs)}). "
+            "Use the same --preset/--set as when it was made, or delete it to remake it."
+        )
+
+
+def describe() -> str:
+    """Every field with its default and docstring, for ``--help-config``."""
+    lines = []
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        lines.append(f"[{section}] {cls.__doc__}")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {section}.{f.name} = {f.default!r}\n      {f.metadata.get('doc', '')}")
+    lines.append("presets: " + ", ".join(f"{name} ({len(o)} overrides)" for name, o in PRESETS.items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def make_parser(description: str, default_preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """The argument parser shared by every numbered script; scripts may add their own flags."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
+                        help=f"starting values (default: {default_preset})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field; repeatable (see --help-config)")
+    parser.add_argument("--data-dir", default=os.environ.get("WORLDMODELS_DATA", "data"), type=Path,
+                        help="folder of all inputs and outputs (default: data, or $WORLDMODELS_DATA)")
+    parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    return parser
+
+
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+    default_preset: str = DEFAULT_PRESET,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line into ``(config, args)``; config errors exit with status 2 and a clear message."""
+    parser = parser or make_parser(description, default_preset)
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(describe())
+        parser.exit(0)
+    try:
+        cfg = make_config(args.preset, parse_set_arguments(args.overrides))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return cfg, args
+
+
+if __name__ == "__main__":
+    print(describe())
+    print(json.dumps(to_dict(make_config()), indent=2))

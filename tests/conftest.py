@@ -1,0 +1,61 @@
+"""Shared test set-up: headless, CPU only, quiet TensorFlow, and helpers to run the scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports TensorFlow or pygame (also inherited by script subprocesses).
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, data_dir: Path, timeout: float = 600, check: bool = True,
+               preset: str = "smoke") -> subprocess.CompletedProcess:
+    """Run a numbered script as a user would: ``python <script> --preset smoke --data-dir <dir> ...``."""
+    cmd = [sys.executable, str(REPO / script), "--preset", preset, "--data-dir", str(data_dir), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_rollouts(tmp_path_factory) -> Path:
+    """A data dir with the smoke preset's rollouts, made once per test session by 01 itself."""
+    data_dir = tmp_path_factory.mktemp("smoke_data")
+    run_script("01_generate_data.py", data_dir=data_dir)
+    return data_dir
+
+
+def execute_notebook(path: Path, data_dir: Path, timeout: int = 600) -> None:
+    """Execute a notebook top to bottom against ``data_dir`` (read from $WORLDMODELS_DATA), as nbmake would.
+
+    A failing cell raises ``nbclient.exceptions.CellExecutionError`` with the cell's traceback.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    old = os.environ.get("WORLDMODELS_DATA")
+    os.environ["WORLDMODELS_DATA"] = str(data_dir)
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("WORLDMODELS_DATA", None)
+        else:
+            os.environ["WORLDMODELS_DATA"] = old

@@ -1,0 +1,1 @@
+"""Runtime support for the World Models pipeline: environment, storage, rollouts, evolution."""

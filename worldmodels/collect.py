@@ -1,0 +1,107 @@
+"""Recording rollouts of an exploration policy for stage 1 (``01_generate_data.py``).
+
+One function records one episode, seeded from ``(base_seed, index)`` alone, so that any
+episode can be regenerated bit for bit, by any worker, in any order. It runs in worker
+processes and never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worldmodels import storage
+from worldmodels.env import POLICIES, episode_seed, make_env, preprocess
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """Everything a worker needs to record one episode (picklable, so it crosses processes)."""
+
+    index: int
+    folder: str
+    base_seed: int
+    max_steps: int
+    policy: str
+    compresslevel: int = 1
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    index: int
+    frames: int
+    seconds: float
+    peak_rss_mb: float
+
+
+def record_episode(max_steps: int, policy: str, seed: int) -> dict[str, np.ndarray]:
+    """Run one episode and return the arrays of a rollout file (see ``worldmodels.storage``).
+
+    The env is reset with ``seed`` and the policy draws from ``default_rng(seed)``, so the
+    recorded ``seed`` alone reproduces the episode.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    env = make_env(max_steps)
+    act = POLICIES[policy](np.random.default_rng(seed))
+    obs_list, actions, rewards, terminated, truncated = [], [], [], [], []
+    try:
+        obs, _ = env.reset(seed=seed)
+        while True:
+            action = act()
+            obs_list.append(preprocess(obs))
+            obs, reward, term, trunc, _ = env.step(action)
+            actions.append(action)
+            rewards.append(reward)
+            terminated.append(term)
+            truncated.append(trunc)
+            if term or trunc:
+                break
+    finally:
+        env.close()
+    return {
+        "obs": np.stack(obs_list),
+        "action": np.asarray(actions, dtype=np.float32),
+        "reward": np.asarray(rewards, dtype=np.float32),
+        "terminated": np.asarray(terminated, dtype=bool),
+        "truncated": np.asarray(truncated, dtype=bool),
+        "seed": np.int64(seed),
+    }
+
+
+def run_job(job: EpisodeJob) -> EpisodeResult:
+    """Record episode ``job.index`` and save it atomically (worker entry point)."""
+    start = time.perf_counter()
+    seed = episode_seed(job.base_seed, job.index)
+    arrays = record_episode(job.max_steps, job.policy, seed)
+    storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
+    # ru_maxrss is in KiB on Linux: the benchmark checks it does not grow with the episode count.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return EpisodeResult(job.index, len(arrays["action"]), time.perf_counter() - start, peak)
+
+
+def pending_indices(folder: str | Path, episodes: int) -> tuple[list[int], list[str]]:
+    """Which of episodes 0..episodes-1 still have to be recorded, and notes on what was cleaned.
+
+    Complete episodes (final name, readable, consistent) are kept. Temporary files of a killed
+    run and unreadable episode files are deleted so they are recorded again.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    notes = []
+    removed = storage.remove_stale_temporaries(folder)
+    if removed:
+        notes.append(f"removed {removed} partial file(s) left by an interrupted run")
+    pending = []
+    for index in range(episodes):
+        path = folder / storage.episode_name(index)
+        if path.exists() and not storage.check_episode(path, "rollout"):
+            notes.append(f"{path.name} was unreadable; recording it again")
+            path.unlink()
+        if not path.exists():
+            pending.append(index)
+    return pending, notes
