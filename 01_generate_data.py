@@ -47,10 +47,11 @@ def main(argv=None) -> int:
           f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}'")
     jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
                                cfg.data.compresslevel) for i in pending]
-    frames, start = 0, time.perf_counter()
+    frames, peak_mb, start = 0, 0.0, time.perf_counter()
     with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
         for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):
             frames += result.frames
+            peak_mb = max(peak_mb, result.peak_rss_mb)
             bar.update(1)
             bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
     extra = [p for p in storage.list_episodes(folder) if storage.episode_index(p) >= cfg.data.episodes] \
@@ -58,6 +59,10 @@ def main(argv=None) -> int:
     if extra:
         print(f"[01] note: {len(extra)} episode(s) beyond data.episodes={cfg.data.episodes} are also in {folder} "
               "and will be used by later stages")
+    seconds = time.perf_counter() - start
+    if frames:
+        print(f"[01] recorded {frames} frames in {seconds:.1f} s ({frames / seconds:.0f} frames/s); "
+              f"peak worker memory {peak_mb:.0f} MB")
     print(f"[01] done: {cfg.data.episodes} episodes in {folder}")
     return 0
 
