@@ -1,0 +1,476 @@
+"""Tests for M (models/mdn_rnn.py): shapes, mixture maths, temperature, masking, step, saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.mdn_rnn import (
+    LOG_SIGMA_MAX,
+    LOG_SIGMA_MIN,
+    MDNRNN,
+    baseline_nlls,
+    build_mdn_rnn,
+    gaussian_nll,
+    mixture_log_prob,
+    mixture_nll,
+    sample_mixture,
+    split_mixture,
+)
+
+# A small M keeps the model tests fast; the shapes of the paper's model are checked separately.
+SMALL = dict(z_size=4, action_size=3, hidden_units=16, num_mixtures=3)
+
+
+def make_batch(rng, lengths, total_length, z_size=4, action_size=3, pad_value=0.0):
+    """Episodes of the given lengths padded at the end to ``total_length``; padding filled with ``pad_value``."""
+    batch_size = len(lengths)
+    batch = {
+        "mu": rng.normal(size=(batch_size, total_length, z_size)),
+        "logvar": rng.uniform(-3.0, -1.0, size=(batch_size, total_length, z_size)),
+        "action": rng.uniform(-1.0, 1.0, size=(batch_size, total_length, action_size)),
+        "reward": rng.normal(size=(batch_size, total_length)),
+        "done": np.zeros((batch_size, total_length)),
+        "mask": np.zeros((batch_size, total_length)),
+    }
+    for i, length in enumerate(lengths):
+        batch["done"][i, length - 1] = 1.0
+        batch["mask"][i, :length] = 1.0
+        for key in ("mu", "logvar", "action", "reward", "done"):
+            batch[key][i, length:] = pad_value
+    return {key: value.astype(np.float32) for key, value in batch.items()}
+
+
+def pad(batch, total_length, rng):
+    """The same episodes padded further with garbage (including NaN and huge values)."""
+    out = {}
+    for key, value in batch.items():
+        extra = total_length - value.shape[1]
+        fill = rng.normal(scale=1e3, size=(value.shape[0], extra) + value.shape[2:]).astype(np.float32)
+        if key == "mask":
+            fill[:] = 0.0
+        else:
+            fill.reshape(-1)[0] = np.nan
+        out[key] = np.concatenate([value, fill], axis=1)
+    return out
+
+
+def losses_np(model, batch):
+    return {key: float(value) for key, value in model.compute_losses(batch).items()}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return MDNRNN(**SMALL, seed=0)
+
+
+# --------------------------------------------------------------------------- shapes
+def test_parameter_counts_match_the_paper():
+    net = build_mdn_rnn(z_size=32, action_size=3)
+    paper_part = net.get_layer("lstm").count_params() + net.get_layer("mdn").count_params()
+    assert net.get_layer("lstm").count_params() == 299_008
+    assert net.get_layer("mdn").count_params() == 123_360
+    assert paper_part == 422_368
+    assert net.get_layer("reward").count_params() == 257
+    assert net.get_layer("done").count_params() == 257
+    assert net.count_params() == 422_368 + 2 * 257
+    assert build_mdn_rnn(reward_head=False, done_head=False).count_params() == 422_368
+    outputs = net(np.zeros((2, 7, 35), np.float32))
+    assert tuple(outputs["mdn"].shape) == (2, 7, 480)
+    assert tuple(outputs["reward"].shape) == (2, 7)
+    assert tuple(outputs["done"].shape) == (2, 7)
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="dropout"):
+        build_mdn_rnn(dropout=1.0)
+    with pytest.raises(ValueError, match="z_size"):
+        build_mdn_rnn(z_size=0)
+    with pytest.raises(ValueError, match="last axis"):
+        split_mixture(np.zeros((2, 479), np.float32), 32, 5)
+
+
+# --------------------------------------------------------------------------- mixture maths
+def test_split_mixture_bounds_normalisation_and_gradients():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(64, 3 * 5 * 32)) * 10.0 ** rng.integers(-2, 31, size=(64, 1))
+    y = tf.constant(y, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(y)
+        log_pi, mu, log_sigma = split_mixture(y, 32, 5)
+        total = tf.reduce_sum(log_sigma)
+    for tensor in (log_pi, mu, log_sigma):
+        assert tuple(tensor.shape) == (64, 32, 5)
+        assert np.isfinite(tensor.numpy()).all()
+    assert log_sigma.numpy().min() >= LOG_SIGMA_MIN and log_sigma.numpy().max() <= LOG_SIGMA_MAX
+    np.testing.assert_allclose(tf.reduce_logsumexp(log_pi, axis=-1).numpy(), 0.0, atol=1e-5)
+    assert np.isfinite(tape.gradient(total, y).numpy()).all()
+
+    # Raw 0 means sigma 1 (the prior's scale); past the bounds the gradient is small but alive.
+    raw = tf.Variable([[0.0, -40.0, 40.0]])
+    with tf.GradientTape() as tape:
+        _, _, log_sigma = split_mixture(tf.concat([tf.zeros((1, 6)), raw], axis=-1), 1, 3)
+    np.testing.assert_allclose(log_sigma.numpy()[0, 0, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(log_sigma.numpy()[0, 0, 1:], [LOG_SIGMA_MIN, LOG_SIGMA_MAX], atol=1e-6)
+    assert (tape.jacobian(log_sigma, raw).numpy().reshape(3, 3).diagonal() > 0).all()
+
+
+def brute_force_log_prob(x, log_pi, mu, log_sigma):
+    """log sum_k pi_k N(x; mu_k, sigma_k) the naive way in float64 (-inf where the sum underflows)."""
+    sigma = np.exp(log_sigma)
+    density = np.exp(log_pi) * np.exp(-0.5 * ((x[..., None] - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    with np.errstate(divide="ignore"):
+        return np.log(density.sum(axis=-1))
+
+
+def test_mixture_log_prob_matches_brute_force_density():
+    rng = np.random.default_rng(2)
+    representable = underflowed = 0
+    for _ in range(150):
+        n, z, k = rng.integers(1, 6), rng.integers(1, 5), rng.integers(1, 7)
+        logits = rng.normal(size=(n, z, k)) * rng.choice([0.1, 3.0, 50.0])
+        log_pi = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        mu = rng.normal(size=(n, z, k)) * rng.choice([0.1, 1.0, 100.0])
+        log_sigma = rng.uniform(LOG_SIGMA_MIN, LOG_SIGMA_MAX, size=(n, z, k))
+        log_sigma[rng.random(size=log_sigma.shape) < 0.2] = LOG_SIGMA_MIN  # the extremes themselves
+        log_sigma[rng.random(size=log_sigma.shape) < 0.2] = LOG_SIGMA_MAX
+        x = mu[..., 0] + rng.normal(size=(n, z)) * rng.choice([0.01, 1.0, 30.0, 1e3])
+
+        expected = brute_force_log_prob(x, log_pi, mu, log_sigma)
+        got64 = mixture_log_prob(x, log_pi, mu, log_sigma).numpy()
+        assert np.isfinite(got64).all()
+        ok = np.isfinite(expected)
+        representable += ok.sum()
+        underflowed += (~ok).sum()
+        np.testing.assert_allclose(got64[ok], expected[ok], rtol=1e-9, atol=1e-9)
+        # Where the naive sum underflows, log-sum-exp lies between the best component and it + log K.
+        best = np.max(log_pi - 0.5 * ((x[..., None] - mu) / np.exp(log_sigma)) ** 2 - log_sigma
+                      - 0.5 * np.log(2 * np.pi), axis=-1)
+        assert (got64 >= best - 1e-9 * np.abs(best)).all()
+        assert (got64 <= best + np.log(k) + 1e-9 * np.abs(best)).all()
+
+        # float32 (the training dtype): finite, and as exact as float32 allows for the same
+        # (rounded) inputs; rounding the inputs themselves is not the function's error.
+        inputs32 = [a.astype(np.float32) for a in (x, log_pi, mu, log_sigma)]
+        got32 = mixture_log_prob(*inputs32).numpy()
+        reference = mixture_log_prob(*(a.astype(np.float64) for a in inputs32)).numpy()
+        assert got32.dtype == np.float32 and np.isfinite(got32).all()
+        np.testing.assert_allclose(got32, reference, rtol=1e-5, atol=1e-4)
+    assert representable > 100 and underflowed > 100  # both regimes were exercised
+
+
+def test_mixture_nll_is_a_masked_mean_and_ignores_nan_in_masked_steps():
+    rng = np.random.default_rng(3)
+    log_pi = np.log(np.full((2, 5, 3, 2), 0.5))
+    mu, log_sigma = rng.normal(size=(2, 5, 3, 2)), rng.uniform(-1, 1, size=(2, 5, 3, 2))
+    x = rng.normal(size=(2, 5, 3))
+    mask = np.ones((2, 5))
+    mask[1, 3:] = 0
+    log_prob = brute_force_log_prob(x, log_pi, mu, log_sigma)
+    np.testing.assert_allclose(float(mixture_nll(x, log_pi, mu, log_sigma)), -log_prob.mean(), rtol=1e-9)
+    expected = -log_prob[mask.astype(bool)].mean()
+    x[1, 4] = np.nan
+    mu[1, 3] = np.inf
+    np.testing.assert_allclose(float(mixture_nll(x, log_pi, mu, log_sigma, mask)), expected, rtol=1e-9)
+    np.testing.assert_allclose(float(mixture_nll(x, log_pi, mu, log_sigma, mask.astype(bool))), expected,
+                               rtol=1e-9)
+    assert float(mixture_nll(x, log_pi, mu, log_sigma, np.zeros((2, 5)))) == 0.0
+
+
+# --------------------------------------------------------------------------- sampling and temperature
+def mixture_parameters():
+    log_pi = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.4, 0.35, 0.25]]))
+    mu = np.array([[-2.0, 1.0, 3.0], [0.0, -1.5, 2.5], [1.0, -3.0, 0.5]])
+    log_sigma = np.log(np.array([[0.5, 1.0, 0.3], [0.2, 0.8, 1.2], [1.0, 0.4, 0.6]]))
+    return log_pi[None], mu[None], log_sigma[None]  # (1, Z=3, K=3)
+
+
+def tempered_moments(log_pi, mu, log_sigma, tau):
+    """Analytic mean, variance and 4th central moment of the tempered mixture (numpy, per dimension)."""
+    logits = log_pi / tau
+    pi = np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+    var_k = np.exp(2 * log_sigma) * tau
+    mean = (pi * mu).sum(-1)
+    var = (pi * (var_k + mu**2)).sum(-1) - mean**2
+    d = mu - mean[..., None]
+    m4 = (pi * (d**4 + 6 * d**2 * var_k + 3 * var_k**2)).sum(-1)
+    return mean, var, m4
+
+
+def test_temperature_must_be_positive():
+    log_pi, mu, log_sigma = mixture_parameters()
+    for bad in (0.0, -1.0, float("nan"), np.array([1.0, 2.0])):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_mixture(log_pi, mu, log_sigma, bad, seed=[1, 2])
+
+
+def test_low_temperature_concentrates_on_the_most_likely_mean():
+    log_pi, mu, log_sigma = (np.repeat(a, 2000, axis=0).astype(np.float32) for a in mixture_parameters())
+    tau = 1e-3
+    z = sample_mixture(log_pi, mu, log_sigma, tau, seed=[4, 5]).numpy()
+    best = np.take_along_axis(mu, log_pi.argmax(-1)[..., None], -1)[..., 0]
+    best_sigma = np.exp(np.take_along_axis(log_sigma, log_pi.argmax(-1)[..., None], -1)[..., 0])
+    assert np.all(np.abs(z - best) < 6 * best_sigma * math.sqrt(tau))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
+def test_sample_moments_match_the_tempered_mixture(tau):
+    n = 40_000
+    params = mixture_parameters()
+    log_pi, mu, log_sigma = (np.repeat(a, n, axis=0) for a in params)
+    z = sample_mixture(log_pi, mu, log_sigma, tau, generator=tf.random.Generator.from_seed(6)).numpy()
+    mean, var, m4 = tempered_moments(*(a[0] for a in params), tau)
+    mean_se, var_se = np.sqrt(var / n), np.sqrt((m4 - var**2) / n)
+    assert np.all(np.abs(z.mean(0) - mean) < 5 * mean_se)
+    assert np.all(np.abs(z.var(0) - var) < 5 * var_se)
+    if tau != 1.0:  # the test can tell tempered from untempered sampling
+        mean1, var1, _ = tempered_moments(*(a[0] for a in params), 1.0)
+        assert np.any(np.abs(var1 - var) > 10 * var_se) or np.any(np.abs(mean1 - mean) > 10 * mean_se)
+
+
+def test_sampling_is_deterministic_and_per_row_seeds_match_single_rows():
+    log_pi, mu, log_sigma = (np.repeat(a, 4, axis=0).astype(np.float32) for a in mixture_parameters())
+    a = sample_mixture(log_pi, mu, log_sigma, 1.0, seed=[7, 8]).numpy()
+    b = sample_mixture(log_pi, mu, log_sigma, 1.0, seed=[7, 8]).numpy()
+    c = sample_mixture(log_pi, mu, log_sigma, 1.0, seed=[7, 9]).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    g1, g2 = tf.random.Generator.from_seed(11), tf.random.Generator.from_seed(11)
+    np.testing.assert_array_equal(sample_mixture(log_pi, mu, log_sigma, 1.0, generator=g1).numpy(),
+                                  sample_mixture(log_pi, mu, log_sigma, 1.0, generator=g2).numpy())
+
+    seeds = np.array([[1, 2], [3, 4], [5, 6], [7, 8]], np.int32)
+    batched = sample_mixture(log_pi, mu, log_sigma, 1.3, seed=seeds).numpy()
+    singles = [sample_mixture(log_pi[i:i + 1], mu[i:i + 1], log_sigma[i:i + 1], 1.3, seed=seeds[i:i + 1]).numpy()
+               for i in range(4)]
+    np.testing.assert_array_equal(batched, np.concatenate(singles))
+    assert len({tuple(row) for row in batched}) == 4  # different seeds give different rows
+
+
+# --------------------------------------------------------------------------- losses and masking
+def test_padding_never_changes_the_loss(small_model):
+    rng = np.random.default_rng(8)
+    batch = make_batch(rng, lengths=[5, 8, 3], total_length=8)
+    reference = losses_np(small_model, batch)
+    longer = losses_np(small_model, pad(batch, 13, rng))
+    for key in reference:
+        np.testing.assert_allclose(longer[key], reference[key], rtol=1e-5, err_msg=key)
+    assert all(np.isfinite(v) for v in reference.values())
+
+    # Nor the gradients (NaN in padding must not reach the weights through 0 * NaN).
+    def gradients(batch):
+        with tf.GradientTape() as tape:
+            loss = small_model.compute_losses(batch)["loss"]
+        return [g.numpy() for g in tape.gradient(loss, small_model.trainable_variables)]
+    for short, long in zip(gradients(batch), gradients(pad(batch, 13, rng))):
+        np.testing.assert_allclose(long, short, rtol=1e-4, atol=1e-7)
+
+    # Via Keras' own evaluate as well (test_step).
+    small_model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))
+    evaluated = small_model.evaluate(pad(batch, 11, rng), batch_size=3, verbose=0, return_dict=True)
+    np.testing.assert_allclose(evaluated["loss"], reference["loss"], rtol=1e-5)
+
+    # Each padded episode scores like the same episode on its own, unpadded.
+    single = {key: value[2:3, :3] for key, value in batch.items()}
+    alone = losses_np(small_model, single)
+    padded = losses_np(small_model, {key: value[2:3] for key, value in batch.items()})
+    for key in alone:
+        np.testing.assert_allclose(padded[key], alone[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("lengths, total", [([6], 9), ([9], 9)])
+def test_the_z_loss_at_the_last_real_step_is_masked(small_model, lengths, total):
+    rng = np.random.default_rng(9)
+    batch = make_batch(rng, lengths=lengths, total_length=total)
+    last = lengths[0] - 1
+    reference = losses_np(small_model, batch)
+
+    # The action of the last real step only feeds the prediction of a frame that does not
+    # exist, so the z loss must ignore it - the reward and done losses must not.
+    changed = {key: value.copy() for key, value in batch.items()}
+    changed["action"][0, last] += 0.7
+    after = losses_np(small_model, changed)
+    np.testing.assert_allclose(after["z_nll"], reference["z_nll"], rtol=1e-6)
+    assert abs(after["reward_mse"] - reference["reward_mse"]) > 1e-6
+    assert abs(after["done_bce"] - reference["done_bce"]) > 1e-6
+
+    # The last real frame is still a target (of the step before it): the mask is not too wide.
+    changed = {key: value.copy() for key, value in batch.items()}
+    changed["mu"][0, last] += 0.5
+    assert abs(losses_np(small_model, changed)["z_nll"] - reference["z_nll"]) > 1e-6
+
+
+def test_loss_weights_combine_the_parts(small_model):
+    batch = make_batch(np.random.default_rng(10), lengths=[4, 6], total_length=6)
+    parts = losses_np(small_model, batch)
+    expected = parts["z_nll"] + parts["reward_mse"] + 10.0 * parts["done_bce"]
+    np.testing.assert_allclose(parts["loss"], expected, rtol=1e-6)
+    no_heads = MDNRNN(**SMALL, reward_head=False, done_head=False)
+    out = losses_np(no_heads, {k: v for k, v in batch.items() if k not in ("reward", "done")})
+    assert set(out) == {"loss", "z_nll"} and out["loss"] == out["z_nll"]
+    with pytest.raises(ValueError, match="missing"):
+        small_model.compute_losses({k: v for k, v in batch.items() if k != "reward"})
+    with pytest.raises(ValueError, match="mu must have shape"):
+        small_model.compute_losses({**batch, "mu": batch["mu"][..., :3]})
+
+
+def test_training_reduces_the_loss_and_resamples_z():
+    rng = np.random.default_rng(11)
+    batch = make_batch(rng, lengths=[10, 7, 10, 4], total_length=10)
+    model = MDNRNN(**SMALL, seed=1)
+    first = model.compute_losses(batch, sample_z=True)["loss"]
+    second = model.compute_losses(batch, sample_z=True)["loss"]
+    assert float(first) != float(second)  # a fresh eps each time
+    model.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0))
+    before = model.evaluate(batch, batch_size=4, verbose=0, return_dict=True)
+    history = model.fit(batch, batch_size=4, epochs=40, verbose=0, shuffle=False).history
+    after = model.evaluate(batch, batch_size=4, verbose=0, return_dict=True)
+    assert set(history) >= {"loss", "z_nll", "reward_mse", "done_bce"}
+    assert after["loss"] < 0.7 * before["loss"]
+    assert after["z_nll"] < before["z_nll"]
+
+
+def test_extreme_inputs_give_finite_loss_and_gradients():
+    model = MDNRNN(**SMALL, seed=2)
+    mdn = model.net.get_layer("mdn")
+    mdn.kernel.assign(mdn.kernel * 1e4)  # raw mixture outputs in the thousands
+    rng = np.random.default_rng(12)
+    batch = make_batch(rng, lengths=[8, 5], total_length=8)
+    batch["mu"] *= 1e3
+    batch["reward"] *= 100.0
+    with tf.GradientTape() as tape:
+        losses = model.compute_losses(batch, sample_z=True, training=True)
+    gradients = tape.gradient(losses["loss"], model.trainable_variables)
+    assert all(np.isfinite(float(v)) for v in losses.values())
+    assert all(np.isfinite(g.numpy()).all() for g in gradients)
+
+
+# --------------------------------------------------------------------------- inference step
+def run_steps(model, z, action, mask=None):
+    state = model.initial_state(z.shape[0])
+    outputs = []
+    for t in range(z.shape[1]):
+        out = model.step(z[:, t], action[:, t], state, mask)
+        state = out["state"]
+        outputs.append(out)
+    return outputs
+
+
+def test_step_matches_the_sequence_model_and_batches_match_single_runs():
+    model = MDNRNN(z_size=32, action_size=3, seed=3)  # the paper's sizes
+    rng = np.random.default_rng(13)
+    z = rng.normal(size=(3, 5, 32)).astype(np.float32)
+    action = rng.uniform(-1, 1, size=(3, 5, 3)).astype(np.float32)
+    sequence = model(np.concatenate([z, action], -1))
+    log_pi, mu, log_sigma = model.split(sequence["mdn"])
+    steps = run_steps(model, z, action)
+    for t, out in enumerate(steps):
+        np.testing.assert_allclose(out["log_pi"], log_pi[:, t], atol=1e-5)
+        np.testing.assert_allclose(out["mu"], mu[:, t], atol=1e-5)
+        np.testing.assert_allclose(out["log_sigma"], log_sigma[:, t], atol=1e-5)
+        np.testing.assert_allclose(out["reward"], sequence["reward"][:, t], atol=1e-5)
+        np.testing.assert_allclose(out["done_prob"], tf.sigmoid(sequence["done"][:, t]), atol=1e-6)
+    for i in range(3):
+        single = run_steps(model, z[i:i + 1], action[i:i + 1])
+        for key in ("log_pi", "mu", "log_sigma", "reward", "done_prob"):
+            np.testing.assert_allclose(single[-1][key][0], steps[-1][key][i], atol=1e-5)
+        np.testing.assert_allclose(single[-1]["state"][0][0], steps[-1]["state"][0][i], atol=1e-5)
+    assert model._compiled_step.experimental_get_tracing_count() == 1  # one trace for B = 3 and B = 1
+    with pytest.raises(ValueError, match="action must have shape"):
+        model.step(z[:, 0], action[:2, 0], model.initial_state(3))
+
+
+def test_dropout_masks_are_per_sequence_and_drive_the_step():
+    model = MDNRNN(**SMALL, dropout=0.5, seed=4)
+    rng = np.random.default_rng(14)
+    z = rng.normal(size=(2, 4, 4)).astype(np.float32)
+    action = rng.uniform(-1, 1, size=(2, 4, 3)).astype(np.float32)
+
+    # Training: the dropout layer zeroes the same units at every step of a sequence.
+    dropped = keras.Model(model.net.input, model.net.get_layer("dropout").output)
+    features = dropped(np.concatenate([z, action], -1), training=True).numpy()
+    zeros = features == 0.0
+    assert zeros.any() and (zeros == zeros[:, :1]).all()
+
+    mask = model.sample_dropout_mask(2, seed=[1, 2]).numpy()
+    np.testing.assert_array_equal(mask, model.sample_dropout_mask(2, seed=[1, 2]).numpy())
+    assert set(np.unique(mask)) <= {0.0, 2.0} and 0.0 in mask and 2.0 in mask
+    plain = run_steps(model, z, action)
+    with_ones = run_steps(model, z, action, np.ones((2, 16), np.float32))
+    with_mask = run_steps(model, z, action, mask)
+    np.testing.assert_allclose(plain[-1]["mu"], with_ones[-1]["mu"], atol=1e-6)
+    assert not np.allclose(plain[-1]["mu"], with_mask[-1]["mu"], atol=1e-3)
+    # The mask acts on the heads only, never on the recurrent state.
+    np.testing.assert_allclose(plain[-1]["state"][1], with_mask[-1]["state"][1], atol=1e-6)
+    assert (MDNRNN(**SMALL).sample_dropout_mask(3).numpy() == 1.0).all()
+
+
+# --------------------------------------------------------------------------- saving
+def test_keras_and_weights_round_trip(tmp_path):
+    rng = np.random.default_rng(15)
+    batch = make_batch(rng, lengths=[6, 4], total_length=6)
+    model = MDNRNN(**SMALL, dropout=0.1, done_weight=5.0, seed=5)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))
+    model.fit(batch, batch_size=2, epochs=2, verbose=0)
+    reference = losses_np(model, batch)
+
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, MDNRNN) and loaded.get_config() == model.get_config()
+    assert losses_np(loaded, batch) == pytest.approx(reference, rel=1e-6)
+    step = loaded.step(batch["mu"][:, 0], batch["action"][:, 0], loaded.initial_state(2))
+    ref_step = model.step(batch["mu"][:, 0], batch["action"][:, 0], model.initial_state(2))
+    np.testing.assert_allclose(step["mu"], ref_step["mu"], atol=1e-6)
+    loaded.fit(batch, batch_size=2, epochs=1, verbose=0)  # the optimizer state came along
+
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh = MDNRNN.from_config(model.get_config())
+    assert losses_np(fresh, batch) != pytest.approx(reference, rel=1e-6)
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    assert losses_np(fresh, batch) == pytest.approx(reference, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- baselines
+def test_gaussian_nll_is_the_log_density():
+    x, mean, var = np.array([0.3, -2.0]), np.array([0.0, 1.0]), np.array([0.5, 4.0])
+    density = np.exp(-((x - mean) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var)
+    np.testing.assert_allclose(gaussian_nll(x, mean, var), -np.log(density), rtol=1e-12)
+    with pytest.raises(ValueError, match="var"):
+        gaussian_nll(x, mean, np.array([1.0, 0.0]))
+
+
+def test_baselines_on_hand_made_series():
+    # Dimension 0 climbs by 1 each step, dimension 1 is constant (a collapsed latent).
+    train = [np.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])]
+    heldout = [np.array([[10.0, 5.0], [11.0, 5.0], [12.0, 5.0]]), np.array([[0.0, 5.0]])]
+    got = baseline_nlls(train, heldout)
+    floor = math.exp(2 * LOG_SIGMA_MIN)
+    # persistence: noise variance 1 on dim 0 and the floor on dim 1; both held-out moves are exact.
+    expected_persistence = np.mean([gaussian_nll(1.0, 0.0, 1.0), gaussian_nll(0.0, 0.0, floor)])
+    # unconditional: dim 0 mean 1.5 variance 1.25; dim 1 mean 5 variance floored.
+    targets = np.array([11.0, 12.0])
+    expected_unconditional = np.mean(
+        np.concatenate([gaussian_nll(targets, 1.5, 1.25), gaussian_nll(np.full(2, 5.0), 5.0, floor)]))
+    assert got["persistence"] == pytest.approx(expected_persistence, rel=1e-12)
+    assert got["unconditional"] == pytest.approx(expected_unconditional, rel=1e-12)
+    assert got["persistence"] < got["unconditional"]
+    with pytest.raises(ValueError, match="no episode with 2"):
+        baseline_nlls([np.zeros((1, 2))], heldout)
+    with pytest.raises(ValueError, match="empty"):
+        baseline_nlls(train, [])
+
+
+def test_baseline_units_match_mixture_nll():
+    rng = np.random.default_rng(16)
+    train = [np.cumsum(rng.normal(scale=0.3, size=(50, 3)), axis=0) for _ in range(4)]
+    heldout = [np.cumsum(rng.normal(scale=0.3, size=(40, 3)), axis=0) for _ in range(2)]
+    deltas = np.concatenate([np.diff(a, axis=0) for a in train])
+    noise_var = np.mean(deltas**2, axis=0)
+    # The persistence baseline is a one-component mixture centred on z_t.
+    previous = np.concatenate([a[:-1] for a in heldout])[:, :, None]
+    target = np.concatenate([a[1:] for a in heldout])
+    log_sigma = np.broadcast_to(0.5 * np.log(noise_var)[:, None], previous.shape)
+    nll = float(mixture_nll(target, np.zeros_like(previous), previous, log_sigma))
+    assert baseline_nlls(train, heldout)["persistence"] == pytest.approx(nll, rel=1e-9)
