@@ -1,0 +1,201 @@
+"""05_train_controller.py and evaluate_controller.py as a user runs them: outputs, a no-op rerun,
+resume after SIGKILL to the result of an uninterrupted run, and clear errors."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import config
+from models.controller import num_parameters
+from tests.conftest import REPO, run_script
+from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, heldout_seeds
+
+GENERATIONS = 3
+# Short episodes keep each generation to a second or two; everything else is the smoke preset.
+TRAIN = ("--set", f"controller.generations={GENERATIONS}", "--set", "controller.max_steps=30")
+SMOKE = config.make_config("smoke")
+
+
+@pytest.fixture(scope="module")
+def models_dir(request, tmp_path_factory):
+    """A data dir with V in ``vae/`` and M in ``rnn/``, each with its config.json.
+
+    The smoke pipeline's trained V and M (conftest's ``smoke_rnn``) when that fixture exists;
+    otherwise untrained models saved where 02 and 04 put them: the controller stages only
+    depend on the file layout, the configs and the shapes, not on what the models learned.
+    """
+    try:
+        return request.getfixturevalue("smoke_rnn")
+    except pytest.FixtureLookupError:
+        pass
+    from models.mdn_rnn import MDNRNN
+    from models.vae import ConvVAE
+
+    folder = tmp_path_factory.mktemp("models")
+    for name, model in (("vae", ConvVAE(SMOKE.vae.z_size, seed=0)),
+                        ("rnn", MDNRNN(z_size=SMOKE.vae.z_size, hidden_units=SMOKE.rnn.hidden_units,
+                                       num_mixtures=SMOKE.rnn.num_mixtures, seed=0))):
+        (folder / name).mkdir()
+        model.save(folder / name / f"{name}.keras")
+        config.save_config(SMOKE, folder / name)
+    return folder
+
+
+def data_dir_with(models_dir, tmp_path, *names):
+    """A fresh data dir holding (links to) the given model folders."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    for name in names:
+        (data / name).symlink_to(models_dir / name, target_is_directory=True)
+    return data
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_npz(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def trained(models_dir, tmp_path_factory):
+    """One uninterrupted run (serial backend) with its final evaluation: the reference."""
+    data = data_dir_with(models_dir, tmp_path_factory.mktemp("reference"), "vae", "rnn")
+    proc = run_script("05_train_controller.py", *TRAIN, "--set", "controller.backend=serial", data_dir=data)
+    return data, proc
+
+
+def test_training_writes_every_output(trained):
+    data, proc = trained
+    out = data / "controller"
+    assert "final evaluation on 2 held-out tracks" in proc.stdout
+    history = read_csv(out / "history.csv")
+    assert [int(row["generation"]) for row in history] == list(range(1, GENERATIONS + 1))
+    evals = read_csv(out / "eval.csv")
+    assert list(evals[0]) == ["generation", "mean", "std"]
+    assert [int(row["generation"]) for row in evals] == list(range(1, GENERATIONS + 1))  # smoke: eval_every=1
+
+    controller = load_npz(out / "controller.npz")
+    n = num_parameters(SMOKE.vae.z_size, SMOKE.rnn.hidden_units)
+    for key in ("params", "mean", "best_member"):
+        assert controller[key].shape == (n,) and np.all(np.isfinite(controller[key]))
+    assert int(controller["generation"]) == GENERATIONS
+    means = [float(row["mean"]) for row in evals]
+    assert float(controller["best_eval_mean"]) == max(means)
+    assert int(controller["best_eval_generation"]) == int(evals[int(np.argmax(means))]["generation"])
+    assert not np.array_equal(controller["mean"], np.zeros(n)), "the CMA mean must have moved"
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["scores"]) == len(metrics["seeds"]) == SMOKE.controller.final_eval_episodes
+    assert metrics["mean"] == pytest.approx(np.mean(metrics["scores"]))
+    assert metrics["seeds"] == heldout_seeds(SMOKE.controller.seed, 2, FINAL_EVAL_SEED_OFFSET).tolist()
+    assert not set(metrics["seeds"]) & set(heldout_seeds(SMOKE.controller.seed, 2, EVAL_SEED_OFFSET).tolist())
+    assert "05_train_controller.py" in metrics["command"]
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "logs").iterdir())
+    assert config.load_config(out / "config.json").controller.generations == GENERATIONS
+
+    # A finished run reruns as a no-op.
+    before = (out / "controller.npz").stat().st_mtime_ns
+    rerun = run_script("05_train_controller.py", *TRAIN, data_dir=data)
+    assert "nothing to do" in rerun.stdout
+    assert (out / "controller.npz").stat().st_mtime_ns == before
+
+
+def test_evaluate_controller_writes_per_track_scores_and_a_video(trained, tmp_path):
+    data, _ = trained
+    output, video = tmp_path / "metrics.json", tmp_path / "episode.gif"
+    # The process backend here, serial in training: the same tracks must score the same.
+    run_script("evaluate_controller.py", *TRAIN, "--output", str(output), "--video", str(video), data_dir=data)
+    metrics = json.loads(output.read_text())
+    reference = json.loads((data / "controller" / "metrics.json").read_text())
+    assert metrics["seeds"] == reference["seeds"]
+    assert metrics["scores"] == reference["scores"]
+    for key in ("mean", "std", "min", "max", "lengths", "command"):
+        assert key in metrics
+    assert metrics["lengths"] == [30, 30]
+    assert metrics["video"]["frames"] == metrics["lengths"][0] + 1
+    from PIL import Image
+
+    with Image.open(video) as gif:
+        assert gif.size == (600, 400) and gif.n_frames == metrics["video"]["frames"]
+
+
+def test_resume_after_sigkill_reaches_the_uninterrupted_result(trained, models_dir, tmp_path):
+    reference = trained[0] / "controller"
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn")
+    out = data / "controller"
+    cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
+           *TRAIN, "--no-final-eval"]
+    # A new session puts the script and its environment workers in one process group, so
+    # SIGKILL takes them all at once, as a lost machine would.
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(read_csv(out / "history.csv"))
+    assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
+
+    resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=data)
+    assert f"{done} of {GENERATIONS} generations done" in resumed.stdout
+    got, want = load_npz(out / "controller.npz"), load_npz(reference / "controller.npz")
+    for key in ("mean", "params", "best_member", "best_eval_generation", "best_eval_mean"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
+    strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(out / "history.csv")]
+    assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(reference / "history.csv")]
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(models_dir, tmp_path):
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn")
+    (data / "controller").mkdir()
+    (data / "controller" / "evolution.pkl").write_bytes(b"\x80\x05 not a pickle")
+    proc = run_script("05_train_controller.py", data_dir=data, check=False)
+    assert_user_error(proc, "evolution.pkl", "delete it")
+
+
+def test_missing_or_corrupt_models_are_clear_errors(models_dir, tmp_path):
+    empty = tmp_path / "empty"
+    assert_user_error(run_script("05_train_controller.py", data_dir=empty, check=False), "vae.keras", "02_train_vae.py")
+    assert_user_error(run_script("evaluate_controller.py", data_dir=empty, check=False), "vae.keras")
+    only_v = data_dir_with(models_dir, tmp_path / "v", "vae")
+    assert_user_error(run_script("05_train_controller.py", data_dir=only_v, check=False), "rnn.keras", "04_train_rnn.py")
+    assert_user_error(run_script("05_train_controller.py", "--env", "dream", data_dir=only_v, check=False),
+                      "not implemented")
+    if importlib.util.find_spec("ray") is None:
+        assert_user_error(run_script("05_train_controller.py", "--set", "controller.backend=ray", data_dir=only_v,
+                                     check=False), "pip install")
+    both = data_dir_with(models_dir, tmp_path / "both", "vae", "rnn")
+    assert_user_error(run_script("evaluate_controller.py", data_dir=both, check=False), "controller.npz",
+                      "05_train_controller.py")
+
+    # A truncated V: the error names the file instead of a Keras traceback.
+    broken = tmp_path / "broken"
+    (broken / "vae").mkdir(parents=True)
+    (broken / "rnn").symlink_to(models_dir / "rnn", target_is_directory=True)
+    (broken / "vae" / "config.json").write_bytes((models_dir / "vae" / "config.json").read_bytes())
+    (broken / "vae" / "vae.keras").write_bytes((models_dir / "vae" / "vae.keras").read_bytes()[:5000])
+    assert_user_error(run_script("05_train_controller.py", data_dir=broken, check=False), "vae.keras", "corrupt")

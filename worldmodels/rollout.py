@@ -1,0 +1,288 @@
+"""One rollout loop for the controller, shared by the real environment and the dream.
+
+A *world* is anything with this interface (B = agents in a batch, at most ``capacity``;
+Z = ``z_size``, H = ``hidden_size``):
+
+* ``reset(seeds (B,) int) -> (z (B, Z), h (B, H))``: start B episodes; h is M's zero state;
+* ``step(env_actions (B, 3), active (B,) bool) -> ((z, h), reward (B,), terminated (B,),
+  truncated (B,))``: advance the active agents by one step with actions in CarRacing's
+  action space. The returned h is M's state after seeing (z_t, a_t): the h that the
+  controller uses together with z_{t+1}. Rows of inactive agents are ignored.
+* attributes ``capacity``, ``z_size``, ``hidden_size``.
+
+:func:`run_episodes` evaluates a population of controllers: P parameter vectors times K
+tracks, P * K episodes at once (or in waves of at most ``max_concurrent``), with one
+batched controller call per step. :class:`RealWorld` is the world of the real
+CarRacing-v3: a :class:`~worldmodels.envpool.CarRacingPool` plus one batched V encode and one
+batched M step per time step. The dream implements the same interface, so the loop itself
+knows nothing about environments.
+
+The order of one time step follows the paper: z_t = V(frame_t) (the posterior mean),
+a_t = C([z_t, h_t]) with h_t the LSTM state *before* it has seen (z_t, a_t), then
+h_{t+1} = M(h_t, [z_t, a_t]) and the environment applies a_t.
+
+The end of the module holds what the controller scripts share: the held-out track seeds,
+:func:`evaluate`, and loading V and M with clear errors. TensorFlow is imported only when
+a :class:`RealWorld` is built or models are loaded, so importing this module is cheap (and
+spawned environment workers, which re-import the script that started them, stay small).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from models.controller import ACTION_SIZE, controller_actions, num_parameters
+from worldmodels.env import episode_seed, to_env_action
+
+# Base seeds of the held-out track streams. Training tracks are drawn from Evolution's rng;
+# the periodic evaluation (used to pick the best mean) and the final, reported evaluation use
+# two further streams, so the reported score is never measured on tracks used for selection.
+EVAL_SEED_OFFSET = 10**6
+FINAL_EVAL_SEED_OFFSET = 2 * 10**6
+
+
+class Rollouts(NamedTuple):
+    """Results of :func:`run_episodes` for P controllers x K tracks."""
+
+    returns: np.ndarray  # (P, K) float64: sum of the rewards of each episode
+    lengths: np.ndarray  # (P, K) int64: steps of each episode
+    actions: list | None  # P lists of K float32 (T, 3) env-space actions, if recorded
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _wave_controller(params, k, start, stop):
+    """Parameters for the episodes ``start..stop-1`` of the flat (P * K) order, shaped for one call.
+
+    Returns ``(wave_params (p, N), group)``: the wave's agents form a (p, group) grid, and
+    ``controller_actions(wave_params, z.reshape(p, group, Z), ...)`` is one einsum. A wave of
+    whole members needs no copy of the parameters; any other wave gathers one row per agent.
+    """
+    if start % k == 0 and (stop - start) % k == 0:
+        return params[start // k: stop // k], k
+    return params[np.arange(start, stop) // k], 1
+
+
+def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
+                 record_actions: bool = False) -> Rollouts:
+    """Run P controllers on K tracks each in ``world`` and return every episode's return.
+
+    Args:
+        world: a world (module docstring), e.g. :class:`RealWorld`.
+        params: (P, N) controller parameters, N = num_parameters(world.z_size, world.hidden_size).
+        seeds: (P, K) track seeds; episode (p, k) runs controller p on track seeds[p, k].
+        max_steps: at most this many steps per episode (the world may end episodes sooner).
+        max_concurrent: at most this many episodes at once (default and upper bound: the
+            world's capacity). Episodes run in waves in (p, k) order.
+        record_actions: also return the env-space actions of every episode.
+
+    Returns:
+        :class:`Rollouts` with returns (P, K), lengths (P, K) and the actions if asked for.
+        Every episode ends on its own (terminated or truncated by the world, or after
+        ``max_steps``); its return is the sum of the rewards of its own steps.
+    """
+    params = np.asarray(params, dtype=np.float64)
+    seeds = np.asarray(seeds)
+    n = num_parameters(world.z_size, world.hidden_size, ACTION_SIZE)
+    if params.ndim != 2 or params.shape[1] != n:
+        raise ValueError(f"params must have shape (P, {n}) for z_size={world.z_size}, "
+                         f"hidden={world.hidden_size}, got {params.shape}")
+    if seeds.ndim != 2 or seeds.shape[0] != params.shape[0] or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"seeds must be an integer array of shape (P, K) with P = {params.shape[0]}, "
+                         f"got {seeds.dtype} {seeds.shape}")
+    if int(max_steps) != max_steps or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    capacity = int(world.capacity)
+    if max_concurrent is not None:
+        if int(max_concurrent) != max_concurrent or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+        capacity = min(capacity, int(max_concurrent))
+
+    p_count, k = seeds.shape
+    total = p_count * k
+    flat_seeds = seeds.reshape(-1)
+    returns = np.zeros(total, np.float64)
+    lengths = np.zeros(total, np.int64)
+    actions = [[] for _ in range(total)] if record_actions else None
+    for start in range(0, total, capacity):
+        stop = min(start + capacity, total)
+        wave_params, group = _wave_controller(params, k, start, stop)
+        batch = stop - start
+        z, h = world.reset(flat_seeds[start:stop])
+        active = np.ones(batch, bool)
+        for _ in range(int(max_steps)):
+            a = controller_actions(wave_params, z.reshape(-1, group, z.shape[-1]),
+                                   h.reshape(-1, group, h.shape[-1])).reshape(batch, ACTION_SIZE)
+            env_actions = to_env_action(a)
+            (z, h), reward, terminated, truncated = world.step(env_actions, active)
+            index = start + np.flatnonzero(active)
+            returns[index] += reward[active]
+            lengths[index] += 1
+            if record_actions:
+                for i, row in zip(index, env_actions[active]):
+                    actions[i].append(row)
+            active &= ~(np.asarray(terminated, bool) | np.asarray(truncated, bool))
+            if not active.any():
+                break
+    if record_actions:
+        actions = [[np.asarray(actions[p * k + j], np.float32).reshape(-1, ACTION_SIZE) for j in range(k)]
+                   for p in range(p_count)]
+    return Rollouts(returns.reshape(p_count, k), lengths.reshape(p_count, k), actions)
+
+
+# --------------------------------------------------------------------------- the real world
+
+
+class RealWorld:
+    """CarRacing-v3 seen through V and M: the world of :func:`run_episodes` in the real environment.
+
+    ``pool``: a :class:`~worldmodels.envpool.CarRacingPool` (its ``num_envs`` is the capacity);
+    ``vae``: a ``ConvVAE`` (or its ``encoder``: float (B, 64, 64, 3) in [0, 1] -> (mu, logvar));
+    ``rnn``: an ``MDNRNN`` with ``step`` and ``hidden_units``.
+
+    Per step: the pool steps the envs while M updates h with (z_t, a_t) in the same moment,
+    then V encodes all new frames in one call. Only the active agents' rows go through V
+    and M; the rest keep their last values.
+    """
+
+    def __init__(self, pool, vae, rnn):
+        import tensorflow as tf  # here, so that environment workers importing this module stay light
+
+        encoder = getattr(vae, "encoder", vae)
+        self.pool = pool
+        self.rnn = rnn
+        self.z_size = int(encoder.outputs[0].shape[-1])
+        self.hidden_size = int(rnn.hidden_units)
+        if rnn.z_size != self.z_size:
+            raise ValueError(f"V produces z of size {self.z_size} but M expects z_size={rnn.z_size}")
+        if rnn.action_size != ACTION_SIZE:
+            raise ValueError(f"M expects actions of size {rnn.action_size}, CarRacing has {ACTION_SIZE}")
+
+        # One trace for every batch size: frames arrive as uint8 and are scaled inside the graph.
+        @tf.function(input_signature=[tf.TensorSpec((None, 64, 64, 3), tf.uint8)])
+        def encode(frames):
+            mu, _ = encoder(tf.cast(frames, tf.float32) / 255.0, training=False)
+            return mu
+
+        self._encode = encode
+        self._z = self._h = self._c = None
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.num_envs
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """V's posterior mean of uint8 frames (B, 64, 64, 3) -> float32 (B, Z), one call."""
+        if len(frames) == 0:
+            return np.zeros((0, self.z_size), np.float32)
+        return self._encode(frames).numpy()
+
+    def reset(self, seeds):
+        frames = self.pool.reset(seeds)
+        self._z = self.encode(frames)
+        self._h = np.zeros((len(frames), self.hidden_size), np.float32)
+        self._c = np.zeros_like(self._h)
+        return self._z.copy(), self._h.copy()
+
+    def step(self, env_actions, active):
+        active = np.asarray(active, bool)
+        index = np.flatnonzero(active)
+        self.pool.step_async(env_actions, active)
+        # M's update needs only (z_t, a_t), so it runs while the workers step the envs.
+        if len(index):
+            actions = np.asarray(env_actions, np.float32)
+            everyone = len(index) == len(active)
+            pick = slice(None) if everyone else index
+            out = self.rnn.step(self._z[pick], actions[pick], (self._h[pick], self._c[pick]))
+            h, c = out["state"]
+            self._h[pick] = h.numpy()
+            self._c[pick] = c.numpy()
+        frames, reward, terminated, truncated = self.pool.step_wait()
+        if len(index):
+            self._z[index] = self.encode(frames[index])
+        return (self._z.copy(), self._h.copy()), reward, terminated, truncated
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def heldout_seeds(seed: int, count: int, offset: int = EVAL_SEED_OFFSET) -> np.ndarray:
+    """Fixed held-out track seeds (count,): episode_seed(offset + seed, i) for i < count."""
+    return np.array([episode_seed(offset + int(seed), i) for i in range(int(count))], dtype=np.int64)
+
+
+def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
+             record_actions: bool = False) -> dict:
+    """Run one controller ``params`` (N,) on every track of ``seeds`` (E,).
+
+    Returns ``{"mean", "std", "min", "max", "scores" (E,), "lengths" (E,), "seeds" (E,),
+    "steps", "seconds"}`` (plus ``"actions"``, a list of (T, 3) arrays, if recorded).
+    """
+    params = np.asarray(params, dtype=np.float64)
+    seeds = np.asarray(seeds, dtype=np.int64)
+    if params.ndim != 1:
+        raise ValueError(f"params must be one controller of shape (N,), got {params.shape}")
+    if seeds.ndim != 1 or len(seeds) == 0:
+        raise ValueError(f"seeds must have shape (E,) with E >= 1, got {seeds.shape}")
+    start = time.perf_counter()
+    result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions)
+    scores = result.returns[0]
+    out = {
+        "mean": float(scores.mean()), "std": float(scores.std()),
+        "min": float(scores.min()), "max": float(scores.max()),
+        "scores": scores.tolist(), "lengths": result.lengths[0].tolist(), "seeds": seeds.tolist(),
+        "steps": int(result.lengths.sum()), "seconds": time.perf_counter() - start,
+    }
+    if record_actions:
+        out["actions"] = result.actions[0]
+    return out
+
+
+def final_evaluation(world, params, cfg, episodes: int | None = None, max_concurrent: int | None = None,
+                     record_actions: bool = False) -> dict:
+    """The reported score: ``params`` (N,) on ``episodes`` (default controller.final_eval_episodes,
+    the paper's 100) held-out tracks of the final-evaluation stream, never used for training
+    or for picking the controller. Returns :func:`evaluate`'s dict plus the settings used."""
+    episodes = cfg.controller.final_eval_episodes if episodes is None else int(episodes)
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    seeds = heldout_seeds(cfg.controller.seed, episodes, FINAL_EVAL_SEED_OFFSET)
+    metrics = evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions)
+    metrics.update(episodes=episodes, max_steps=cfg.controller.max_steps,
+                   seed_stream=f"episode_seed({FINAL_EVAL_SEED_OFFSET} + controller.seed, i)")
+    return metrics
+
+
+# --------------------------------------------------------------------------- loading V and M
+
+
+def load_world_models(data_dir, cfg):
+    """(V, M) from ``data_dir`` via :mod:`worldmodels.artifacts` (missing: MissingDataError naming
+    the command that makes it; incompatible config: ConfigError), with a damaged ``.keras``
+    file reported as :class:`~worldmodels.storage.CorruptFileError` naming the file."""
+    from worldmodels import artifacts
+    from worldmodels.cli import USER_ERRORS
+    from worldmodels.storage import CorruptFileError
+
+    def guarded(load, path):
+        try:
+            return load(path)
+        except USER_ERRORS:
+            raise
+        except Exception as exc:  # Keras raises many different types for a damaged archive
+            raise CorruptFileError(f"{path} cannot be loaded, it is truncated or corrupt "
+                                   f"({type(exc).__name__}: {exc}); remake it") from exc
+
+    vae = guarded(lambda _: artifacts.load_vision(data_dir, cfg), artifacts.vision_path(data_dir, cfg))
+    rnn = guarded(lambda _: artifacts.load_rnn(data_dir, cfg), artifacts.rnn_path(data_dir))
+    if not hasattr(rnn, "step") or not hasattr(vae, "encoder"):
+        raise CorruptFileError(f"{artifacts.vision_path(data_dir, cfg)} or {artifacts.rnn_path(data_dir)} "
+                               "does not hold the expected model (V with an encoder, M with step)")
+    return vae, rnn
