@@ -59,3 +59,10 @@ def execute_notebook(path: Path, data_dir: Path, timeout: int = 600) -> None:
             os.environ.pop("WORLDMODELS_DATA", None)
         else:
             os.environ["WORLDMODELS_DATA"] = old
+
+
+@pytest.fixture(scope="session")
+def smoke_vae(smoke_rollouts) -> Path:
+    """The smoke data dir after 02_train_vae.py trained V on its rollouts (adds ``vae/``); returns the data dir."""
+    run_script("02_train_vae.py", data_dir=smoke_rollouts)
+    return smoke_rollouts

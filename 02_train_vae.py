@@ -1,0 +1,250 @@
+"""Stage 2: train V, the convolutional VAE, on the frames in ``<data-dir>/rollouts/`` -> ``<data-dir>/vae/``.
+
+    python 02_train_vae.py --preset small
+    python 02_train_vae.py --set vae.epochs=20 --set vae.batch_size=256 --set vae.mixed_precision=true
+    python 02_train_vae.py --set vae.distribute=true          # all visible GPUs (MirroredStrategy)
+
+Frames stream from disk (``worldmodels.datasets``), so memory does not grow with the number
+of rollouts. Episodes are split into training and held-out sets by file name, so the split
+never changes when rollouts are added, and M (stage 4) can reuse it.
+
+A checkpoint (weights, Adam state, RNG state, position in the epoch) is written every minute
+(or every ``--checkpoint-every`` steps) and at the end of every epoch: after Ctrl-C, SIGKILL
+or a lost machine, rerun the same command to continue from it. A finished run reruns as a
+no-op; a larger ``vae.epochs`` continues it.
+
+Writes ``vae/``: ``vae.keras`` and ``vae.weights.h5`` (the trained V), ``config.json``,
+``split.json`` (train / held-out episodes), ``metrics.json`` (on every held-out frame),
+``logs/`` (TensorBoard: losses and held-out reconstructions per epoch), ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+import config
+from worldmodels import cli, datasets, storage
+
+# TensorFlow, Keras and the model are imported in train_and_evaluate(), after the checks:
+# a finished run or a missing folder is then reported at once, not after a 5-second import.
+
+# What defines a rollout folder (as in 01_generate_data.py): V is trained on the data this command describes.
+ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps")
+# What defines V for the stages that consume it: a vae/ folder made with other values is not continued.
+VAE_KEYS = ("vae.model", "vae.z_size", "vae.kl_tolerance")
+GRID_FRAMES = 8
+
+
+def check_model_choice(name: str) -> None:
+    """Only the ConvVAE is trained here (the VAE-GAN has its own trainer); fail before any work otherwise."""
+    if name != "vae":
+        raise config.ConfigError(
+            f"vae.model={name!r}: the VAE-GAN is trained by its own code under vae_gan/, not by "
+            "02_train_vae.py; run this script with vae.model=vae"
+        )
+
+
+def model_class(name: str):
+    """The hook that picks V's class from ``vae.model`` (a ``keras.Model`` taking z_size, kl_tolerance, seed)."""
+    check_model_choice(name)
+    from models.vae import ConvVAE
+
+    return ConvVAE
+
+
+def fingerprint(cfg: config.Config, train_paths, train_frames: int) -> dict:
+    """Everything that fixes the sequence of training batches and updates: a checkpoint resumes only if it matches."""
+    names = "\n".join(p.name for p in train_paths).encode("utf-8")
+    return {
+        "train_episodes": len(train_paths),
+        "train_episodes_sha256": hashlib.sha256(names).hexdigest()[:16],
+        "train_frames": train_frames,
+        **{key: config.get(cfg, key) for key in (
+            "vae.batch_size", "vae.learning_rate", "vae.seed", "vae.heldout_fraction", "vae.shuffle_buffer",
+            "vae.episodes_in_flight", "vae.mixed_precision")},
+    }
+
+
+def image_grid(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """Originals (uint8) on the top row, reconstructions (float [0, 1]) below -> float32 (1, 128, N * 64, 3)."""
+    top = np.concatenate(list(originals.astype(np.float32) / 255.0), axis=1)
+    bottom = np.concatenate(list(reconstructions.astype(np.float32)), axis=1)
+    return np.concatenate([top, bottom], axis=0)[None]
+
+
+def grid_frames(paths) -> np.ndarray:
+    """GRID_FRAMES frames spread over the first episode of ``paths``, uint8 (N, 64, 64, 3)."""
+    obs = storage.load_episode(paths[0], keys=("obs",))["obs"]
+    return obs[np.linspace(0, len(obs) - 1, min(GRID_FRAMES, len(obs))).astype(int)]
+
+
+def evaluate_frames(model, paths, batch_size: int) -> dict:
+    """V's metrics on every frame of ``paths``, streamed in batches (memory: a batch, plus mu (N, Z) of all frames).
+
+    Returns reconstruction MSE and PSNR of the posterior-mean reconstructions, the KL per frame
+    and per dimension (nats), and the number of active dimensions (models.vae helpers).
+    """
+    from models import vae as vae_lib
+
+    frames, mse, psnr, kl_dims, mus = 0, 0.0, 0.0, 0.0, []
+    for batch in datasets.frame_dataset(paths, batch_size, shuffle=False):
+        batch = batch.numpy()
+        mu, logvar = model.encoder(vae_lib.to_float_frames(batch), training=False)
+        reconstruction = model.decoder(mu, training=False).numpy()
+        mu, logvar = mu.numpy(), logvar.numpy()
+        n = len(batch)
+        pixel = vae_lib.reconstruction_metrics(batch, reconstruction)
+        # Both helpers average over frames, so frame-weighted means of the batches are exact.
+        mse += pixel["mse"] * n
+        psnr += pixel["psnr"] * n
+        kl_dims = kl_dims + vae_lib.kl_per_dimension(mu, logvar) * n
+        mus.append(mu)
+        frames += n
+    kl_dims = kl_dims / frames
+    return {
+        "reconstruction_mse": mse / frames,
+        "psnr_db": psnr / frames,
+        "kl_per_frame": float(kl_dims.sum()),
+        "kl_per_dimension": [float(k) for k in kl_dims],
+        "active_dimensions": vae_lib.active_dimensions(np.concatenate(mus)),
+    }
+
+
+def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prints) -> dict:
+    """Train V (resuming if a checkpoint exists), save it, and return the metrics of metrics.json."""
+    import keras
+    import tensorflow as tf
+
+    from worldmodels import training
+
+    training.remove_stale_model_temporaries(out)
+    print(f"[02] devices: {', '.join(d.name for d in tf.config.list_physical_devices())}")
+    if cfg.vae.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(cfg.vae.seed)
+    strategy = tf.distribute.MirroredStrategy() if cfg.vae.distribute else tf.distribute.get_strategy()
+    print(f"[02] {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
+    with strategy.scope():
+        model = model_class(cfg.vae.model)(z_size=cfg.vae.z_size, kl_tolerance=cfg.vae.kl_tolerance, seed=cfg.vae.seed)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.vae.learning_rate))
+
+    train_frames = sum(lengths[p] for p in train_paths)
+    heldout_frames = sum(lengths[p] for p in heldout_paths)
+    eval_paths = heldout_paths or train_paths
+    grid_originals = grid_frames(eval_paths)
+    writers = {split: tf.summary.create_file_writer(str(out / "logs" / split)) for split in ("train", "heldout")}
+
+    def on_epoch_end(epoch: int, logs: dict) -> dict:
+        extra = {}
+        if heldout_paths:
+            heldout = datasets.frame_dataset(heldout_paths, cfg.vae.batch_size, shuffle=False)
+            steps = datasets.steps_per_epoch(heldout_frames, cfg.vae.batch_size)
+            extra = {f"heldout_{k}": v for k, v in
+                     model.evaluate(heldout, steps=steps, verbose=0, return_dict=True).items()}
+        for split, values in (("train", logs), ("heldout", {k[len("heldout_"):]: v for k, v in extra.items()})):
+            with writers[split].as_default(step=epoch + 1):
+                for name, value in values.items():
+                    if name != "epoch":
+                        tf.summary.scalar(name, value)
+        with writers["heldout"].as_default(step=epoch + 1):
+            tf.summary.image("originals_vs_reconstructions",
+                             image_grid(grid_originals, model(grid_originals, training=False).numpy()))
+        for writer in writers.values():
+            writer.flush()
+        return extra
+
+    with datasets.surface_corrupt_files():
+        state = training.train(
+            model,
+            lambda epoch: datasets.frame_dataset(train_paths, cfg.vae.batch_size, cfg.vae.shuffle_buffer,
+                                                 cfg.vae.episodes_in_flight, cfg.vae.seed, epoch),
+            datasets.steps_per_epoch(train_frames, cfg.vae.batch_size),
+            cfg.vae.epochs,
+            out / "checkpoint",
+            on_epoch_end=on_epoch_end,
+            checkpoint_every_steps=args.checkpoint_every,
+            fingerprint=prints,
+            samples_per_step=cfg.vae.batch_size,
+            desc="V",
+            log=lambda message: print(f"[02] {message}", flush=True),
+        )
+        training.atomic_save_model(model, out / "vae.weights.h5")
+        training.atomic_save_model(model, out / "vae.keras")
+        print(f"[02] evaluating V on every frame of {len(eval_paths)} "
+              f"{'held-out' if heldout_paths else 'training'} episode(s)")
+        evaluation = evaluate_frames(model, eval_paths, cfg.vae.batch_size)
+    last = state["history"][-1]
+    return {
+        "epochs": state["epoch"],
+        "evaluated_on": "heldout" if heldout_paths else "train",
+        "heldout_episodes": len(heldout_paths),
+        "heldout_frames": heldout_frames,
+        "train_episodes": len(train_paths),
+        "train_frames": train_frames,
+        "train_loss": last.get("loss"),
+        "heldout_loss": last.get("heldout_loss"),
+        **evaluation,
+        "z_size": cfg.vae.z_size,
+        "kl_tolerance": cfg.vae.kl_tolerance,
+        "fingerprint": prints,
+    }
+
+
+def main(argv=None) -> int:
+    parser = config.make_parser(__doc__)
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                        help="also checkpoint every STEPS batches (default: every 60 s and at every epoch end)")
+    cfg, args = config.parse_args(__doc__, argv, parser)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error("--checkpoint-every must be a positive number of steps")
+    check_model_choice(cfg.vae.model)
+    rollouts = args.data_dir / "rollouts"
+    out = args.data_dir / "vae"
+
+    paths = storage.list_episodes(rollouts, "rollouts", hint="Run 01_generate_data.py first.")
+    if (rollouts / "config.json").is_file():
+        config.check_compatible(config.load_config(rollouts / "config.json"), cfg, ROLLOUT_KEYS, str(rollouts))
+    else:
+        print(f"[02] note: {rollouts / 'config.json'} is missing, so the rollouts' settings cannot be checked")
+    if (out / "config.json").is_file():
+        config.check_compatible(config.load_config(out / "config.json"), cfg, VAE_KEYS, str(out))
+    train_paths, heldout_paths = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.seed)
+    # Every file is checked (headers only) before training, so a bad one stops the run now, not hours later.
+    lengths = dict(zip(paths, datasets.check_episodes(paths)))
+    prints = fingerprint(cfg, train_paths, sum(lengths[p] for p in train_paths))
+
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file() and (out / "vae.keras").is_file() and (out / "vae.weights.h5").is_file():
+        done = storage.read_json(metrics_path)
+        if done.get("epochs", 0) >= cfg.vae.epochs:
+            if done.get("fingerprint") != prints:
+                print(f"[02] note: V in {out} was trained on other rollouts or settings than the current ones; "
+                      f"delete {out} to train it again")
+            print(f"[02] V is already trained ({done['epochs']} epochs, {out / 'vae.keras'}); nothing to do")
+            return 0
+
+    print(f"[02] {len(paths)} episodes in {rollouts}: {len(train_paths)} for training "
+          f"({prints['train_frames']} frames), {len(heldout_paths)} held out "
+          f"({sum(lengths[p] for p in heldout_paths)} frames)")
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_config(cfg, out)
+    storage.atomic_write_json(out / "split.json", {
+        "heldout_fraction": cfg.vae.heldout_fraction, "seed": cfg.vae.seed,
+        "train": [p.name for p in train_paths], "heldout": [p.name for p in heldout_paths]})
+
+    start = time.perf_counter()
+    metrics = train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prints)
+    # metrics.json is written last: its presence (with enough epochs) is what marks the stage complete.
+    storage.atomic_write_json(metrics_path, metrics)
+    print(f"[02] done in {time.perf_counter() - start:.0f} s: MSE {metrics['reconstruction_mse']:.5f}, "
+          f"PSNR {metrics['psnr_db']:.2f} dB, KL {metrics['kl_per_frame']:.2f} nats/frame, "
+          f"{metrics['active_dimensions']}/{cfg.vae.z_size} active dimensions on {metrics['evaluated_on']} "
+          f"frames -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
