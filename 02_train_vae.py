@@ -1,6 +1,7 @@
-"""Stage 2: train V, the convolutional VAE, on the frames in ``<data-dir>/rollouts/`` -> ``<data-dir>/vae/``.
+"""Stage 2: train V on the frames in ``<data-dir>/rollouts/`` -> ``<data-dir>/vae/`` (or ``vae_gan/``).
 
     python 02_train_vae.py --preset small
+    python 02_train_vae.py --preset small --set vae.model=vae_gan    # the VAE-GAN as V -> vae_gan/
     python 02_train_vae.py --set vae.epochs=20 --set vae.batch_size=256 --set vae.mixed_precision=true
     python 02_train_vae.py --set vae.distribute=true          # all visible GPUs (MirroredStrategy)
 
@@ -13,7 +14,8 @@ A checkpoint (weights, Adam state, RNG state, position in the epoch) is written 
 or a lost machine, rerun the same command to continue from it. A finished run reruns as a
 no-op; a larger ``vae.epochs`` continues it.
 
-Writes ``vae/``: ``vae.keras`` and ``vae.weights.h5`` (the trained V), ``config.json``,
+Writes ``vae/`` (``vae_gan/`` for the VAE-GAN, with files named ``vae_gan.*``):
+``vae.keras`` and ``vae.weights.h5`` (the trained V), ``config.json``,
 ``split.json`` (train / held-out episodes), ``metrics.json`` (on every held-out frame),
 ``logs/`` (TensorBoard: losses and held-out reconstructions per epoch), ``checkpoint/``.
 """
@@ -26,7 +28,7 @@ import time
 import numpy as np
 
 import config
-from worldmodels import cli, datasets, storage
+from worldmodels import artifacts, cli, datasets, storage
 
 # TensorFlow, Keras and the model are imported in train_and_evaluate(), after the checks:
 # a finished run or a missing folder is then reported at once, not after a 5-second import.
@@ -38,21 +40,24 @@ VAE_KEYS = ("vae.model", "vae.z_size", "vae.kl_tolerance")
 GRID_FRAMES = 8
 
 
-def check_model_choice(name: str) -> None:
-    """Only the ConvVAE is trained here (the VAE-GAN has its own trainer); fail before any work otherwise."""
-    if name != "vae":
-        raise config.ConfigError(
-            f"vae.model={name!r}: the VAE-GAN is trained by its own code under vae_gan/, not by "
-            "02_train_vae.py; run this script with vae.model=vae"
-        )
+def build_model(cfg: config.Config):
+    """A compiled V of the kind ``vae.model`` names: the paper's ConvVAE or the VAE-GAN (same encoder/decoder)."""
+    import keras
 
+    if cfg.vae.model == "vae_gan":
+        from vae_gan.model import build_vae_gan
 
-def model_class(name: str):
-    """The hook that picks V's class from ``vae.model`` (a ``keras.Model`` taking z_size, kl_tolerance, seed)."""
-    check_model_choice(name)
+        margin = cfg.vae_gan.equilibrium_margin or None
+        return build_vae_gan(cfg.vae, cfg.vae_gan, pixel_weight=cfg.vae_gan.pixel_weight, equilibrium_margin=margin)
     from models.vae import ConvVAE
 
-    return ConvVAE
+    model = ConvVAE(z_size=cfg.vae.z_size, kl_tolerance=cfg.vae.kl_tolerance, seed=cfg.vae.seed)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.vae.learning_rate))
+    return model
+
+
+def epochs_of(cfg: config.Config) -> int:
+    return cfg.vae_gan.epochs if cfg.vae.model == "vae_gan" else cfg.vae.epochs
 
 
 def fingerprint(cfg: config.Config, train_paths, train_frames: int) -> dict:
@@ -65,6 +70,8 @@ def fingerprint(cfg: config.Config, train_paths, train_frames: int) -> dict:
         **{key: config.get(cfg, key) for key in (
             "vae.batch_size", "vae.learning_rate", "vae.seed", "vae.heldout_fraction", "vae.shuffle_buffer",
             "vae.episodes_in_flight", "vae.mixed_precision")},
+        # The VAE-GAN's own settings fix its updates too.
+        **({f"vae_gan.{k}": v for k, v in config.to_dict(cfg)["vae_gan"].items()} if cfg.vae.model == "vae_gan" else {}),
     }
 
 
@@ -113,6 +120,11 @@ def evaluate_frames(model, paths, batch_size: int) -> dict:
     }
 
 
+def weights_path(model_path):
+    """``vae.keras`` -> ``vae.weights.h5`` beside it."""
+    return model_path.with_name(model_path.name.replace(".keras", ".weights.h5"))
+
+
 def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prints) -> dict:
     """Train V (resuming if a checkpoint exists), save it, and return the metrics of metrics.json."""
     import keras
@@ -128,8 +140,7 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
     strategy = tf.distribute.MirroredStrategy() if cfg.vae.distribute else tf.distribute.get_strategy()
     print(f"[02] {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
     with strategy.scope():
-        model = model_class(cfg.vae.model)(z_size=cfg.vae.z_size, kl_tolerance=cfg.vae.kl_tolerance, seed=cfg.vae.seed)
-        model.compile(optimizer=keras.optimizers.Adam(cfg.vae.learning_rate))
+        model = build_model(cfg)
 
     train_frames = sum(lengths[p] for p in train_paths)
     heldout_frames = sum(lengths[p] for p in heldout_paths)
@@ -162,7 +173,7 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
             lambda epoch: datasets.frame_dataset(train_paths, cfg.vae.batch_size, cfg.vae.shuffle_buffer,
                                                  cfg.vae.episodes_in_flight, cfg.vae.seed, epoch),
             datasets.steps_per_epoch(train_frames, cfg.vae.batch_size),
-            cfg.vae.epochs,
+            epochs_of(cfg),
             out / "checkpoint",
             on_epoch_end=on_epoch_end,
             checkpoint_every_steps=args.checkpoint_every,
@@ -171,8 +182,9 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
             desc="V",
             log=lambda message: print(f"[02] {message}", flush=True),
         )
-        training.atomic_save_model(model, out / "vae.weights.h5")
-        training.atomic_save_model(model, out / "vae.keras")
+        model_path = artifacts.vision_path(args.data_dir, cfg)
+        training.atomic_save_model(model, weights_path(model_path))
+        training.atomic_save_model(model, model_path)
         print(f"[02] evaluating V on every frame of {len(eval_paths)} "
               f"{'held-out' if heldout_paths else 'training'} episode(s)")
         evaluation = evaluate_frames(model, eval_paths, cfg.vae.batch_size)
@@ -184,8 +196,9 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
         "heldout_frames": heldout_frames,
         "train_episodes": len(train_paths),
         "train_frames": train_frames,
-        "train_loss": last.get("loss"),
-        "heldout_loss": last.get("heldout_loss"),
+        # The VAE-GAN has one loss per player and no single "loss".
+        "train_loss": last.get("loss", last.get("enc_loss")),
+        "heldout_loss": last.get("heldout_loss", last.get("heldout_enc_loss")),
         **evaluation,
         "z_size": cfg.vae.z_size,
         "kl_tolerance": cfg.vae.kl_tolerance,
@@ -200,9 +213,9 @@ def main(argv=None) -> int:
     cfg, args = config.parse_args(__doc__, argv, parser)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         parser.error("--checkpoint-every must be a positive number of steps")
-    check_model_choice(cfg.vae.model)
-    rollouts = args.data_dir / "rollouts"
-    out = args.data_dir / "vae"
+    rollouts = args.data_dir / artifacts.ROLLOUTS
+    out = artifacts.vision_dir(args.data_dir, cfg)
+    model_path = artifacts.vision_path(args.data_dir, cfg)
 
     paths = storage.list_episodes(rollouts, "rollouts", hint="Run 01_generate_data.py first.")
     if (rollouts / "config.json").is_file():
@@ -217,13 +230,13 @@ def main(argv=None) -> int:
     prints = fingerprint(cfg, train_paths, sum(lengths[p] for p in train_paths))
 
     metrics_path = out / "metrics.json"
-    if metrics_path.is_file() and (out / "vae.keras").is_file() and (out / "vae.weights.h5").is_file():
+    if metrics_path.is_file() and model_path.is_file() and weights_path(model_path).is_file():
         done = storage.read_json(metrics_path)
-        if done.get("epochs", 0) >= cfg.vae.epochs:
+        if done.get("epochs", 0) >= epochs_of(cfg):
             if done.get("fingerprint") != prints:
                 print(f"[02] note: V in {out} was trained on other rollouts or settings than the current ones; "
                       f"delete {out} to train it again")
-            print(f"[02] V is already trained ({done['epochs']} epochs, {out / 'vae.keras'}); nothing to do")
+            print(f"[02] V is already trained ({done['epochs']} epochs, {model_path}); nothing to do")
             return 0
 
     print(f"[02] {len(paths)} episodes in {rollouts}: {len(train_paths)} for training "

@@ -75,6 +75,8 @@ class VAEGANConfig:
     learning_rate: float = _f(3e-4, "RMSProp learning rate (authors' choice) for the 'gan' objective")
     gp_weight: float = _f(10.0, "gradient-penalty weight lambda for 'wgan-gp'")
     critic_steps: int = _f(5, "critic updates per generator update for 'wgan-gp'")
+    pixel_weight: float = _f(1.0, "weight of V's pixel squared error added to the feature loss (0 = Larsen et al. exactly)")
+    equilibrium_margin: float = _f(0.0, "skip D updates when D is this far ahead (authors' trick, 'gan' only; 0 disables)")
     epochs: int = _f(10, "passes over the training frames")
 
 
@@ -329,7 +331,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
         "data.workers", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
-        "controller.curiosity", "dream.skip_initial_frames", "rnn.dropout",
+        "controller.curiosity", "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
+        "vae_gan.equilibrium_margin",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
