@@ -1,0 +1,21 @@
+"""worldmodels/figures.py: README's figures are made from the pipeline's outputs."""
+
+import shutil
+
+import pytest
+from PIL import Image
+
+from worldmodels import figures, storage
+
+
+def test_reconstruction_figure_from_a_trained_v(smoke_vae, tmp_path):
+    out = figures.reconstruction_figure(smoke_vae, tmp_path / "rec.png", count=4)
+    width, height = Image.open(out).size
+    assert width > height > 0  # one row of originals and one of reconstructions, 4 columns
+
+
+def test_reconstruction_figure_without_v_is_a_clear_error(smoke_rollouts, tmp_path):
+    # smoke_rollouts may already hold V (the smoke_vae fixture trains in place), so copy the rollouts only.
+    shutil.copytree(smoke_rollouts / "rollouts", tmp_path / "rollouts")
+    with pytest.raises(storage.MissingDataError, match="no trained V"):
+        figures.reconstruction_figure(tmp_path, tmp_path / "rec.png")
