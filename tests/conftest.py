@@ -66,3 +66,20 @@ def smoke_vae(smoke_rollouts) -> Path:
     """The smoke data dir after 02_train_vae.py trained V on its rollouts (adds ``vae/``); returns the data dir."""
     run_script("02_train_vae.py", data_dir=smoke_rollouts)
     return smoke_rollouts
+
+
+@pytest.fixture(scope="session")
+def smoke_rnn(smoke_vae, tmp_path_factory) -> Path:
+    """A smoke data dir after 03 encoded the series and 04 trained M: ``rollouts/``, ``vae/``, ``series/``, ``rnn/``.
+
+    It starts from a copy of ``smoke_vae``'s rollouts and V (without V's training checkpoint), so
+    that the folder the stage-2 tests inspect stays exactly as 02 left it.
+    """
+    import shutil
+
+    data_dir = tmp_path_factory.mktemp("smoke_rnn")
+    shutil.copytree(smoke_vae / "rollouts", data_dir / "rollouts")
+    shutil.copytree(smoke_vae / "vae", data_dir / "vae", ignore=shutil.ignore_patterns("checkpoint", "*.weights.h5"))
+    run_script("03_generate_rnn_data.py", data_dir=data_dir)
+    run_script("04_train_rnn.py", data_dir=data_dir)
+    return data_dir
