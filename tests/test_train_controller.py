@@ -184,7 +184,7 @@ def test_missing_or_corrupt_models_are_clear_errors(models_dir, tmp_path):
     only_v = data_dir_with(models_dir, tmp_path / "v", "vae")
     assert_user_error(run_script("05_train_controller.py", data_dir=only_v, check=False), "rnn.keras", "04_train_rnn.py")
     assert_user_error(run_script("05_train_controller.py", "--env", "dream", data_dir=only_v, check=False),
-                      "not implemented")
+                      "rnn.keras", "04_train_rnn.py")
     if importlib.util.find_spec("ray") is None:
         assert_user_error(run_script("05_train_controller.py", "--set", "controller.backend=ray", data_dir=only_v,
                                      check=False), "pip install")

@@ -1,0 +1,399 @@
+"""The dream (worldmodels/dream.py) and C trained in it: gymnasium's checker, batched = single, the
+temperature, starts from real frames, step limit and done head, 05 --env dream with resume,
+the temperature study and the dream notebook."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from gymnasium.utils.env_checker import check_env
+
+import config
+from models.controller import controller_actions, num_parameters
+from models.mdn_rnn import MDNRNN, sample_mixture
+from tests.conftest import REPO, execute_notebook, run_script
+from worldmodels import storage
+from worldmodels.dream import (
+    KEY_BOUND,
+    DreamCarRacing,
+    DreamVectorEnv,
+    DreamWorld,
+    StartStates,
+    load_start_states,
+)
+from worldmodels.env import to_env_action
+from worldmodels.rollout import FINAL_EVAL_SEED_OFFSET, heldout_seeds, run_episodes
+
+SMOKE = config.make_config("smoke")
+Z, HIDDEN = 32, 16  # a small M keeps the unit tests fast; check_env uses the paper's sizes
+
+
+def small_model(seed=0, **kwargs):
+    return MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=seed, **kwargs)
+
+
+def set_dense(model, name, bias, kernel=0.0):
+    """Make head ``name`` of M output a constant: kernel ``kernel`` everywhere, the given bias."""
+    layer = model.net.get_layer(name)
+    weight, old_bias = layer.get_weights()
+    layer.set_weights([np.full_like(weight, kernel), np.broadcast_to(np.asarray(bias, np.float32), old_bias.shape)])
+
+
+def done_logit(p):
+    return math.log(p / (1.0 - p))
+
+
+def random_starts(rng, count=6, logvar=-2.0):
+    return StartStates(rng.normal(size=(count, Z)).astype(np.float32), np.full((count, Z), logvar, np.float32),
+                       tuple(f"episode_{i:06d}.npz" for i in range(count)), np.zeros(count, np.int64))
+
+
+def write_series(folder, lengths, rng, logvar=-4.0):
+    """Synthetic latent series files; frame t of episode e has mu = e + t / 1000 + small noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for e, length in enumerate(lengths):
+        mu = (e + np.arange(length)[:, None] / 1000.0 + 1e-3 * rng.normal(size=(length, Z))).astype(np.float32)
+        storage.save_episode(folder / storage.episode_name(e), {
+            "mu": mu, "logvar": np.full((length, Z), logvar, np.float32),
+            "action": rng.uniform(0, 1, size=(length, 3)).astype(np.float32),
+            "reward": rng.normal(size=length).astype(np.float32), "done": np.zeros(length, bool),
+            "seed": np.int64(e)}, kind="series")
+
+
+# --------------------------------------------------------------------------- the environment
+
+
+# The observation space is unbounded on purpose (z and h have no fixed range); the checker warns about it.
+@pytest.mark.filterwarnings("ignore:.*observation space (minimum|maximum) value is")
+def test_check_env_passes_with_the_papers_spaces():
+    rng = np.random.default_rng(0)
+    env = DreamCarRacing(MDNRNN(seed=0), random_starts(rng), temperature=1.15, max_steps=20)
+    assert env.observation_space.shape == (288,) and env.observation_space.dtype == np.float32
+    np.testing.assert_array_equal(env.action_space.low, [-1, 0, 0])
+    np.testing.assert_array_equal(env.action_space.high, [1, 1, 1])
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3)
+    assert obs.shape == (288,) and not obs[32:].any(), "h_0 is M's zero state"
+    assert info["episode"] in env.world.starts.episodes
+
+
+def test_batched_dream_equals_single_dreams():
+    """DreamWorld (B rows, ragged endings), DreamVectorEnv (autoreset) and DreamCarRacing agree."""
+    rng = np.random.default_rng(1)
+    model = small_model(seed=1, dropout=0.2)  # dropout: each episode has its own mask
+    set_dense(model, "done", done_logit(0.08), kernel=0.0)  # episodes end at different steps
+    starts = random_starts(rng)
+    params = rng.normal(0, 0.5, size=(3, num_parameters(Z, HIDDEN)))
+    seeds = np.array([[7, 8], [7, 123], [40, 8]])  # repeated seeds: shared noise rows in one batch
+    max_steps, tau = 25, 1.3
+
+    world = DreamWorld(model, starts, tau, max_steps, capacity=6)
+    batched = run_episodes(world, params, seeds, max_steps, record_actions=True)
+    assert len(set(batched.lengths.ravel().tolist())) > 1, "episodes should end at different steps"
+    assert (batched.lengths < max_steps).any() and (batched.lengths == max_steps).any()
+
+    single = DreamCarRacing(model, starts, tau, max_steps)
+    for p in range(3):
+        for k in range(2):
+            obs, _ = single.reset(seed=int(seeds[p, k]))
+            total, steps, done = 0.0, 0, False
+            while not done:
+                action = to_env_action(controller_actions(params[p], obs[None, :Z], obs[None, Z:]))[0]
+                np.testing.assert_allclose(action, batched.actions[p][k][steps], rtol=1e-4, atol=1e-5)
+                obs, reward, terminated, truncated, _ = single.step(action)
+                total, steps, done = total + reward, steps + 1, terminated or truncated
+            assert steps == batched.lengths[p, k]
+            assert total == pytest.approx(batched.returns[p, k], rel=1e-4, abs=1e-4)
+
+    # The vector env: sub-env i is seeded s + i and dreams, across autoresets, what a single
+    # env dreams when reset with s + i and then without a seed.
+    vector = DreamVectorEnv(model, starts, 3, tau, max_steps=6)
+    obs, _ = vector.reset(seed=50)
+    trace = [[o] for o in obs]
+    ended = [0, 0, 0]
+    actions = np.tile(np.array([[0.3, 0.8, 0.0]], np.float32), (3, 1))
+    for _ in range(20):
+        obs, reward, terminated, truncated, _ = vector.step(actions)
+        for i in range(3):
+            trace[i].append(obs[i])
+            ended[i] += bool(terminated[i] or truncated[i])
+    assert min(ended) >= 2, "every sub-env should have been reset a few times"
+    single = DreamCarRacing(model, starts, tau, max_steps=6)
+    for i in range(3):
+        expected = [single.reset(seed=50 + i)[0]]
+        while len(expected) < len(trace[i]):
+            obs, _, terminated, truncated, _ = single.step(actions[i])
+            expected.append(obs)
+            if (terminated or truncated) and len(expected) < len(trace[i]):
+                expected.append(single.reset()[0])  # next-step autoreset: the reset obs takes a step
+        np.testing.assert_allclose(np.array(trace[i]), np.array(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_z_is_sample_mixture_with_the_episode_seed():
+    """Step 0 of episode s draws z_1 exactly as sample_mixture with the per-row seed (key, 0)."""
+    rng = np.random.default_rng(2)
+    model, starts, tau = small_model(seed=2), random_starts(rng), 0.7
+    seeds = np.array([11, 12, 11])
+    world = DreamWorld(model, starts, tau, max_steps=10, capacity=3, done="off")
+    z0, _ = world.reset(seeds)
+    action = np.array([[0.1, 0.5, 0.0], [-0.7, 0.2, 0.4], [0.9, 1.0, 0.0]], np.float32)
+    (z1, h1), *_ = world.step(action)
+    for i, seed in enumerate(seeds):
+        episode_rng = np.random.default_rng(seed)
+        key = episode_rng.integers(KEY_BOUND, dtype=np.int64)
+        _, expected_z0 = starts.draw(episode_rng)
+        np.testing.assert_array_equal(z0[i], expected_z0)
+        out = model.step(z0[i:i + 1], action[i:i + 1], model.initial_state(1))
+        expected = sample_mixture(out["log_pi"], out["mu"], out["log_sigma"], tau,
+                                  seed=tf.constant([[key, 0]], tf.int64)).numpy()[0]
+        np.testing.assert_allclose(z1[i], expected, rtol=1e-5, atol=1e-6)
+        # The h returned with z_1 is M's state after (z_0, a_0): what C uses together with z_1.
+        np.testing.assert_allclose(h1[i], out["state"][0].numpy()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_scales_sigma_and_the_mixture_weights():
+    rng = np.random.default_rng(3)
+    model = small_model(seed=3)
+    starts = random_starts(rng, logvar=-30.0)
+    k = model.num_mixtures
+    seeds = np.arange(1000)
+
+    def next_z(tau):
+        world = DreamWorld(model, starts, tau, max_steps=5, capacity=len(seeds), done="off")
+        world.reset(seeds)
+        (z, _), *_ = world.step(np.zeros((len(seeds), 3), np.float32))
+        return z
+
+    # Equal components N(0, 1): z_{t+1} ~ N(0, tau), so the spread grows as sqrt(tau).
+    set_dense(model, "mdn", np.zeros(3 * k * Z))
+    spread = {tau: next_z(tau).std() for tau in (0.5, 1.5)}
+    assert spread[0.5] == pytest.approx(math.sqrt(0.5), rel=0.03)
+    assert spread[1.5] / spread[0.5] == pytest.approx(math.sqrt(3.0), rel=0.04)
+
+    # Separated narrow components with weights pi: component j is picked with softmax(log pi / tau).
+    log_pi = np.log(np.array([0.6, 0.25, 0.1, 0.04, 0.01]))
+    means = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+    block = np.concatenate([log_pi, means, np.full(k, -20.0)])  # raw log sigma -20: sigma ~ exp(-5)
+    set_dense(model, "mdn", np.tile(block, Z))
+    for tau in (0.5, 1.5):
+        picked = np.rint(next_z(tau) / 2.0).astype(int) + 2
+        frequency = np.bincount(picked.ravel(), minlength=k) / picked.size
+        expected = np.exp(log_pi / tau) / np.exp(log_pi / tau).sum()
+        np.testing.assert_allclose(frequency, expected, atol=0.01)
+    # A tiny temperature returns the mean of the most likely component.
+    np.testing.assert_allclose(next_z(1e-6), -4.0, atol=1e-3)
+
+
+def test_starts_are_stored_real_frames_after_the_zoom(tmp_path):
+    rng = np.random.default_rng(4)
+    skip = 5
+    write_series(tmp_path / "series", [12, 3, 9], rng, logvar=-30.0)  # episode 1 is shorter than the skip
+    starts = load_start_states(tmp_path / "series", skip)
+    assert starts.mu.shape == (3, Z) and starts.frames.tolist() == [5, 2, 5]
+    for e in range(3):
+        stored = storage.load_episode(tmp_path / "series" / starts.episodes[e], "series")
+        np.testing.assert_array_equal(starts.mu[e], stored["mu"][starts.frames[e]])
+        np.testing.assert_array_equal(starts.logvar[e], stored["logvar"][starts.frames[e]])
+
+    world = DreamWorld(small_model(), starts, 1.0, max_steps=5, capacity=300)
+    z0, h0 = world.reset(np.arange(300))
+    assert not h0.any()
+    np.testing.assert_allclose(z0, starts.mu[world.start_rows], atol=1e-5)  # sigma = exp(-15): z_0 = mu
+    assert np.bincount(world.start_rows, minlength=3).min() > 60, "starts are drawn uniformly over episodes"
+    env = DreamCarRacing(small_model(), starts, max_steps=5)
+    obs, info = env.reset(seed=9)
+    row = starts.episodes.index(info["episode"])
+    assert info["frame"] == starts.frames[row]
+    np.testing.assert_allclose(obs[:Z], starts.mu[row], atol=1e-5)
+
+    # With V's posterior spread, z_0 is a sample of it: (z_0 - mu) / sigma ~ N(0, 1).
+    wide = StartStates(starts.mu, np.full_like(starts.logvar, math.log(0.25)), starts.episodes, starts.frames)
+    world = DreamWorld(small_model(), wide, 1.0, max_steps=5, capacity=300)
+    z0, _ = world.reset(np.arange(300))
+    standard = (z0 - wide.mu[world.start_rows]) / 0.5
+    assert abs(standard.mean()) < 0.05 and standard.std() == pytest.approx(1.0, abs=0.05)
+
+    with pytest.raises(storage.MissingDataError, match="03_generate_rnn_data.py"):
+        load_start_states(tmp_path / "nothing", skip)
+
+
+def test_step_limit_done_head_and_reward_head():
+    rng = np.random.default_rng(5)
+    model = small_model(seed=5)
+    starts = random_starts(rng)
+    set_dense(model, "reward", 0.7)
+    params = np.zeros((1, num_parameters(Z, HIDDEN)))
+    seeds = np.arange(300)[None]
+
+    def lengths(p_done, done="sample", max_steps=60):
+        set_dense(model, "done", done_logit(p_done))
+        result = run_episodes(DreamWorld(model, starts, 1.0, max_steps, 300, done), params, seeds, 1000)
+        np.testing.assert_allclose(result.returns, 0.7 * result.lengths, rtol=1e-5)  # M's reward is paid
+        return result.lengths
+
+    assert (lengths(1e-9) == 60).all(), "no done: every episode is truncated at the dream's limit"
+    assert (lengths(1 - 1e-6) == 1).all(), "a certain done ends every episode after one step"
+    assert (lengths(1 - 1e-6, done="off") == 60).all()
+    assert (lengths(0.3, done="threshold") == 60).all() and (lengths(0.7, done="threshold") == 1).all()
+    # Bernoulli(p) done: geometric lengths, mean (1 - (1 - p)^60) / p ~ 10 for p = 0.1.
+    assert lengths(0.1).mean() == pytest.approx((1 - 0.9**60) / 0.1, rel=0.12)
+
+    with pytest.raises(ValueError, match="reward head"):
+        DreamWorld(small_model(reward_head=False), starts)
+    with pytest.raises(ValueError, match="temperature"):
+        DreamWorld(model, starts, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- 05 --env dream, the study, the notebook
+
+GENERATIONS = 3
+TRAIN = ("--env", "dream", "--set", f"controller.generations={GENERATIONS}", "--set", "controller.max_steps=30",
+         "--set", "dream.max_steps=40")
+
+
+@pytest.fixture(scope="module")
+def models_dir(request, tmp_path_factory):
+    """A data dir with ``vae/``, ``rnn/`` and ``series/``: the smoke pipeline's (conftest's
+    ``smoke_rnn``) when that fixture exists, else untrained V and M and synthetic series (the
+    dream's code paths depend on the layout and shapes, not on what the models learned)."""
+    try:
+        return request.getfixturevalue("smoke_rnn")
+    except pytest.FixtureLookupError:
+        pass
+    from models.vae import ConvVAE
+
+    folder = tmp_path_factory.mktemp("dream_models")
+    rnn = MDNRNN(z_size=SMOKE.vae.z_size, hidden_units=SMOKE.rnn.hidden_units, seed=0)
+    set_dense(rnn, "done", done_logit(0.02), kernel=0.0)  # untrained: p = 0.5 would end episodes at once
+    for name, model in (("vae", ConvVAE(SMOKE.vae.z_size, seed=0)), ("rnn", rnn)):
+        (folder / name).mkdir()
+        model.save(folder / name / f"{name}.keras")
+        config.save_config(SMOKE, folder / name)
+    write_series(folder / "series", [60, 60, 40], np.random.default_rng(6))
+    return folder
+
+
+def data_dir_with(models_dir, tmp_path, *names):
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    for name in names:
+        (data / name).symlink_to(models_dir / name, target_is_directory=True)
+    return data
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_npz(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def dream_trained(models_dir, tmp_path_factory):
+    data = data_dir_with(models_dir, tmp_path_factory.mktemp("dream_reference"), "vae", "rnn", "series")
+    proc = run_script("05_train_controller.py", *TRAIN, "--set", "controller.backend=serial", data_dir=data)
+    return data, proc
+
+
+def test_05_dream_writes_dream_and_real_scores(dream_trained):
+    data, proc = dream_trained
+    out = data / f"controller_dream_t{SMOKE.dream.temperature:g}"
+    assert out.name == "controller_dream_t1.15" and not (data / "controller").exists()
+    history = read_csv(out / "history.csv")
+    assert [int(row["generation"]) for row in history] == list(range(1, GENERATIONS + 1))
+    evals = read_csv(out / "eval.csv")
+    assert list(evals[0]) == ["generation", "mean", "std", "dream_mean", "dream_std"]
+    assert [int(row["generation"]) for row in evals] == list(range(1, GENERATIONS + 1))  # smoke: eval_every=1
+    # Real held-out scores: 30-step CarRacing episodes lose 0.1 a frame and gain per tile, never M's numbers.
+    assert all(float(row["mean"]) != float(row["dream_mean"]) for row in evals)
+
+    controller = load_npz(out / "controller.npz")
+    dream_means = [float(row["dream_mean"]) for row in evals]
+    assert float(controller["best_eval_mean"]) == max(dream_means), "a dream controller is selected by its dream score"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["env"] == "dream" and metrics["max_steps"] == 30
+    assert metrics["seeds"] == heldout_seeds(SMOKE.controller.seed, 2, FINAL_EVAL_SEED_OFFSET).tolist()
+    assert metrics["mean"] == pytest.approx(np.mean(metrics["scores"]))
+    assert metrics["dream"]["temperature"] == 1.15 and len(metrics["dream"]["scores"]) == 2
+    assert max(metrics["dream"]["lengths"]) <= 40
+    assert "final evaluation on 2 held-out tracks" in proc.stdout and "in the dream" in proc.stdout
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = config.load_config(out / "config.json")
+    assert cfg.controller.env == "dream" and cfg.dream.max_steps == 40
+
+    rerun = run_script("05_train_controller.py", *TRAIN, data_dir=data)
+    assert "nothing to do" in rerun.stdout
+
+
+def test_05_dream_resumes_after_sigkill_to_the_same_result(dream_trained, models_dir, tmp_path):
+    reference = dream_trained[0] / "controller_dream_t1.15"
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
+    out = data / "controller_dream_t1.15"
+    cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
+           *TRAIN, "--no-final-eval"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(read_csv(out / "history.csv"))
+    assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
+
+    resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=data)
+    assert f"{done} of {GENERATIONS} generations done" in resumed.stdout
+    got, want = load_npz(out / "controller.npz"), load_npz(reference / "controller.npz")
+    for key in ("mean", "params", "best_member", "best_eval_generation", "best_eval_mean"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
+
+
+def test_study_temperature_writes_the_table_and_plot(models_dir, tmp_path):
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
+    args = ("--set", "dream.temperatures=0.5,1.3", "--set", "controller.generations=1",
+            "--set", "controller.max_steps=20", "--set", "dream.max_steps=20", "--set", "controller.backend=serial")
+    run_script("study_temperature.py", *args, data_dir=data)
+    study = data / "temperature_study"
+    results = json.loads((study / "results.json").read_text())
+    assert [row["temperature"] for row in results["rows"]] == [0.5, 1.3]
+    for row in results["rows"]:
+        metrics = json.loads((data / f"controller_dream_t{row['temperature']:g}" / "metrics.json").read_text())
+        assert (row["real_mean"], row["real_std"]) == (metrics["mean"], metrics["std"])
+        assert (row["dream_mean"], row["dream_std"]) == (metrics["dream"]["mean"], metrics["dream"]["std"])
+        assert metrics["seeds"] == heldout_seeds(SMOKE.controller.seed, 2, FINAL_EVAL_SEED_OFFSET).tolist()
+    table = (study / "results.md").read_text()
+    assert "| tau | score in dream | score in real env |" in table
+    assert f"| 0.5 | {results['rows'][0]['dream_mean']:.1f} +- {results['rows'][0]['dream_std']:.1f} |" in table
+    assert (study / "temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rerun = run_script("study_temperature.py", *args, data_dir=data)
+    assert rerun.stdout.count("nothing to do") == 2
+
+
+def test_dream_notebook_executes(models_dir, tmp_path):
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
+    execute_notebook(REPO / "notebooks" / "dream_episode.ipynb", data)
+    from PIL import Image
+
+    with Image.open(data / "dream" / "dream_episode.gif") as gif:
+        assert gif.n_frames >= 2
+
+
+def test_05_dream_without_series_is_a_clear_error(models_dir, tmp_path):
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn")
+    proc = run_script("05_train_controller.py", "--env", "dream", data_dir=data, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "series" in proc.stderr and "03_generate_rnn_data.py" in proc.stderr
