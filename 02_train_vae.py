@@ -22,7 +22,6 @@ Writes ``vae/`` (``vae_gan/`` for the VAE-GAN, with files named ``vae_gan.*``):
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
@@ -61,18 +60,13 @@ def epochs_of(cfg: config.Config) -> int:
 
 
 def fingerprint(cfg: config.Config, train_paths, train_frames: int) -> dict:
-    """Everything that fixes the sequence of training batches and updates: a checkpoint resumes only if it matches."""
-    names = "\n".join(p.name for p in train_paths).encode("utf-8")
-    return {
-        "train_episodes": len(train_paths),
-        "train_episodes_sha256": hashlib.sha256(names).hexdigest()[:16],
-        "train_frames": train_frames,
-        **{key: config.get(cfg, key) for key in (
-            "vae.batch_size", "vae.learning_rate", "vae.seed", "vae.heldout_fraction", "vae.shuffle_buffer",
-            "vae.episodes_in_flight", "vae.mixed_precision")},
+    """What fixes V's batches and updates (see ``datasets.training_fingerprint``)."""
+    keys = ["vae.batch_size", "vae.learning_rate", "vae.seed", "vae.heldout_fraction", "vae.shuffle_buffer",
+            "vae.episodes_in_flight", "vae.mixed_precision"]
+    if cfg.vae.model == "vae_gan":
         # The VAE-GAN's own settings fix its updates too.
-        **({f"vae_gan.{k}": v for k, v in config.to_dict(cfg)["vae_gan"].items()} if cfg.vae.model == "vae_gan" else {}),
-    }
+        keys += [f"vae_gan.{name}" for name in config.to_dict(cfg)["vae_gan"]]
+    return datasets.training_fingerprint(cfg, train_paths, keys, train_frames=train_frames)
 
 
 def image_grid(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:

@@ -35,7 +35,6 @@ comparison says whether M learned the dynamics.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -85,16 +84,10 @@ def check_learning_rates(cfg: config.Config) -> None:
 
 
 def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
-    """Everything that fixes the sequence of training batches and updates: a checkpoint resumes only if it matches."""
-    names = "\n".join(p.name for p in train_paths).encode("utf-8")
-    return {
-        "train_episodes": len(train_paths),
-        "train_episodes_sha256": hashlib.sha256(names).hexdigest()[:16],
-        "train_windows": train_windows,
-        **{key: config.get(cfg, key) for key in (
-            "vae.seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
-            "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed")},
-    }
+    """What fixes M's batches and updates (see ``datasets.training_fingerprint``)."""
+    keys = ("vae.seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
+            "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed")
+    return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
 
 
 def baselines(train_paths, eval_paths, seed: int) -> dict:

@@ -83,3 +83,44 @@ def smoke_rnn(smoke_vae, tmp_path_factory) -> Path:
     run_script("03_generate_rnn_data.py", data_dir=data_dir)
     run_script("04_train_rnn.py", data_dir=data_dir)
     return data_dir
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments) -> None:
+    """A script refused bad input as it should: exit 2, no traceback, and a message naming what is wrong."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in proc.stderr, (fragment, proc.stderr)
+
+
+def check_notebook(path: Path, data_dir: Path) -> None:
+    """A committed notebook has no outputs (clean diffs) and executes top to bottom on ``data_dir``."""
+    import nbformat
+
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} is committed with outputs"
+    execute_notebook(path, data_dir)
+
+
+def data_dir_with(source: Path, tmp_path: Path, *names: str) -> Path:
+    """A fresh data dir holding links to the given folders of ``source`` (e.g. "vae", "rnn")."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    for name in names:
+        (data / name).symlink_to(source / name, target_is_directory=True)
+    return data
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_npz(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}

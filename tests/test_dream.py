@@ -2,7 +2,6 @@
 temperature, starts from real frames, step limit and done head, 05 --env dream with resume,
 the temperature study and the dream notebook."""
 
-import csv
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from gymnasium.utils.env_checker import check_env
 import config
 from models.controller import controller_actions, num_parameters
 from models.mdn_rnn import MDNRNN, sample_mixture
-from tests.conftest import REPO, execute_notebook, run_script
+from tests.conftest import REPO, check_notebook, data_dir_with, load_npz, read_csv, run_script
 from worldmodels import storage
 from worldmodels.dream import (
     KEY_BOUND,
@@ -260,43 +259,9 @@ TRAIN = ("--env", "dream", "--set", f"controller.generations={GENERATIONS}", "--
 
 
 @pytest.fixture(scope="module")
-def models_dir(request, tmp_path_factory):
-    """A data dir with ``vae/``, ``rnn/`` and ``series/``: the smoke pipeline's (conftest's
-    ``smoke_rnn``) when that fixture exists, else untrained V and M and synthetic series (the
-    dream's code paths depend on the layout and shapes, not on what the models learned)."""
-    try:
-        return request.getfixturevalue("smoke_rnn")
-    except pytest.FixtureLookupError:
-        pass
-    from models.vae import ConvVAE
-
-    folder = tmp_path_factory.mktemp("dream_models")
-    rnn = MDNRNN(z_size=SMOKE.vae.z_size, hidden_units=SMOKE.rnn.hidden_units, seed=0)
-    set_dense(rnn, "done", done_logit(0.02), kernel=0.0)  # untrained: p = 0.5 would end episodes at once
-    for name, model in (("vae", ConvVAE(SMOKE.vae.z_size, seed=0)), ("rnn", rnn)):
-        (folder / name).mkdir()
-        model.save(folder / name / f"{name}.keras")
-        config.save_config(SMOKE, folder / name)
-    write_series(folder / "series", [60, 60, 40], np.random.default_rng(6))
-    return folder
-
-
-def data_dir_with(models_dir, tmp_path, *names):
-    data = tmp_path / "data"
-    data.mkdir(parents=True)
-    for name in names:
-        (data / name).symlink_to(models_dir / name, target_is_directory=True)
-    return data
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_npz(path):
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+def models_dir(smoke_rnn):
+    """The smoke pipeline's data dir, with trained ``vae/``, ``rnn/`` and ``series/``."""
+    return smoke_rnn
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +350,7 @@ def test_study_temperature_writes_the_table_and_plot(models_dir, tmp_path):
 
 def test_dream_notebook_executes(models_dir, tmp_path):
     data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
-    execute_notebook(REPO / "notebooks" / "dream_episode.ipynb", data)
+    check_notebook(REPO / "notebooks" / "dream_episode.ipynb", data)
     from PIL import Image
 
     with Image.open(data / "dream" / "dream_episode.gif") as gif:

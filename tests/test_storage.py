@@ -1,6 +1,5 @@
 """worldmodels/storage.py: atomic writes, round-trips, and clear errors for bad files."""
 
-import os
 
 import numpy as np
 import pytest

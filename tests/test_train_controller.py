@@ -1,7 +1,6 @@
 """05_train_controller.py and evaluate_controller.py as a user runs them: outputs, a no-op rerun,
 resume after SIGKILL to the result of an uninterrupted run, and clear errors."""
 
-import csv
 import importlib.util
 import json
 import os
@@ -15,7 +14,7 @@ import pytest
 
 import config
 from models.controller import num_parameters
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, assert_user_error, data_dir_with, load_npz, read_csv, run_script
 from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, heldout_seeds
 
 GENERATIONS = 3
@@ -25,47 +24,9 @@ SMOKE = config.make_config("smoke")
 
 
 @pytest.fixture(scope="module")
-def models_dir(request, tmp_path_factory):
-    """A data dir with V in ``vae/`` and M in ``rnn/``, each with its config.json.
-
-    The smoke pipeline's trained V and M (conftest's ``smoke_rnn``) when that fixture exists;
-    otherwise untrained models saved where 02 and 04 put them: the controller stages only
-    depend on the file layout, the configs and the shapes, not on what the models learned.
-    """
-    try:
-        return request.getfixturevalue("smoke_rnn")
-    except pytest.FixtureLookupError:
-        pass
-    from models.mdn_rnn import MDNRNN
-    from models.vae import ConvVAE
-
-    folder = tmp_path_factory.mktemp("models")
-    for name, model in (("vae", ConvVAE(SMOKE.vae.z_size, seed=0)),
-                        ("rnn", MDNRNN(z_size=SMOKE.vae.z_size, hidden_units=SMOKE.rnn.hidden_units,
-                                       num_mixtures=SMOKE.rnn.num_mixtures, seed=0))):
-        (folder / name).mkdir()
-        model.save(folder / name / f"{name}.keras")
-        config.save_config(SMOKE, folder / name)
-    return folder
-
-
-def data_dir_with(models_dir, tmp_path, *names):
-    """A fresh data dir holding (links to) the given model folders."""
-    data = tmp_path / "data"
-    data.mkdir(parents=True)
-    for name in names:
-        (data / name).symlink_to(models_dir / name, target_is_directory=True)
-    return data
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_npz(path):
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+def models_dir(smoke_rnn):
+    """The smoke pipeline's data dir: trained V in ``vae/`` and M in ``rnn/``, each with its config.json."""
+    return smoke_rnn
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +121,6 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(trained, models_d
     assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
     strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(out / "history.csv")]
     assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(reference / "history.csv")]
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def test_corrupt_checkpoint_is_a_clear_error(models_dir, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import config
-from tests.conftest import REPO, execute_notebook, run_script
+from tests.conftest import REPO, assert_user_error, check_notebook, run_script
 from worldmodels import sequences, storage
 
 SCRIPT = "04_train_rnn.py"
@@ -310,37 +310,24 @@ def test_sigkill_mid_epoch_then_rerun_continues_where_it_stopped(tmp_path, smoke
 
 
 def test_notebook_executes_and_is_committed_without_outputs(smoke_rnn):
-    import nbformat
-
-    path = REPO / "notebooks" / "check_04_rnn.ipynb"
-    for cell in nbformat.read(str(path), as_version=4).cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None
-    execute_notebook(path, smoke_rnn)
-
-
-def assert_clear_error(proc, *needles):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert str(needle) in proc.stderr, (needle, proc.stderr)
+    check_notebook(REPO / "notebooks" / "check_04_rnn.ipynb", smoke_rnn)
 
 
 def test_missing_or_empty_series_folder_is_a_clear_error(tmp_path):
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "series", "03_generate_rnn_data.py")
+    assert_user_error(proc, tmp_path / "series", "03_generate_rnn_data.py")
     (tmp_path / "series").mkdir()
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "series", "holds no series")
+    assert_user_error(proc, tmp_path / "series", "holds no series")
 
 
 def test_incompatible_series_or_rnn_folder_is_refused(tmp_path, smoke_rnn):
     shutil.copytree(smoke_rnn / "series", tmp_path / "series")
     proc = run_script(SCRIPT, "--set", "vae.z_size=16", data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "series", "vae.z_size: artifact has 32, current config has 16")
+    assert_user_error(proc, tmp_path / "series", "vae.z_size: artifact has 32, current config has 16")
     # An rnn/ folder of another M is not continued with a different network.
     (tmp_path / "rnn").mkdir()
     shutil.copy(smoke_rnn / "rnn" / "config.json", tmp_path / "rnn" / "config.json")
     proc = run_script(SCRIPT, "--set", "rnn.hidden_units=64", data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "rnn", "rnn.hidden_units: artifact has 256, current config has 64")
+    assert_user_error(proc, tmp_path / "rnn", "rnn.hidden_units: artifact has 256, current config has 64")
     assert not (tmp_path / "rnn" / "checkpoint").exists()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import config
-from tests.conftest import REPO, execute_notebook, run_script
+from tests.conftest import REPO, assert_user_error, check_notebook, run_script
 from worldmodels import datasets, storage
 
 SCRIPT = "02_train_vae.py"
@@ -366,28 +366,15 @@ def test_sigkill_mid_epoch_then_rerun_continues_where_it_stopped(tmp_path, smoke
 
 
 def test_notebook_executes_and_is_committed_without_outputs(smoke_vae):
-    import nbformat
-
-    path = REPO / "notebooks" / "check_02_vae.ipynb"
-    for cell in nbformat.read(str(path), as_version=4).cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None
-    execute_notebook(path, smoke_vae)
-
-
-def assert_clear_error(proc, *needles):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert str(needle) in proc.stderr, (needle, proc.stderr)
+    check_notebook(REPO / "notebooks" / "check_02_vae.ipynb", smoke_vae)
 
 
 def test_missing_or_empty_rollouts_folder_is_a_clear_error(tmp_path):
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "rollouts", "01_generate_data.py")
+    assert_user_error(proc, tmp_path / "rollouts", "01_generate_data.py")
     (tmp_path / "rollouts").mkdir()
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
-    assert_clear_error(proc, tmp_path / "rollouts", "holds no rollouts")
+    assert_user_error(proc, tmp_path / "rollouts", "holds no rollouts")
 
 
 def test_corrupt_episode_is_named_before_training(tmp_path, smoke_rollouts):
@@ -395,7 +382,7 @@ def test_corrupt_episode_is_named_before_training(tmp_path, smoke_rollouts):
     victim = data / "rollouts" / storage.episode_name(1)
     victim.write_bytes(victim.read_bytes()[:2000])
     proc = run_script(SCRIPT, data_dir=data, check=False)
-    assert_clear_error(proc, victim)
+    assert_user_error(proc, victim)
     assert not (data / "vae" / "checkpoint").exists()
 
 

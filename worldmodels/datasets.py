@@ -267,3 +267,23 @@ def surface_corrupt_files():
         if match is None:
             raise
         raise storage.CorruptFileError(match.group(1).strip()) from None
+
+
+def training_fingerprint(cfg, train_paths, keys, **counts) -> dict:
+    """Everything that fixes the sequence of training batches and updates of a stage.
+
+    The training episodes (count and a hash of their names), the given sizes (frames,
+    windows...) and the config values of ``keys``: a checkpoint resumes only if this matches,
+    and a finished run whose fingerprint differs is reported as made from other data.
+    """
+    import hashlib
+
+    import config
+
+    names = "\n".join(Path(p).name for p in train_paths).encode("utf-8")
+    return {
+        "train_episodes": len(train_paths),
+        "train_episodes_sha256": hashlib.sha256(names).hexdigest()[:16],
+        **counts,
+        **{key: config.get(cfg, key) for key in keys},
+    }
