@@ -437,9 +437,17 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, folder: str | os.PathLike, name: str = "config.json") -> Path:
     """Write the resolved config as JSON beside an artifact (atomically)."""
-    from worldmodels.storage import atomic_write_json
+    from worldmodels.storage import atomic_write_json, read_json
 
-    return atomic_write_json(Path(folder) / name, to_dict(cfg))
+    path = Path(folder) / name
+    # A rerun with the same config leaves the file untouched, so "nothing redone" holds for it too.
+    if path.is_file():
+        try:
+            if from_dict(read_json(path)) == cfg:
+                return path
+        except (ConfigError, ValueError):
+            pass  # unreadable or stale: rewrite it
+    return atomic_write_json(path, to_dict(cfg))
 
 
 def load_config(path: str | os.PathLike) -> Config:
