@@ -90,16 +90,26 @@ def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
     return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
 
 
+# A latent dimension is "informative" when V's posterior differs from the prior by more than this
+# on average (KL in nats, on the training series). With the free-bits floor V puts its
+# information in a few dimensions; on the others mu is nearly constant while the posterior is
+# nearly the prior, which hands a baseline fitted on mu an easy win that says nothing about M.
+INFORMATIVE_KL = 0.5
+
+
 def baselines(train_paths, eval_paths, seed: int) -> dict:
     """``models.mdn_rnn.baseline_nlls`` on ``eval_paths`` for z = mu and for sampled z, and a reward baseline.
 
-    ``{"mu": {"persistence", "unconditional"}, "sampled": {...}, "reward_mse_of_train_mean",
+    ``{"mu": {"persistence", "unconditional"}, "sampled": {...}, "mu_per_dimension": {...},
+    "sampled_per_dimension": {...}, "kl_per_dimension", "reward_mse_of_train_mean",
     "fitted_on_episodes"}``. Sampled z use the noise of ``sequences.latent_noise(seed, name)``,
     the same draws as ``sequences.evaluate_model(..., sample_seed=seed)``. Fitted on at most
     BASELINE_EPISODES training episodes; the evaluated episodes are scored in chunks whose
     means are weighted by their number of transitions (exactly the mean over all of them).
+    ``kl_per_dimension`` is V's mean KL per latent dimension on the fitted training episodes.
     """
     from models.mdn_rnn import baseline_nlls
+    from models.vae import kl_per_dimension
 
     keys = ("mu", "logvar", "reward")
     picks = np.unique(np.linspace(0, len(train_paths) - 1, min(BASELINE_EPISODES, len(train_paths))).astype(int))
@@ -107,6 +117,7 @@ def baselines(train_paths, eval_paths, seed: int) -> dict:
     fit = [storage.load_episode(p, "series", keys=keys) for p in fit_paths]
     train_z = {"mu": [f["mu"] for f in fit],
                "sampled": [sequences.sampled_latents(f, seed, p.name) for f, p in zip(fit, fit_paths)]}
+    kl = kl_per_dimension(np.concatenate([f["mu"] for f in fit]), np.concatenate([f["logvar"] for f in fit]))
     reward_mean = float(np.mean(np.concatenate([f["reward"] for f in fit])))
     totals = {kind: {"persistence": 0.0, "unconditional": 0.0} for kind in train_z}
     transitions, reward_error, steps = 0, 0.0, 0
@@ -122,14 +133,31 @@ def baselines(train_paths, eval_paths, seed: int) -> dict:
         eval_z = {"mu": [c["mu"] for c in chunk],
                   "sampled": [sequences.sampled_latents(c, seed, p.name) for c, p in zip(chunk, chunk_paths)]}
         for kind in totals:
-            for name, value in baseline_nlls(train_z[kind], eval_z[kind]).items():
-                totals[kind][name] += value * count
+            for name, value in baseline_nlls(train_z[kind], eval_z[kind], per_dimension=True).items():
+                totals[kind][name] = totals[kind][name] + value * count
         transitions += count
+    per_dimension = {kind: {name: total / transitions for name, total in values.items()}
+                     for kind, values in totals.items()}
     return {
-        **{kind: {name: total / transitions for name, total in values.items()} for kind, values in totals.items()},
+        **{kind: {name: float(np.mean(v)) for name, v in values.items()} for kind, values in per_dimension.items()},
+        **{f"{kind}_per_dimension": {name: [float(x) for x in v] for name, v in values.items()}
+           for kind, values in per_dimension.items()},
+        "kl_per_dimension": [float(x) for x in kl],
         "fitted_on_episodes": len(fit_paths),
         "reward_mse_of_train_mean": reward_error / steps,
     }
+
+
+def informative_comparison(z_nll_per_dimension, base: dict) -> dict:
+    """M and the z = mu baselines on the informative latent dimensions only (see INFORMATIVE_KL)."""
+    dims = [i for i, k in enumerate(base["kl_per_dimension"]) if k > INFORMATIVE_KL]
+    if not dims:
+        return {"informative_dimensions": [], "z_nll_informative": None, "baselines_informative": None,
+                "beats_baselines_informative": None}
+    ours = float(np.mean([z_nll_per_dimension[i] for i in dims]))
+    theirs = {name: float(np.mean([values[i] for i in dims])) for name, values in base["mu_per_dimension"].items()}
+    return {"informative_dimensions": dims, "z_nll_informative": ours, "baselines_informative": theirs,
+            "beats_baselines_informative": bool(ours < min(theirs.values()))}
 
 
 def _number(value, width=10) -> str:
@@ -146,6 +174,11 @@ def results_table(metrics: dict) -> str:
                              ("z NLL, z ~ V's posterior", "z_nll_sampled", "sampled")):
         rows.append(f"  {label:<30}{_number(metrics[key])}   persistence {base[kind]['persistence']:.4f}, "
                     f"unconditional {base[kind]['unconditional']:.4f}")
+    if metrics.get("z_nll_informative") is not None:
+        label = f"z NLL, z = mu, {len(metrics['informative_dimensions'])} informative dims"
+        informative = metrics["baselines_informative"]
+        rows.append(f"  {label:<30}{_number(metrics['z_nll_informative'])}   persistence "
+                    f"{informative['persistence']:.4f}, unconditional {informative['unconditional']:.4f}")
     if "reward_mse" in metrics:
         rows.append(f"  {'reward MSE':<30}{_number(metrics['reward_mse'])}   "
                     f"train mean {base['reward_mse_of_train_mean']:.4f}")
@@ -154,8 +187,10 @@ def results_table(metrics: dict) -> str:
                     f"always 'not done' {1.0 - metrics['done_positives'] / metrics['evaluated_steps']:.4f}")
         rows.append(f"  {'done AUC':<30}{_number(metrics['done_auc'])}   "
                     f"{metrics.get('done_auc_note') or 'chance 0.5000'}")
+    informative = metrics.get("beats_baselines_informative")
     rows.append(f"  beats both z baselines: {'yes' if metrics['beats_baselines'] else 'no'} (z = mu), "
-                f"{'yes' if metrics['beats_baselines_sampled'] else 'no'} (sampled z)")
+                f"{'yes' if metrics['beats_baselines_sampled'] else 'no'} (sampled z)"
+                + ("" if informative is None else f", {'yes' if informative else 'no'} (z = mu, informative dims)"))
     return "\n".join(rows)
 
 
@@ -219,8 +254,17 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
             log=lambda message: print(f"[04] {message}", flush=True),
         )
         training.atomic_save_model(model, artifacts.rnn_path(args.data_dir))
-        print(f"[04] evaluating M on every window of {len(eval_paths)} {evaluated_on} episode(s); "
-              "fitting the baselines")
+    return evaluate(cfg, model, state, train_paths, eval_paths, evaluated_on, plan, train_windows, prints)
+
+
+def evaluate(cfg, model, state, train_paths, eval_paths, evaluated_on, plan, train_windows, prints) -> dict:
+    """The metrics of metrics.json for a trained M: held-out NLL, reward and done, and the baselines."""
+    steps_per_epoch, epochs = plan
+    total_steps = steps_per_epoch * epochs
+    length, batch_size = cfg.rnn.sequence_length, cfg.rnn.batch_size
+    print(f"[04] evaluating M on every window of {len(eval_paths)} {evaluated_on} episode(s); "
+          "fitting the baselines")
+    with datasets.surface_corrupt_files():
         evaluation = sequences.evaluate_model(model, eval_paths, length, batch_size)
         sampled = sequences.evaluate_model(model, eval_paths, length, batch_size, sample_seed=cfg.rnn.seed)
     base = baselines(train_paths, eval_paths, cfg.rnn.seed)
@@ -247,6 +291,7 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
         "baselines": base,
         "beats_baselines": bool(evaluation["z_nll"] < min(base["mu"].values())),
         "beats_baselines_sampled": bool(sampled["z_nll"] < min(base["sampled"].values())),
+        **informative_comparison(evaluation["z_nll_per_dimension"], base),
         "fingerprint": prints,
     }
     for key in ("reward_mse", "done_accuracy", "done_auc", "done_positives"):
@@ -257,6 +302,20 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
                                     if evaluation["done_positives"] == 0 else
                                     "undefined: every evaluated step is a positive done label")
     return metrics
+
+
+def reevaluate(cfg, args, train_paths, heldout_paths, plan, train_windows, prints) -> dict:
+    """metrics.json recomputed from the saved M and its training state (after a change of the metrics)."""
+    from worldmodels import training
+
+    state = training.load_state(args.data_dir / artifacts.RNN[0] / "checkpoint")
+    if state is None:
+        raise storage.MissingDataError("M's training state is missing, so it cannot be re-evaluated; "
+                                       f"delete {args.data_dir / artifacts.RNN[0]} and train it again")
+    model = artifacts.load_rnn(args.data_dir, cfg)
+    evaluated_on = "heldout" if heldout_paths else "train"
+    return evaluate(cfg, model, state, train_paths, heldout_paths or train_paths, evaluated_on, plan,
+                    train_windows, prints)
 
 
 def compare_with_vision_split(cfg: config.Config, data_dir, heldout_paths) -> None:
@@ -277,6 +336,8 @@ def main(argv=None) -> int:
     parser = config.make_parser(__doc__)
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                         help="also checkpoint every STEPS batches (default: every 60 s and at every epoch end)")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="recompute metrics.json of a finished M from rnn.keras (no training)")
     cfg, args = config.parse_args(__doc__, argv, parser)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         parser.error("--checkpoint-every must be a positive number of steps")
@@ -303,6 +364,11 @@ def main(argv=None) -> int:
     metrics_path = out / "metrics.json"
     if metrics_path.is_file() and model_path.is_file():
         done = storage.read_json(metrics_path)
+        if done.get("steps", 0) >= plan[0] * plan[1] and args.reevaluate:
+            metrics = reevaluate(cfg, args, train_paths, heldout_paths, plan, train_windows, prints)
+            storage.atomic_write_json(metrics_path, metrics)
+            print(results_table(metrics))
+            return 0
         if done.get("steps", 0) >= plan[0] * plan[1]:
             if done.get("fingerprint") != prints:
                 print(f"[04] note: M in {out} was trained on other series or settings than the current ones; "

@@ -514,7 +514,7 @@ def _check_series(series, what):
     return arrays
 
 
-def baseline_nlls(train_series, heldout_series, log_sigma_min=LOG_SIGMA_MIN):
+def baseline_nlls(train_series, heldout_series, log_sigma_min=LOG_SIGMA_MIN, per_dimension=False):
     """Held-out mean NLL (nats per z dimension per step) of two baselines M must beat.
 
     ``train_series``, ``heldout_series``: lists of (T, Z) arrays, normally V's ``mu`` (what
@@ -528,7 +528,8 @@ def baseline_nlls(train_series, heldout_series, log_sigma_min=LOG_SIGMA_MIN):
 
     Variances are floored at exp(2 * log_sigma_min), the smallest variance M can express,
     so a collapsed (constant) dimension does not give a baseline an unreachable -inf.
-    Returns ``{"persistence": float, "unconditional": float}``.
+    Returns ``{"persistence": float, "unconditional": float}``, or with ``per_dimension``
+    the per-dimension means, float arrays (Z,), whose mean is the float.
     """
     train = _check_series(train_series, "train_series")
     heldout = _check_series(heldout_series, "heldout_series")
@@ -542,7 +543,6 @@ def baseline_nlls(train_series, heldout_series, log_sigma_min=LOG_SIGMA_MIN):
 
     previous = np.concatenate([a[:-1] for a in heldout if len(a) >= 2])
     target = np.concatenate([a[1:] for a in heldout if len(a) >= 2])
-    return {
-        "persistence": float(np.mean(gaussian_nll(target, previous, noise_var))),
-        "unconditional": float(np.mean(gaussian_nll(target, mean, var))),
-    }
+    nlls = {"persistence": gaussian_nll(target, previous, noise_var).mean(axis=0),
+            "unconditional": gaussian_nll(target, mean, var).mean(axis=0)}
+    return nlls if per_dimension else {name: float(np.mean(value)) for name, value in nlls.items()}

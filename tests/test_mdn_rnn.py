@@ -456,6 +456,11 @@ def test_baselines_on_hand_made_series():
     assert got["persistence"] == pytest.approx(expected_persistence, rel=1e-12)
     assert got["unconditional"] == pytest.approx(expected_unconditional, rel=1e-12)
     assert got["persistence"] < got["unconditional"]
+    per_dimension = baseline_nlls(train, heldout, per_dimension=True)
+    assert per_dimension["persistence"].shape == (2,)
+    for name, value in got.items():
+        assert np.mean(per_dimension[name]) == pytest.approx(value, rel=1e-12)
+    assert per_dimension["persistence"][0] == pytest.approx(gaussian_nll(1.0, 0.0, 1.0), rel=1e-12)
     with pytest.raises(ValueError, match="no episode with 2"):
         baseline_nlls([np.zeros((1, 2))], heldout)
     with pytest.raises(ValueError, match="empty"):

@@ -250,6 +250,44 @@ def test_artifacts_and_metrics(smoke_rnn):
     assert heldout_log.Tensors("z_nll")[-1].step == cfg.rnn.steps
 
 
+def test_informative_comparison_uses_only_dimensions_with_kl():
+    module = load_script_module()
+    base = {"kl_per_dimension": [2.0, 0.01, 0.9],
+            "mu_per_dimension": {"persistence": [1.0, -9.0, 3.0], "unconditional": [2.0, -9.0, 4.0]}}
+    got = module.informative_comparison([0.5, 1.4, 2.5], base)
+    assert got["informative_dimensions"] == [0, 2]
+    assert got["z_nll_informative"] == pytest.approx(1.5)
+    assert got["baselines_informative"] == pytest.approx({"persistence": 2.0, "unconditional": 3.0})
+    assert got["beats_baselines_informative"] is True
+    assert module.informative_comparison([0.5, 1.4, 2.5], {**base, "kl_per_dimension": [0, 0, 0]})[
+        "z_nll_informative"] is None
+
+
+def test_reevaluate_recomputes_the_metrics_of_a_finished_run(smoke_rnn, tmp_path):
+    for name in ("series", "vae", "rnn"):
+        shutil.copytree(smoke_rnn / name, tmp_path / name)
+    before = json.loads((tmp_path / "rnn" / "metrics.json").read_text())
+    proc = run_script(SCRIPT, "--reevaluate", data_dir=tmp_path)
+    assert "z NLL, z = mu" in proc.stdout
+    after = json.loads((tmp_path / "rnn" / "metrics.json").read_text())
+    assert after["z_nll"] == pytest.approx(before["z_nll"], rel=1e-5)
+    assert after["baselines"]["mu"] == pytest.approx(before["baselines"]["mu"], rel=1e-9)
+    assert len(after["baselines"]["kl_per_dimension"]) == SMOKE.vae.z_size
+    assert np.mean(after["baselines"]["mu_per_dimension"]["persistence"]) == pytest.approx(
+        after["baselines"]["mu"]["persistence"], rel=1e-9)
+    assert "beats_baselines_informative" in after
+
+
+def load_script_module():
+    """04_train_rnn.py as a module (its name starts with a digit, so it cannot be imported by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_rnn_script", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_split_is_vs_split(smoke_rnn):
     """M is validated on the episodes V was validated on, never on frames V trained on."""
     rnn_split = json.loads((smoke_rnn / "rnn" / "split.json").read_text())
