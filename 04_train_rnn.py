@@ -175,7 +175,7 @@ def results_table(metrics: dict) -> str:
         rows.append(f"  {label:<30}{_number(metrics[key])}   persistence {base[kind]['persistence']:.4f}, "
                     f"unconditional {base[kind]['unconditional']:.4f}")
     if metrics.get("z_nll_informative") is not None:
-        label = f"z NLL, z = mu, {len(metrics['informative_dimensions'])} informative dims"
+        label = f"z = mu, {len(metrics['informative_dimensions'])} informative dims"
         informative = metrics["baselines_informative"]
         rows.append(f"  {label:<30}{_number(metrics['z_nll_informative'])}   persistence "
                     f"{informative['persistence']:.4f}, unconditional {informative['unconditional']:.4f}")
