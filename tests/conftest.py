@@ -124,3 +124,22 @@ def load_npz(path: Path) -> dict:
 
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
+
+
+def run_until_then_kill(cmd: list[str], ready, timeout: float = 180) -> None:
+    """Start ``cmd`` in its own process group, wait until ``ready()`` is true, then SIGKILL the whole group.
+
+    A new session puts a script and its worker processes in one process group, so SIGKILL takes
+    them all at once, as a lost machine would. Fails if the command ends before it is killed.
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, f"{cmd[1]} ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

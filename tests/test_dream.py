@@ -4,11 +4,7 @@ the temperature study and the dream notebook."""
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 import config
 from models.controller import controller_actions, num_parameters
 from models.mdn_rnn import MDNRNN, sample_mixture
-from tests.conftest import REPO, check_notebook, data_dir_with, load_npz, read_csv, run_script
+from tests.conftest import REPO, run_until_then_kill, check_notebook, data_dir_with, load_npz, read_csv, run_script
 from worldmodels import storage
 from worldmodels.dream import (
     KEY_BOUND,
@@ -307,15 +303,7 @@ def test_05_dream_resumes_after_sigkill_to_the_same_result(dream_trained, models
     out = data / "controller_dream_t1.15"
     cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
            *TRAIN, "--no-final-eval"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_until_then_kill(cmd, lambda: (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1)
     done = len(read_csv(out / "history.csv"))
     assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
 

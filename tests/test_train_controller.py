@@ -3,18 +3,14 @@ resume after SIGKILL to the result of an uninterrupted run, and clear errors."""
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import config
 from models.controller import num_parameters
-from tests.conftest import REPO, assert_user_error, data_dir_with, load_npz, read_csv, run_script
+from tests.conftest import REPO, run_until_then_kill, assert_user_error, data_dir_with, load_npz, read_csv, run_script
 from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, heldout_seeds
 
 GENERATIONS = 3
@@ -99,17 +95,7 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(trained, models_d
     out = data / "controller"
     cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
            *TRAIN, "--no-final-eval"]
-    # A new session puts the script and its environment workers in one process group, so
-    # SIGKILL takes them all at once, as a lost machine would.
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_until_then_kill(cmd, lambda: (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1)
     done = len(read_csv(out / "history.csv"))
     assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
 
