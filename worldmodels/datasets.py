@@ -109,14 +109,10 @@ def split_episodes(paths: Sequence[str | os.PathLike], heldout_fraction: float, 
 def episode_length(path: str | os.PathLike) -> int:
     """Number of frames T of a rollout file, read from the ``obs`` header (no decompression of frames)."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("obs.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _fortran, _dtype = read_header(f)
+        shape = storage.array_shape(path, "obs")
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
         raise storage.CorruptFileError(f"{path}: cannot read the frame count ({type(exc).__name__}: {exc})") from exc
-    return int(shape[0])
+    return shape[0]
 
 
 def check_episodes(paths: Sequence[str | os.PathLike]) -> list[int]:

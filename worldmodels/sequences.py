@@ -65,14 +65,10 @@ def _positive_int(value, name: str) -> int:
 def series_shape(path: str | os.PathLike) -> tuple[int, int]:
     """``(T, Z)`` of a series file, from the ``mu`` header (nothing is decompressed)."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("mu.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _fortran, _dtype = read_header(f)
+        shape = storage.array_shape(path, "mu")
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
         raise storage.CorruptFileError(f"{path}: cannot read the series header ({type(exc).__name__}: {exc})") from exc
-    return int(shape[0]), int(shape[1])
+    return shape[0], shape[1]
 
 
 def check_series(paths: Sequence[str | os.PathLike], z_size: int | None = None) -> list[int]:

@@ -229,6 +229,16 @@ def _read_header(zf: zipfile.ZipFile, member: str):
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
 
 
+def array_shape(path: str | os.PathLike, name: str) -> tuple[int, ...]:
+    """Shape of array ``name`` in an ``.npz`` file, read from its header alone (nothing is decompressed).
+
+    Raises the underlying zip/format error; callers word it for their file kind.
+    """
+    with zipfile.ZipFile(path) as zf:
+        shape, _dtype = _read_header(zf, name + ".npy")
+    return tuple(int(n) for n in shape)
+
+
 def load_episode(path: str | os.PathLike, kind: str = "rollout", keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Load and validate an episode file of ``kind`` ('rollout' or 'series').
 
