@@ -86,7 +86,8 @@ def check_learning_rates(cfg: config.Config) -> None:
 def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
     """What fixes M's batches and updates (see ``datasets.training_fingerprint``)."""
     keys = ("vae.seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
-            "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed")
+            "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed",
+            "rnn.mixed_precision")
     return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
 
 
@@ -207,6 +208,11 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
     total_steps = steps_per_epoch * epochs
     training.remove_stale_model_temporaries(out)
     print(f"[04] {describe_devices()}")
+    if cfg.rnn.mixed_precision:
+        # The LSTM computes in float16; the MDN, reward and done heads (and so the NLL) stay
+        # float32, and Keras wraps Adam in a LossScaleOptimizer.
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    print(f"[04] dtype policy {keras.mixed_precision.global_policy().name}")
     # The global seed fixes the initial weights and, with rnn.seed, the tf.data shuffles: every
     # session of a run must see the same batches for the resume to be exact.
     keras.utils.set_random_seed(cfg.rnn.seed)

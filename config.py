@@ -98,6 +98,7 @@ class RNNConfig:
     dropout: float = _f(0.0, "dropout on the LSTM output (Dropout's Dream Land uses 0.1)")
     heldout_fraction: float = _f(0.05, "fraction of episodes held out for validation (same split as V)")
     encode_batch_size: int = _f(1000, "frames per V call when encoding rollouts into series")
+    mixed_precision: bool = _f(False, "train the LSTM in mixed_float16 (useful on a GPU only; the MDN stays float32)")
     seed: int = _f(0, "seed for initialisation, batching and z re-sampling")
 
 

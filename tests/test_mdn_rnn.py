@@ -479,3 +479,25 @@ def test_baseline_units_match_mixture_nll():
     log_sigma = np.broadcast_to(0.5 * np.log(noise_var)[:, None], previous.shape)
     nll = float(mixture_nll(target, np.zeros_like(previous), previous, log_sigma))
     assert baseline_nlls(train, heldout)["persistence"] == pytest.approx(nll, rel=1e-9)
+
+
+def test_mixed_precision_trains_with_float32_heads_and_float32_step():
+    """Under mixed_float16 the LSTM computes in float16 but the NLL, reward and state stay float32."""
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model = MDNRNN(**SMALL, seed=5)
+        assert model.net.get_layer("lstm").compute_dtype == "float16"
+        assert model.net.get_layer("mdn").compute_dtype == "float32"
+        model.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        batch = make_batch(np.random.default_rng(15), lengths=[6, 4], total_length=6)
+        before = model.evaluate(batch, batch_size=2, verbose=0, return_dict=True)
+        model.fit(batch, batch_size=2, epochs=30, verbose=0, shuffle=False)
+        after = model.evaluate(batch, batch_size=2, verbose=0, return_dict=True)
+        assert all(np.isfinite(v) for v in after.values())
+        assert after["loss"] < before["loss"]
+        out = model.step(batch["mu"][:, 0], batch["action"][:, 0], model.initial_state(2))
+        assert out["mu"].dtype == tf.float32 and out["state"][0].dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert keras.mixed_precision.global_policy().name == "float32"
