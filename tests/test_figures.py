@@ -19,3 +19,11 @@ def test_reconstruction_figure_without_v_is_a_clear_error(smoke_rollouts, tmp_pa
     shutil.copytree(smoke_rollouts / "rollouts", tmp_path / "rollouts")
     with pytest.raises(storage.MissingDataError, match="no trained V"):
         figures.reconstruction_figure(tmp_path, tmp_path / "rec.png")
+
+
+def test_architecture_diagram_needs_no_data(tmp_path, capsys):
+    out = tmp_path / "fig" / "architecture.png"
+    assert figures.main(["architecture", "--data-dir", str(tmp_path / "nothing"), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 0

@@ -19,6 +19,9 @@ temperature        ``temperature_study/results.json``            study_temperatu
 driving            a ``controller*/controller.npz``, V and M     05_train_controller.py
 =================  ============================================  ===============================
 
+``python -m worldmodels.figures architecture --out results/architecture.png`` draws README's
+diagram of the agent, which needs no data.
+
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (no pyplot), so importing this
 module never changes the backend of a notebook that uses it.
 """
@@ -61,13 +64,57 @@ def _save(fig: Figure, out: Path, dpi: int = 80) -> Path:
     from PIL import Image
 
     out = Path(out)
-    fig.tight_layout()
+    if not fig.get_axes() or fig.get_axes()[0].get_subplotspec() is not None:
+        fig.tight_layout()  # plots made with add_subplot(s); a hand-placed diagram keeps its layout
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
                                                        dither=Image.Dither.NONE)
     storage.atomic_write(out, lambda f: image.save(f, format="PNG", optimize=True))
     return out
+
+
+def architecture_figure(data_dir: Path | None, out: Path) -> Path:
+    """A diagram of the agent: V, M and C around the real environment, and M's dream in its place.
+
+    Needs no data (``data_dir`` is ignored; it keeps the signature of the other figures).
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig = Figure(figsize=(9.0, 4.0))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 4.9)
+    ax.axis("off")
+    boxes = {  # name: (x, y, width, height, colour, label)
+        "env": (0.3, 2.9, 2.0, 1.2, "#dddddd", "CarRacing-v3\n(or M's dream)"),
+        "V": (3.1, 2.9, 1.9, 1.2, "#9ecae1", "V: ConvVAE\n64x64x3 -> z (32)"),
+        "C": (5.9, 2.9, 2.4, 1.2, "#fdae6b", "C: a = tanh(W [z h] + b)\n867 parameters"),
+        "M": (5.9, 0.6, 2.4, 1.3, "#a1d99b", "M: MDN-RNN\nLSTM 256, 5 Gaussians\n+ reward and done heads"),
+    }
+    for x, y, w, h, colour, label in boxes.values():
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", facecolor=colour, edgecolor="black"))
+        ax.text(x + w / 2, y + h / 2, label, ha="center", va="center", fontsize=9)
+
+    def arrow(start, end, text="", at=None, dashed=False, rad=0.0):
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, linewidth=1.4,
+                                     linestyle="--" if dashed else "-", connectionstyle=f"arc3,rad={rad}"))
+        if text:
+            x, y = at if at else ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12)
+            ax.text(x, y, text, ha="center", va="bottom", fontsize=9)
+
+    arrow((2.4, 3.5), (3.0, 3.5), "frame", at=(2.7, 3.65))
+    arrow((5.1, 3.5), (5.8, 3.5), "z_t", at=(5.45, 3.65))
+    arrow((4.6, 2.8), (5.8, 1.5), "z_t", at=(5.0, 2.0))
+    arrow((7.1, 2.0), (7.1, 2.8), "h_t", at=(7.35, 2.3))
+    arrow((8.4, 3.5), (9.3, 3.5), "a_t", at=(8.85, 3.65))
+    arrow((9.6, 3.3), (8.4, 1.3), "a_t", at=(9.35, 2.2))
+    arrow((9.7, 4.0), (1.3, 4.2), "real: the action drives the car, the game renders the next frame",
+          at=(5.5, 4.6), rad=0.06)
+    arrow((5.8, 1.0), (1.3, 2.8), "dream: z_t+1 ~ P(z | a_t, z_t, h_t) at temperature tau,\n"
+          "plus M's predicted reward and done", at=(2.9, 0.15), dashed=True, rad=-0.25)
+    ax.text(9.7, 3.5, "action", ha="left", va="center", fontsize=9)
+    return _save(fig, out, dpi=90)
 
 
 def _image_grid(rows: list[np.ndarray], labels: list[str], titles: list[str] | None = None) -> Figure:
@@ -482,7 +529,8 @@ def results_table(data_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=sorted(FIGURES) + ["all"], help="a figure, or all of them")
+    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture"],
+                        help="a figure, all of them, or the diagram of the agent (no data needed)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
     parser.add_argument("--out", type=Path, help="output file of one figure")
     parser.add_argument("--out-dir", type=Path, help="output folder of 'all'")
@@ -499,7 +547,8 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error(f"{args.figure!r} needs --out")
-    print(f"wrote {FIGURES[args.figure](args.data_dir, args.out)}")
+    make = architecture_figure if args.figure == "architecture" else FIGURES[args.figure]
+    print(f"wrote {make(args.data_dir, args.out)}")
     return 0
 
 
