@@ -140,7 +140,7 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
     heldout_frames = sum(lengths[p] for p in heldout_paths)
     eval_paths = heldout_paths or train_paths
     grid_originals = grid_frames(eval_paths)
-    writers = {split: tf.summary.create_file_writer(str(out / "logs" / split)) for split in ("train", "heldout")}
+    writers = training.summary_writers(out)
 
     def on_epoch_end(epoch: int, logs: dict) -> dict:
         extra = {}
@@ -149,16 +149,10 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
             steps = datasets.steps_per_epoch(heldout_frames, cfg.vae.batch_size)
             extra = {f"heldout_{k}": v for k, v in
                      model.evaluate(heldout, steps=steps, verbose=0, return_dict=True).items()}
-        for split, values in (("train", logs), ("heldout", {k[len("heldout_"):]: v for k, v in extra.items()})):
-            with writers[split].as_default(step=epoch + 1):
-                for name, value in values.items():
-                    if name != "epoch":
-                        tf.summary.scalar(name, value)
         with writers["heldout"].as_default(step=epoch + 1):
             tf.summary.image("originals_vs_reconstructions",
                              image_grid(grid_originals, model(grid_originals, training=False).numpy()))
-        for writer in writers.values():
-            writer.flush()
+        training.log_epoch(writers, epoch + 1, logs, extra)
         return extra
 
     with datasets.surface_corrupt_files():

@@ -198,7 +198,6 @@ def results_table(metrics: dict) -> str:
 def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, plan, windows, prints) -> dict:
     """Train M (resuming if a checkpoint exists), save it, and return the metrics of metrics.json."""
     import keras
-    import tensorflow as tf
 
     from worldmodels import training
     from worldmodels.devices import describe_devices
@@ -218,7 +217,7 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
     keras.utils.set_random_seed(cfg.rnn.seed)
     model = build_model(cfg, total_steps)
     length, batch_size = cfg.rnn.sequence_length, cfg.rnn.batch_size
-    writers = {name: tf.summary.create_file_writer(str(out / "logs" / name)) for name in ("train", "heldout")}
+    writers = training.summary_writers(out)
 
     heldout_batches = math.ceil(heldout_windows / batch_size)
 
@@ -231,17 +230,8 @@ def train_and_evaluate(cfg, args, out, train_paths, eval_paths, evaluated_on, pl
             # which biases every mean low (by 1 / (batches + 1)).
             logs_heldout = model.evaluate(heldout, steps=heldout_batches, verbose=0, return_dict=True)
             extra = {f"heldout_{k}": v for k, v in logs_heldout.items()}
-        step = (epoch + 1) * steps_per_epoch
-        with writers["train"].as_default(step=step):
-            for name, value in logs.items():
-                if name != "epoch":
-                    tf.summary.scalar(name, value)
-            tf.summary.scalar("learning_rate", float(model.optimizer.learning_rate))
-        with writers["heldout"].as_default(step=step):
-            for name, value in extra.items():
-                tf.summary.scalar(name[len("heldout_"):], value)
-        for writer in writers.values():
-            writer.flush()
+        training.log_epoch(writers, (epoch + 1) * steps_per_epoch, logs, extra,
+                           extra_train={"learning_rate": float(model.optimizer.learning_rate)})
         return extra
 
     with datasets.surface_corrupt_files():

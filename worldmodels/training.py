@@ -183,6 +183,34 @@ def load_checkpoint(model, checkpoint_dir: str | os.PathLike) -> dict | None:
 # --------------------------------------------------------------------------- the loop
 
 
+def summary_writers(folder: str | os.PathLike) -> dict:
+    """TensorBoard writers ``{"train", "heldout"}`` into ``folder/logs/train`` and ``folder/logs/heldout``.
+
+    One run's two curves then share their names (``loss``, ``kl``, ...) and TensorBoard draws
+    train and held-out on the same chart.
+    """
+    return {split: tf.summary.create_file_writer(str(Path(folder) / "logs" / split)) for split in ("train", "heldout")}
+
+
+def log_epoch(writers: Mapping, step: int, train_logs: Mapping, heldout_logs: Mapping,
+              extra_train: Mapping | None = None) -> None:
+    """Write one epoch's scalars at ``step`` and flush.
+
+    ``train_logs`` are Keras' epoch logs (the ``epoch`` key is skipped); ``heldout_logs`` have
+    ``heldout_<name>`` keys (as ``on_epoch_end`` returns them) and are written as ``<name>`` to
+    the held-out writer; ``extra_train`` (e.g. the learning rate) goes to the train writer.
+    """
+    with writers["train"].as_default(step=step):
+        for name, value in {**train_logs, **(extra_train or {})}.items():
+            if name != "epoch":
+                tf.summary.scalar(name, value)
+    with writers["heldout"].as_default(step=step):
+        for name, value in heldout_logs.items():
+            tf.summary.scalar(name.removeprefix("heldout_"), value)
+    for writer in writers.values():
+        writer.flush()
+
+
 def _json_roundtrip(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
