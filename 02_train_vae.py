@@ -61,7 +61,7 @@ def epochs_of(cfg: config.Config) -> int:
 
 def fingerprint(cfg: config.Config, train_paths, train_frames: int) -> dict:
     """What fixes V's batches and updates (see ``datasets.training_fingerprint``)."""
-    keys = ["vae.batch_size", "vae.learning_rate", "vae.seed", "vae.heldout_fraction", "vae.shuffle_buffer",
+    keys = ["vae.batch_size", "vae.learning_rate", "vae.seed", "vae.split_seed", "vae.heldout_fraction", "vae.shuffle_buffer",
             "vae.episodes_in_flight", "vae.mixed_precision"]
     if cfg.vae.model == "vae_gan":
         # The VAE-GAN's own settings fix its updates too.
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         print(f"[02] note: {rollouts / 'config.json'} is missing, so the rollouts' settings cannot be checked")
     if (out / "config.json").is_file():
         config.check_compatible(config.load_config(out / "config.json"), cfg, VAE_KEYS, str(out))
-    train_paths, heldout_paths = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.seed)
+    train_paths, heldout_paths = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.split_seed)
     # Every file is checked (headers only) before training, so a bad one stops the run now, not hours later.
     lengths = dict(zip(paths, datasets.check_episodes(paths)))
     prints = fingerprint(cfg, train_paths, sum(lengths[p] for p in train_paths))
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out)
     storage.atomic_write_json(out / "split.json", {
-        "heldout_fraction": cfg.vae.heldout_fraction, "seed": cfg.vae.seed,
+        "heldout_fraction": cfg.vae.heldout_fraction, "seed": cfg.vae.split_seed,
         "train": [p.name for p in train_paths], "heldout": [p.name for p in heldout_paths]})
 
     start = time.perf_counter()

@@ -6,7 +6,7 @@
 Sequence windows of ``rnn.sequence_length`` transitions stream from disk
 (``worldmodels.sequences``), so memory does not grow with the number of episodes. M is
 validated on the episodes V never trained on: the split is ``datasets.split_episodes`` with
-V's seed (``vae.seed``, as 02 uses) and ``rnn.heldout_fraction`` (the same fraction as V's by
+V's split seed (``vae.split_seed``, as 02 uses) and ``rnn.heldout_fraction`` (the same fraction as V's by
 default, which gives exactly V's held-out set).
 
 Training runs ``rnn.steps`` Adam updates (batches of ``rnn.batch_size`` windows, z re-sampled
@@ -54,8 +54,8 @@ SERIES_HINT = "Encode the rollouts first with: python 03_generate_rnn_data.py"
 
 
 def split(cfg: config.Config, paths):
-    """``(train, heldout)`` series files: V's split (V's seed), so M is validated on episodes V never saw."""
-    return datasets.split_episodes(paths, cfg.rnn.heldout_fraction, cfg.vae.seed)
+    """``(train, heldout)`` series files: V's split (its split seed), so M is validated on episodes V never saw."""
+    return datasets.split_episodes(paths, cfg.rnn.heldout_fraction, cfg.vae.split_seed)
 
 
 def build_model(cfg: config.Config, total_steps: int):
@@ -85,7 +85,7 @@ def check_learning_rates(cfg: config.Config) -> None:
 
 def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
     """What fixes M's batches and updates (see ``datasets.training_fingerprint``)."""
-    keys = ("vae.seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
+    keys = ("vae.seed", "vae.split_seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
             "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed",
             "rnn.mixed_precision")
     return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out)
     storage.atomic_write_json(out / "split.json", {
-        "heldout_fraction": cfg.rnn.heldout_fraction, "seed": cfg.vae.seed,
+        "heldout_fraction": cfg.rnn.heldout_fraction, "seed": cfg.vae.split_seed,
         "train": [p.name for p in train_paths], "heldout": [p.name for p in heldout_paths]})
 
     start = time.perf_counter()

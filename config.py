@@ -64,6 +64,8 @@ class VAEConfig:
     mixed_precision: bool = _f(False, "train in mixed_float16 (useful on a GPU only)")
     distribute: bool = _f(False, "train with tf.distribute.MirroredStrategy over all visible GPUs")
     seed: int = _f(0, "seed for initialisation and shuffling")
+    split_seed: int = _f(0, "seed of the train / held-out episode split (V's and M's); independent of vae.seed, "
+                            "so runs with other seeds are scored on the same held-out episodes")
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,14 @@ def test_runs_from_environment_reads_name_dir_pairs(both_v):
     runs = compare.runs_from_environment(REPO, {"WORLDMODELS_COMPARE": f"a={both_v / 'vae_gan'}; b={both_v}/vae"})
     assert [(r.name, r.kind) for r in runs] == [("a", "vae_gan"), ("b", "vae")]
     assert [r.name for r in compare.runs_from_environment(REPO, {"WORLDMODELS_DATA": str(both_v)})] == ["vae", "vae_gan"]
+
+
+def test_seeds_of_v_share_one_split_and_the_split_seed_changes_it(tmp_path):
+    """vae.seed (initialisation) leaves the held-out episodes alone, so V seeds are scored alike."""
+    paths = [tmp_path / f"episode_{i:06d}.npz" for i in range(40)]
+    base = compare.evaluation_episodes([fake_run(tmp_path, "a", "vae", seed=0)], paths)
+    assert compare.evaluation_episodes([fake_run(tmp_path, "b", "vae_gan", seed=3)], paths) == base
+    other = compare.Run("c", tmp_path, "vae", config.make_config("smoke", {"vae.split_seed": 1}))
+    assert compare.evaluation_episodes([other], paths) != base
+    assert compare.episodes_seen_in_training(fake_run(tmp_path, "d", "vae", seed=2), base, paths) == 0
+    assert compare.episodes_seen_in_training(other, base, paths) > 0

@@ -296,7 +296,7 @@ def test_artifacts_and_metrics(smoke_vae):
     names = [p.name for p in storage.list_episodes(smoke_vae / "rollouts")]
     assert sorted(split["train"] + split["heldout"]) == names and not set(split["train"]) & set(split["heldout"])
     assert split["heldout"] == [p.name for p in datasets.split_episodes(
-        [Path(n) for n in names], cfg.vae.heldout_fraction, cfg.vae.seed)[1]]
+        [Path(n) for n in names], cfg.vae.heldout_fraction, cfg.vae.split_seed)[1]]
 
     heldout_frames = datasets.count_frames([smoke_vae / "rollouts" / n for n in split["heldout"]])
     assert metrics["epochs"] == cfg.vae.epochs and metrics["evaluated_on"] == "heldout"

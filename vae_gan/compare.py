@@ -17,8 +17,9 @@ The V kind of a run is read from the ``config.json`` in its V folder (``vae.mode
 its name; runs of the same kind (e.g. seeds ``vae_seed0``, ``vae_seed1``) are aggregated as mean
 ± std (ddof 1) in a second table. Every run's data dir must hold the same rollouts (checked by
 file names and sizes); the frames compared are those of the held-out episodes of the *first*
-run's split (``datasets.split_episodes`` with its ``vae.heldout_fraction`` and ``vae.seed``). A run
-whose own split trained on some of those episodes (another ``vae.seed``) is flagged.
+run's split (``datasets.split_episodes`` with its ``vae.heldout_fraction`` and ``vae.split_seed``). A
+run whose own split trained on some of those episodes (another ``vae.split_seed``) is flagged; seeds
+of V (``vae.seed``) leave the split alone.
 
 Metrics per run, streamed one episode and one batch at a time (memory: one episode, a batch per
 run, and the posterior means (N, Z) for the active dimensions):
@@ -219,7 +220,7 @@ def check_same_rollouts(runs: Sequence[Run]) -> list[Path]:
 def evaluation_episodes(runs: Sequence[Run], paths: Sequence[Path]) -> list[Path]:
     """The held-out episodes of the first run's split (its training episodes if it held none out)."""
     cfg = runs[0].cfg
-    train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.seed)
+    train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.split_seed)
     return heldout or train
 
 
@@ -229,7 +230,7 @@ def episodes_seen_in_training(run: Run, evaluated: Sequence[Path], paths: Sequen
     if split_file.is_file():
         train = set(storage.read_json(split_file).get("train", []))
     else:
-        train = {p.name for p in datasets.split_episodes(paths, run.cfg.vae.heldout_fraction, run.cfg.vae.seed)[0]}
+        train = {p.name for p in datasets.split_episodes(paths, run.cfg.vae.heldout_fraction, run.cfg.vae.split_seed)[0]}
     return sum(p.name in train for p in evaluated)
 
 
