@@ -139,7 +139,7 @@ def _image_grid(rows: list[np.ndarray], labels: list[str], titles: list[str] | N
 def heldout_frames(data_dir: Path, cfg: config.Config, count: int = 8) -> np.ndarray:
     """``count`` frames spread over the first held-out episode (V's split), uint8 (count, 64, 64, 3)."""
     paths = storage.list_episodes(Path(data_dir) / artifacts.ROLLOUTS, "rollouts")
-    train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.seed)
+    train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.split_seed)
     obs = storage.load_episode((heldout or train)[0], keys=("obs",))["obs"]
     return obs[np.linspace(0, len(obs) - 1, count).astype(int)]
 
