@@ -6,7 +6,10 @@
 #
 # tensorflow[and-cuda] brings CUDA and cuDNN as pip wheels, so the host needs only the NVIDIA
 # driver and the NVIDIA container toolkit; without a GPU the same image runs on the CPU.
-FROM python:3.11-slim-bookworm
+# BASE_IMAGE: any Debian bookworm image with Python 3.11 as `python` and `pip` (the official one by
+# default; tools/docker_check.sh builds a stand-in from Debian's packages where Docker Hub is unreachable).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG TF_PACKAGE="tensorflow[and-cuda]==2.21.0"
 

@@ -1,5 +1,4 @@
-"""The report's figures (worldmodels/figures.py), make_all, the results table, notebooks/results.ipynb,
-and README's images.
+"""The report's figures (worldmodels/figures.py), make_all, the results table and notebooks/results.ipynb.
 
 Everything runs on the smoke pipeline: ``smoke_rnn`` (rollouts, V, series, M), linked into a fresh
 data dir in which a one-generation real controller and a one-temperature dream study are trained,
@@ -160,13 +159,3 @@ def test_results_notebook_regenerates_the_figures(trained):
     check_notebook(REPO / "notebooks" / "results.ipynb", trained)
     for name in figures.FIGURES:
         assert (trained / "figures" / figures.FILE_NAMES[name]).is_file(), name
-
-
-def test_every_image_readme_links_to_exists():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    links = re.findall(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)", readme)
-    links += re.findall(r"<img\b[^>]*\bsrc\s*=\s*[\"']([^\"']+)[\"']", readme, flags=re.IGNORECASE)
-    local = [link for link in links if not re.match(r"^[a-z]+://", link)]
-    assert local, "README links no image"
-    missing = [link for link in local if not (REPO / link.split("#")[0]).is_file()]
-    assert not missing, f"README links to missing images: {missing}"
