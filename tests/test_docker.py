@@ -1,7 +1,9 @@
 """The Dockerfile: lint-clean, installs from requirements.txt, non-root, data/ as a volume.
 
-No Docker engine runs on the CI machine, so the image itself is not built here; these
-checks catch the mistakes that made earlier projects' images fail to build or lose data.
+No Docker engine runs on the CI machine, so the image itself is not built here (that is
+``tools/docker_check.sh``: build, layer caching, and the smoke pipeline killed and resumed in a
+container); these checks catch the mistakes that made earlier projects' images fail to build or
+lose data.
 """
 
 import re
