@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from models.vae import (
+    Conv2DTransposeFrom1x1,
     ConvVAE,
     active_dimensions,
     build_decoder,
@@ -300,3 +301,41 @@ def test_active_dimensions_by_hand():
     assert active_dimensions(mu, threshold=2.0) == 0
     with pytest.raises(ValueError, match=r"\(N, Z\)"):
         active_dimensions(mu[0])
+
+
+# --------------------------------------------------------------------------- the 1x1 transposed convolution
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv_transpose_from_1x1_equals_keras_conv_transpose_with_gradients(activation):
+    """Same weights -> same outputs and same gradients as keras' Conv2DTranspose, on a 1x1 input and a larger one."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(21)
+    for shape in [(3, 1, 1, 16), (2, 3, 3, 16)]:  # the fast path, and the fallback to the parent
+        x = tf.constant(rng.normal(size=shape).astype(np.float32))
+        plain = keras.layers.Conv2DTranspose(8, 5, strides=2, padding="valid", activation=activation)
+        fast = Conv2DTransposeFrom1x1(8, 5, strides=2, padding="valid", activation=activation)
+        plain.build(shape)
+        fast.build(shape)
+        fast.kernel.assign(plain.kernel)
+        fast.bias.assign(rng.normal(size=8).astype(np.float32))
+        plain.bias.assign(fast.bias)
+        grads = []
+        for layer in (plain, fast):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * tf.cos(y))
+            grads.append((y, *tape.gradient(loss, [x, layer.kernel, layer.bias])))
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_uses_the_1x1_layer_and_it_round_trips_through_keras_files(tmp_path):
+    decoder = ConvVAE(z_size=8, seed=0).decoder
+    assert isinstance(decoder.get_layer("dec_deconv1"), Conv2DTransposeFrom1x1)
+    path = tmp_path / "decoder.keras"
+    decoder.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.get_layer("dec_deconv1"), Conv2DTransposeFrom1x1)
+    z = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(z), decoder(z))
