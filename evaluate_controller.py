@@ -131,7 +131,8 @@ def evaluate_saved(cfg, data_dir: Path, params: np.ndarray, episodes: int, max_c
     with envpool.CarRacingPool(min(episodes, max_concurrent), c.max_steps, c.backend, c.workers,
                                c.ray_address) as pool:
         world = rollout.RealWorld(pool, vae, rnn)
-        return rollout.final_evaluation(world, params, cfg, episodes, max_concurrent, record_actions)
+        return rollout.final_evaluation(world, params, cfg, episodes, max_concurrent, record_actions,
+                                        progress="held-out tracks")
 
 
 def main(argv=None) -> int:

@@ -91,6 +91,23 @@ def test_pool_backends_agree_and_match_plain_gymnasium():
         assert sum(serial["reward"][:, i].tolist()) == total  # summed in the same order: exactly equal
 
 
+def test_a_batch_smaller_than_the_pool_keeps_every_worker_busy_and_gives_the_same_results():
+    """Envs are dealt to workers like cards, so the first N envs of a batch (16 evaluation
+    tracks in a pool sized for 32 training episodes) are spread over all workers."""
+    rng = np.random.default_rng(1)
+    seeds = np.array([21, 22, 23])
+    max_steps = 5
+    actions = rng.uniform([-1, 0, 0], [1, 1, 1], size=(max_steps, len(seeds), 3)).astype(np.float32)
+    with CarRacingPool(6, max_steps, "process", workers=2) as pool:
+        # 3 of 6 envs: 2 on worker 0 (envs 0, 2) and 1 on worker 1 (env 1), not all 3 on worker 0.
+        assert [index.tolist() for _, index in pool._slices(3)] == [[0, 2], [1]]
+        frames = [pool.reset(seeds)]
+        for step_actions in actions:
+            frames.append(pool.step(step_actions)[0])
+    for i in range(len(seeds)):
+        np.testing.assert_array_equal(np.stack(frames)[:, i], plain_episode(seeds[i], actions[:, i], max_steps)[2])
+
+
 def test_pool_rejects_bad_inputs():
     with CarRacingPool(2, 5, "serial") as pool:
         with pytest.raises(ValueError, match="reset"):
@@ -180,6 +197,18 @@ def test_episodes_end_independently_and_waves_do_not_change_results():
 
     capped = run_episodes(ScriptedWorld(64), params, seeds, max_steps=3)
     np.testing.assert_array_equal(capped.lengths, np.minimum(expected_length, 3))
+
+
+def test_the_progress_bar_counts_every_episode_once_and_changes_nothing(capsys):
+    params, _ = scripted_params(3)
+    seeds = np.array([[3, 8, 20, 1], [5, 6, 13, 2], [0, 9, 4, 27]])
+    plain = run_episodes(ScriptedWorld(64), params, seeds, max_steps=3)
+    # Waves of 5, and a step limit (3) that cuts most episodes in this loop rather than in the world.
+    shown = run_episodes(ScriptedWorld(64), params, seeds, max_steps=3, max_concurrent=5, progress="tracks")
+    np.testing.assert_array_equal(shown.returns, plain.returns)
+    np.testing.assert_array_equal(shown.lengths, plain.lengths)
+    err = capsys.readouterr().err
+    assert "tracks" in err and f"{seeds.size}/{seeds.size}" in err and f"{seeds.size + 1}/" not in err
 
 
 def test_run_episodes_rejects_mismatched_shapes():

@@ -312,7 +312,8 @@ def _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eva
             g = evolution.generation
             if g == 0 or g in evals or not (g % c.eval_every == 0 or g == c.generations):
                 return
-            result = rollout.evaluate(world, evolution.mean, eval_seeds, c.max_steps, max_concurrent)
+            result = rollout.evaluate(world, evolution.mean, eval_seeds, c.max_steps, max_concurrent,
+                                      progress=f"generation {g}: held-out tracks")
             row = {"mean": result["mean"], "std": result["std"]}
             if in_dream:
                 dreamed = rollout.evaluate(dream, evolution.mean, eval_seeds, cfg.dream.max_steps)
@@ -373,7 +374,8 @@ def _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eva
             print(f"{prefix} done: final evaluation already in {out / METRICS_NAME}")
         else:
             params = state["best"][2] if state["best"] else evolution.mean
-            metrics = rollout.final_evaluation(world, params, cfg, max_concurrent=max_concurrent)
+            metrics = rollout.final_evaluation(world, params, cfg, max_concurrent=max_concurrent,
+                                               progress="final evaluation")
             metrics.update(
                 generation=evolution.generation, controller=str(out / CONTROLLER_NAME), which="params",
                 selected_at_generation=state["best"][0] if state["best"] else evolution.generation,

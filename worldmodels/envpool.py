@@ -1,7 +1,9 @@
 """Many CarRacing-v3 environments stepped together, spread over a few worker processes.
 
-:class:`CarRacingPool` holds ``num_envs`` environments split into contiguous slices, one
-slice per worker. A worker steps its whole slice in a loop and preprocesses the
+:class:`CarRacingPool` holds ``num_envs`` environments dealt out to the workers like cards:
+env i lives in worker ``i % workers``. Dealing, rather than contiguous slices, keeps every worker
+busy when a batch uses only the first N envs (a 16-track evaluation in a pool sized for 32) and
+when the episodes of one member end early. A worker steps its envs in a loop and preprocesses the
 observations to 64x64 uint8 itself, so only actions go out and small uint8 frames come
 back (12,288 bytes a frame instead of 27,648 for the raw 96x96 observation). Shapes
 (N = number of envs in the current batch, at most ``num_envs``):
@@ -239,9 +241,10 @@ class CarRacingPool:
         self.max_steps = int(max_steps)
         self.backend = backend
         self.workers = 1 if backend == "serial" else min(resolve_workers(int(workers)), self.num_envs)
-        # Contiguous slices: worker w owns envs bounds[w]..bounds[w + 1] - 1.
-        sizes = [len(part) for part in np.array_split(np.arange(self.num_envs), self.workers)]
-        self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        # Dealt like cards: worker w owns envs w, w + W, w + 2W, ... (its local envs 0, 1, 2, ...),
+        # so the first N envs of any batch are spread evenly over the workers.
+        self._owned = [np.arange(w, self.num_envs, self.workers) for w in range(self.workers)]
+        sizes = [len(owned) for owned in self._owned]
         self._runners: list = []
         self._batch = 0  # envs in the current batch (the length of the last reset)
         self._running = np.zeros(self.num_envs, bool)
@@ -279,9 +282,11 @@ class CarRacingPool:
                              f"and range [{seeds.min()}, {seeds.max()}]")
         n = len(seeds)
         try:
-            for runner, lo, hi in self._slices(n):
-                runner.submit("reset", seeds[lo:hi])
-            frames = np.concatenate([runner.fetch() for runner, _, _ in self._slices(n)])
+            frames = np.zeros((n,) + FRAME_SHAPE, np.uint8)
+            for runner, index in self._slices(n):
+                runner.submit("reset", seeds[index])
+            for runner, index in self._slices(n):
+                frames[index] = runner.fetch()
         except BaseException:
             # Some workers may still hold unread replies: the pool cannot continue in step.
             self.close()
@@ -324,10 +329,10 @@ class CarRacingPool:
                                  "mark them inactive or reset the pool")
         busy = []
         try:
-            for runner, lo, hi in self._slices(n):
-                if active[lo:hi].any():
-                    runner.submit("step", actions[lo:hi], active[lo:hi])
-                    busy.append((runner, lo, hi))
+            for runner, index in self._slices(n):
+                if active[index].any():
+                    runner.submit("step", actions[index], active[index])
+                    busy.append((runner, index))
         except BaseException:
             self.close()
             raise
@@ -346,9 +351,9 @@ class CarRacingPool:
         terminated = np.zeros(n, bool)
         truncated = np.zeros(n, bool)
         try:
-            for runner, lo, hi in busy:
-                index = lo + np.flatnonzero(active[lo:hi])
-                frames[index], reward[index], terminated[index], truncated[index] = runner.fetch()
+            for runner, index in busy:
+                stepped = index[active[index]]
+                frames[stepped], reward[stepped], terminated[stepped], truncated[stepped] = runner.fetch()
         except BaseException:
             self.close()
             raise
@@ -376,10 +381,12 @@ class CarRacingPool:
     # ------------------------------------------------------------------ helpers
 
     def _slices(self, n):
-        """(runner, lo, hi) for every worker owning some of envs 0..n-1, with hi clipped to n."""
-        for runner, lo, hi in zip(self._runners, self._bounds[:-1], self._bounds[1:]):
-            if lo < n:
-                yield runner, int(lo), int(min(hi, n))
+        """(runner, index) for every worker owning some of envs 0..n-1: ``index`` holds the pool
+        indices of its envs below n, in the order of its local envs 0, 1, 2, ..."""
+        for runner, owned in zip(self._runners, self._owned):
+            index = owned[owned < n]
+            if len(index):
+                yield runner, index
 
     def _check_no_pending(self):
         if not self._runners:

@@ -68,7 +68,7 @@ def _wave_controller(params, k, start, stop):
 
 
 def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
-                 record_actions: bool = False) -> Rollouts:
+                 record_actions: bool = False, progress: str | None = None) -> Rollouts:
     """Run P controllers on K tracks each in ``world`` and return every episode's return.
 
     Args:
@@ -79,6 +79,8 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         max_concurrent: at most this many episodes at once (default and upper bound: the
             world's capacity). Episodes run in waves in (p, k) order.
         record_actions: also return the env-space actions of every episode.
+        progress: if given, show a progress bar with this title, counting finished episodes
+            (a 100-track evaluation in the real environment takes minutes on a CPU).
 
     Returns:
         :class:`Rollouts` with returns (P, K), lengths (P, K) and the actions if asked for.
@@ -108,6 +110,12 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
     returns = np.zeros(total, np.float64)
     lengths = np.zeros(total, np.int64)
     actions = [[] for _ in range(total)] if record_actions else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        # mininterval=0: it updates once per finished episode, never per step, so printing each is cheap.
+        bar = tqdm(total=total, desc=progress, unit="episode", leave=False, dynamic_ncols=True, mininterval=0)
     for start in range(0, total, capacity):
         stop = min(start + capacity, total)
         wave_params, group = _wave_controller(params, k, start, stop)
@@ -125,9 +133,16 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
             if record_actions:
                 for i, row in zip(index, env_actions[active]):
                     actions[i].append(row)
-            active &= ~(np.asarray(terminated, bool) | np.asarray(truncated, bool))
+            ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+            if bar is not None and (ended & active).any():
+                bar.update(int((ended & active).sum()))
+            active &= ~ended
             if not active.any():
                 break
+        if bar is not None:  # episodes cut at max_steps by this loop, not by the world
+            bar.update(max(0, stop - bar.n))
+    if bar is not None:
+        bar.close()
     if record_actions:
         actions = [[np.asarray(actions[p * k + j], np.float32).reshape(-1, ACTION_SIZE) for j in range(k)]
                    for p in range(p_count)]
@@ -219,7 +234,7 @@ def heldout_seeds(seed: int, count: int, offset: int = EVAL_SEED_OFFSET) -> np.n
 
 
 def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
-             record_actions: bool = False) -> dict:
+             record_actions: bool = False, progress: str | None = None) -> dict:
     """Run one controller ``params`` (N,) on every track of ``seeds`` (E,).
 
     Returns ``{"mean", "std", "min", "max", "scores" (E,), "lengths" (E,), "seeds" (E,),
@@ -232,7 +247,7 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
     if seeds.ndim != 1 or len(seeds) == 0:
         raise ValueError(f"seeds must have shape (E,) with E >= 1, got {seeds.shape}")
     start = time.perf_counter()
-    result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions)
+    result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions, progress)
     scores = result.returns[0]
     out = {
         "mean": float(scores.mean()), "std": float(scores.std()),
@@ -246,7 +261,7 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
 
 
 def final_evaluation(world, params, cfg, episodes: int | None = None, max_concurrent: int | None = None,
-                     record_actions: bool = False) -> dict:
+                     record_actions: bool = False, progress: str | None = None) -> dict:
     """The reported score: ``params`` (N,) on ``episodes`` (default controller.final_eval_episodes,
     the paper's 100) held-out tracks of the final-evaluation stream, never used for training
     or for picking the controller. Returns :func:`evaluate`'s dict plus the settings used."""
@@ -254,7 +269,7 @@ def final_evaluation(world, params, cfg, episodes: int | None = None, max_concur
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     seeds = heldout_seeds(cfg.controller.seed, episodes, FINAL_EVAL_SEED_OFFSET)
-    metrics = evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions)
+    metrics = evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions, progress)
     metrics.update(episodes=episodes, max_steps=cfg.controller.max_steps,
                    seed_stream=f"episode_seed({FINAL_EVAL_SEED_OFFSET} + controller.seed, i)")
     return metrics
