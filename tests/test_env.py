@@ -85,3 +85,34 @@ def test_recorded_episode_layout():
     assert ep["truncated"][-1] and not ep["truncated"][:-1].any()
     # CarRacing pays -0.1 a frame plus 1000/N per new tile.
     assert np.all(ep["reward"] >= -0.1 - 1e-5)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_culled_drawing_gives_exactly_the_stock_environments_pixels_and_rewards(seed):
+    """make_env skips off-screen polygons before gymnasium's own drawing code; the observations
+    (zoom-in, driving along and off the track, tiles changing colour when visited) and rewards
+    must be bit-identical to gymnasium's CarRacing-v3."""
+    import gymnasium as gym
+
+    fast = wenv.make_env(300)
+    stock = gym.make(wenv.ENV_ID, continuous=True, max_episode_steps=300)
+    assert fast.unwrapped._render_road.__func__ is wenv._render_road_culled
+    assert not hasattr(stock.unwrapped._render_road, "__func__") or \
+        stock.unwrapped._render_road.__func__ is not wenv._render_road_culled
+    a, _ = fast.reset(seed=seed)
+    b, _ = stock.reset(seed=seed)
+    np.testing.assert_array_equal(a, b)
+    policy = wenv.BrownianPolicy(np.random.default_rng(seed))
+    tiles = 0
+    for t in range(300):
+        action = policy()
+        a, ra, ta, ua, _ = fast.step(action)
+        b, rb, tb, ub, _ = stock.step(action)
+        np.testing.assert_array_equal(a, b, err_msg=f"step {t}")
+        assert (ra, ta, ua) == (rb, tb, ub)
+        tiles += ra > 0
+        if ta or ua:
+            break
+    assert tiles > 5  # the car did visit tiles, so their colour change was drawn too
+    fast.close()
+    stock.close()

@@ -9,6 +9,7 @@ worker processes stay small and start fast.
 from __future__ import annotations
 
 import os
+import types
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -32,7 +33,86 @@ def make_env(max_steps: int = 1000, render_mode: str | None = None) -> gym.Env:
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
-    return gym.make(ENV_ID, continuous=True, max_episode_steps=max_steps, render_mode=render_mode)
+    env = gym.make(ENV_ID, continuous=True, max_episode_steps=max_steps, render_mode=render_mode)
+    env.unwrapped._render_road = types.MethodType(_render_road_culled, env.unwrapped)
+    return env
+
+
+# --------------------------------------------------------------------------- faster drawing, same pixels
+# CarRacing draws every observation by calling ``_draw_colored_polygon`` for each of ~730
+# polygons (the field, 400 grass squares, ~300 road tiles and kerbs); that Python function
+# rotates and translates the polygon vertex by vertex and then skips it if it lies far off
+# screen, which ~90% do. That loop was 70% of an environment step (profiled: 6.3 of 8.7 ms).
+# ``_render_road_culled`` is gymnasium 1.x's ``_render_road`` with one change: a vectorised
+# numpy test first drops polygons that are certainly off screen (with a 1-pixel safety margin
+# over gymnasium's own bound), and every other polygon goes through gymnasium's unchanged
+# ``_draw_colored_polygon``, in the same order, which makes the exact decision and the exact
+# drawing. So the pixels are identical (tested against the stock environment); only the
+# wasted work is gone.
+
+_CULL_MARGIN = 1.0  # pixels beyond gymnasium's MAX_SHAPE_DIM bound; float rounding is ~1e-12
+
+
+def _grass_polygons() -> np.ndarray:
+    """The 400 grass squares exactly as gymnasium's ``_render_road`` builds them, (400, 4, 2) float64."""
+    from gymnasium.envs.box2d.car_racing import GRASS_DIM
+
+    grass = []
+    for x in range(-20, 20, 2):
+        for y in range(-20, 20, 2):
+            grass.append([
+                (GRASS_DIM * x + GRASS_DIM, GRASS_DIM * y + 0),
+                (GRASS_DIM * x + 0, GRASS_DIM * y + 0),
+                (GRASS_DIM * x + 0, GRASS_DIM * y + GRASS_DIM),
+                (GRASS_DIM * x + GRASS_DIM, GRASS_DIM * y + GRASS_DIM),
+            ])
+    return np.array(grass, dtype=np.float64)
+
+
+_GRASS = None
+
+
+def _maybe_on_screen(polygons: np.ndarray, zoom: float, translation, angle: float) -> np.ndarray:
+    """Indices of the polygons (n, 4, 2) that gymnasium might draw: a superset of its own test."""
+    from gymnasium.envs.box2d.car_racing import MAX_SHAPE_DIM, WINDOW_H, WINDOW_W
+
+    c, s = np.cos(angle), np.sin(angle)
+    x, y = polygons[..., 0], polygons[..., 1]
+    px = (x * c - y * s) * zoom + translation[0]
+    py = (x * s + y * c) * zoom + translation[1]
+    m = MAX_SHAPE_DIM + _CULL_MARGIN
+    inside = (px >= -m) & (px <= WINDOW_W + m) & (py >= -m) & (py <= WINDOW_H + m)
+    return np.flatnonzero(inside.any(axis=1))
+
+
+def _render_road_culled(self, zoom, translation, angle):
+    """gymnasium's ``CarRacing._render_road`` (same draws, same order) with off-screen polygons
+    dropped in one numpy test; bound to each env's unwrapped CarRacing by :func:`make_env`."""
+    global _GRASS
+    from gymnasium.envs.box2d.car_racing import PLAYFIELD
+
+    bounds = PLAYFIELD
+    field = [(bounds, bounds), (bounds, -bounds), (-bounds, -bounds), (-bounds, bounds)]
+    self._draw_colored_polygon(self.surf, field, self.bg_color, zoom, translation, angle, clip=False)
+
+    if _GRASS is None:
+        _GRASS = _grass_polygons()
+    for i in _maybe_on_screen(_GRASS, zoom, translation, angle):
+        self._draw_colored_polygon(self.surf, [tuple(p) for p in _GRASS[i].tolist()], self.grass_color,
+                                   zoom, translation, angle)
+
+    # The track's vertices are fixed for an episode, but a tile's colour changes in place when
+    # the car first touches it, so only the vertices are cached (per road_poly list object).
+    cached = getattr(self, "_wm_road_cache", None)
+    if cached is None or cached[0] is not self.road_poly or len(cached[1]) != len(self.road_poly):
+        vertices = np.array([[(p[0], p[1]) for p in poly] for poly, _ in self.road_poly],
+                            dtype=np.float64).reshape(-1, 4, 2)
+        cached = self._wm_road_cache = (self.road_poly, vertices)
+    for i in _maybe_on_screen(cached[1], zoom, translation, angle):
+        poly, color = self.road_poly[i]
+        poly = [(p[0], p[1]) for p in poly]
+        color = [int(c) for c in color]
+        self._draw_colored_polygon(self.surf, poly, color, zoom, translation, angle)
 
 
 def preprocess(obs: np.ndarray) -> np.ndarray:
