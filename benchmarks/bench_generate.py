@@ -4,7 +4,8 @@
     python benchmarks/bench_generate.py --steps 1000 --episodes 8
 
 Prints:
-* bare gymnasium CarRacing-v3 random-action frames/s on one process (the baseline);
+* bare `make_env` CarRacing-v3 random-action frames/s on one process (the baseline; `make_env`
+  draws the same pixels faster than gymnasium as shipped, see `bench_env.py`);
 * ``01_generate_data.py`` frames/s with 1 and with 2 workers, as ratios to the baseline
   (targets on a 2-core machine: >= 0.85x and >= 1.6x);
 * the peak memory of a generating worker for N and 2N episodes (target: no growth);
@@ -78,7 +79,7 @@ def main() -> None:
         large = run_generate(Path(tmp) / "m2", 4, args.steps, workers=1)
 
     print(f"{'measurement':<48} {'value':>12} {'ratio':>8}  target")
-    print(f"{'bare gymnasium, random actions, 1 process':<48} {bare:9.0f} f/s {1.0:8.2f}")
+    print(f"{'bare make_env loop, random actions, 1 process':<48} {bare:9.0f} f/s {1.0:8.2f}")
     print(f"{'01_generate_data.py, 1 worker':<48} {one['fps']:9.0f} f/s {one['fps'] / bare:8.2f}  >= 0.85")
     print(f"{'01_generate_data.py, 2 workers':<48} {two['fps']:9.0f} f/s {two['fps'] / bare:8.2f}  >= 1.6")
     print(f"{'  (2 workers, incl. interpreter start-up)':<48} {two['fps_wall']:9.0f} f/s {two['fps_wall'] / bare:8.2f}")

@@ -192,7 +192,7 @@ def main() -> None:
     slow = per_agent_processes(workers, agents, args.per_agent_steps)
 
     rows = [
-        ("(a) plain gymnasium loop, random actions, 1 process", plain, plain / bare, ""),
+        ("(a) plain make_env loop, random actions, 1 process", plain, plain / bare, ""),
         (f"(a) CarRacingPool, random actions, {workers} workers", bare, 1.0, "baseline"),
         ("(b) batched V + M + C rollout loop, same pool", full, full / bare, ">= 0.8"),
         (f"(c) per-agent predict() for V and M, {workers} processes", slow, slow / bare, ""),
