@@ -13,7 +13,10 @@ at a low tau the controller exploits M: a high dream score and a poor real one.
 
 Writes ``<data-dir>/temperature_study/``: ``results.md`` (a table like the paper's: tau, score
 in the dream, score in the real environment, mean +- std), ``results.json`` (the same numbers
-with the settings and folders) and ``temperature.png`` (both scores per tau with error bars).
+with the settings and folders) and ``temperature.png`` (both scores per tau with error bars). If
+``<data-dir>/controller/metrics.json`` (the controller trained in the real environment by
+``05_train_controller.py``) was scored on the same held-out tracks, it is a row of the table and a
+line in the plot.
 
 Resumable: each tau's search resumes where it stopped, finished ones are skipped, and the
 results are rewritten from the ``metrics.json`` files at the end.
@@ -46,7 +49,22 @@ def row_for(tau: float, out: Path, metrics: dict) -> dict:
             "selected_at_generation": metrics["selected_at_generation"], "folder": str(out)}
 
 
-def markdown_table(rows: list[dict], cfg: config.Config) -> str:
+def real_trained_row(data_dir: Path, seeds: list, max_steps: int) -> tuple[dict | None, str]:
+    """The controller trained in the real environment (``<data_dir>/controller/metrics.json``), as a
+    comparison row, if it was scored on the same held-out tracks (``seeds``) with the same step
+    limit as the dream-trained ones; else None. Returns (row or None, a one-line reason)."""
+    path = Path(data_dir) / "controller" / "metrics.json"
+    if not path.exists():
+        return None, f"no real-trained controller to compare with ({path} is missing: run 05_train_controller.py)"
+    metrics = storage.read_json(path)
+    if metrics.get("seeds") != list(seeds) or metrics.get("max_steps") != max_steps:
+        return None, (f"{path} was scored on other tracks or another step limit than the study; "
+                      "not compared (rerun evaluate_controller.py with this config)")
+    return {"real_mean": metrics["mean"], "real_std": metrics["std"], "real_episodes": len(metrics["seeds"]),
+            "generation": metrics.get("generation"), "folder": str(path.parent)}, f"compared with {path}"
+
+
+def markdown_table(rows: list[dict], cfg: config.Config, real: dict | None = None) -> str:
     lines = [
         "# Temperature study: C trained in M's dream, scored in the dream and in the real CarRacing-v3",
         "",
@@ -60,11 +78,14 @@ def markdown_table(rows: list[dict], cfg: config.Config) -> str:
     ]
     lines += [f"| {r['temperature']:g} | {r['dream_mean']:.1f} +- {r['dream_std']:.1f} | "
               f"{r['real_mean']:.1f} +- {r['real_std']:.1f} |" for r in rows]
+    if real is not None:
+        lines.append(f"| trained in the real env (`05_train_controller.py`) | - | "
+                     f"{real['real_mean']:.1f} +- {real['real_std']:.1f} |")
     lines += ["", f"For comparison, {PAPER_DOOM}", ""]
     return "\n".join(lines)
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def plot(path: Path, rows: list[dict], real: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,6 +97,9 @@ def plot(path: Path, rows: list[dict]) -> None:
                 label="score in the dream")
     ax.errorbar(taus, [r["real_mean"] for r in rows], yerr=[r["real_std"] for r in rows], fmt="o-", capsize=4,
                 label="score in the real CarRacing-v3")
+    if real is not None:  # the controller trained in the real environment, on the same tracks
+        ax.axhline(real["real_mean"], color="k", lw=1, label="trained in the real env (+- std)")
+        ax.axhspan(real["real_mean"] - real["real_std"], real["real_mean"] + real["real_std"], color="k", alpha=0.08)
     ax.set_xlabel("temperature tau")
     ax.set_ylabel("return (mean +- std)")
     ax.set_title("C trained in M's dream")
@@ -109,17 +133,21 @@ def main(argv=None) -> int:
                                   models=models, prefix=prefix)
         models = result["models"] or models  # load V and M once for the whole study
         rows.append(row_for(tau, result["out"], result["metrics"]))
+        seeds = result["metrics"]["seeds"]
+
+    real, reason = real_trained_row(args.data_dir, seeds, cfg.controller.max_steps)
+    print(f"[study] {reason}")
 
     study = args.data_dir / STUDY_DIR
     storage.atomic_write_json(study / "results.json", {
-        "rows": rows, "command": command, "preset": cfg.preset,
+        "rows": rows, "real_trained": real, "command": command, "preset": cfg.preset,
         "settings": {key: config.get(cfg, key) for key in (
             "controller.generations", "controller.population", "controller.rollouts_per_member",
             "controller.final_eval_episodes", "controller.max_steps", "controller.seed", "dream.max_steps",
             "dream.skip_initial_frames")}})
-    storage.atomic_write_text(study / "results.md", markdown_table(rows, cfg))
-    plot(study / "temperature.png", rows)
-    print(markdown_table(rows, cfg))
+    storage.atomic_write_text(study / "results.md", markdown_table(rows, cfg, real))
+    plot(study / "temperature.png", rows, real)
+    print(markdown_table(rows, cfg, real))
     print(f"[study] -> {study / 'results.md'}, results.json, temperature.png")
     return 0
 

@@ -319,7 +319,7 @@ def test_study_temperature_writes_the_table_and_plot(models_dir, tmp_path):
     data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
     args = ("--set", "dream.temperatures=0.5,1.3", "--set", "controller.generations=1",
             "--set", "controller.max_steps=20", "--set", "dream.max_steps=20", "--set", "controller.backend=serial")
-    run_script("study_temperature.py", *args, data_dir=data)
+    first = run_script("study_temperature.py", *args, data_dir=data)
     study = data / "temperature_study"
     results = json.loads((study / "results.json").read_text())
     assert [row["temperature"] for row in results["rows"]] == [0.5, 1.3]
@@ -332,8 +332,22 @@ def test_study_temperature_writes_the_table_and_plot(models_dir, tmp_path):
     assert "| tau | score in dream | score in real env |" in table
     assert f"| 0.5 | {results['rows'][0]['dream_mean']:.1f} +- {results['rows'][0]['dream_std']:.1f} |" in table
     assert (study / "temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["real_trained"] is None and "no real-trained controller" in first.stdout
+
+    # A controller trained in the real environment and scored on the same tracks joins the table;
+    # one scored on other tracks does not (its numbers would not be comparable).
+    real = data / "controller"
+    real.mkdir()
+    same = {"mean": 12.5, "std": 3.25, "seeds": metrics["seeds"], "max_steps": 20}
+    (real / "metrics.json").write_text(json.dumps(same))
     rerun = run_script("study_temperature.py", *args, data_dir=data)
     assert rerun.stdout.count("nothing to do") == 2
+    results = json.loads((study / "results.json").read_text())
+    assert (results["real_trained"]["real_mean"], results["real_trained"]["real_std"]) == (12.5, 3.25)
+    assert "| trained in the real env (`05_train_controller.py`) | - | 12.5 +- 3.2 |" in (study / "results.md").read_text()
+    (real / "metrics.json").write_text(json.dumps(dict(same, seeds=[1, 2])))
+    other = run_script("study_temperature.py", *args, data_dir=data)
+    assert "other tracks" in other.stdout and json.loads((study / "results.json").read_text())["real_trained"] is None
 
 
 def test_dream_notebook_executes(models_dir, tmp_path):

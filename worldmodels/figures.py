@@ -331,7 +331,7 @@ def temperature_figure(data_dir: Path, out: Path) -> Path:
     if not rows or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
         raise storage.CorruptFileError(f"{path} holds no rows with {', '.join(keys)}; rerun study_temperature.py")
     out = Path(out)
-    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]))
+    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]), storage.read_json(path).get("real_trained"))
     return out
 
 
