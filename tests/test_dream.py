@@ -187,7 +187,7 @@ def test_temperature_scales_sigma_and_the_mixture_weights():
     np.testing.assert_allclose(next_z(1e-6), -4.0, atol=1e-3)
 
 
-def test_starts_are_stored_real_frames_after_the_zoom(tmp_path):
+def test_starts_are_stored_real_frames_after_the_zoom_with_ms_state_from_the_real_prefix(tmp_path):
     rng = np.random.default_rng(4)
     skip = 5
     write_series(tmp_path / "series", [12, 3, 9], rng, logvar=-30.0)  # episode 1 is shorter than the skip
@@ -198,9 +198,22 @@ def test_starts_are_stored_real_frames_after_the_zoom(tmp_path):
         np.testing.assert_array_equal(starts.mu[e], stored["mu"][starts.frames[e]])
         np.testing.assert_array_equal(starts.logvar[e], stored["logvar"][starts.frames[e]])
 
-    world = DreamWorld(small_model(), starts, 1.0, max_steps=5, capacity=300)
+    model = small_model()
+    world = DreamWorld(model, starts, 1.0, max_steps=5, capacity=300)
     z0, h0 = world.reset(np.arange(300))
-    assert not h0.any()
+    # M starts in the state it reaches on the episode's own frames before the start frame:
+    # M.step over (mu_t, action_t) for t < frame, one agent at a time here (batched in the world).
+    for e in range(3):
+        stored = storage.load_episode(tmp_path / "series" / starts.episodes[e], "series")
+        state = (np.zeros((1, model.hidden_units), np.float32),) * 2
+        for t in range(starts.frames[e]):
+            state = model.step(stored["mu"][t:t + 1], stored["action"][t:t + 1], state)["state"]
+        agent = np.flatnonzero(world.start_rows == e)[0]
+        assert np.abs(state[0].numpy()[0]).max() > 1e-3
+        np.testing.assert_allclose(h0[agent], state[0].numpy()[0], atol=1e-5)
+        np.testing.assert_allclose(world._c[agent], state[1].numpy()[0], atol=1e-5)
+    no_prefix = load_start_states(tmp_path / "series", 0)
+    assert no_prefix.prefix_mu is None and not DreamWorld(model, no_prefix, 1.0, 5, 4).reset(np.arange(4))[1].any()
     np.testing.assert_allclose(z0, starts.mu[world.start_rows], atol=1e-5)  # sigma = exp(-15): z_0 = mu
     assert np.bincount(world.start_rows, minlength=3).min() > 60, "starts are drawn uniformly over episodes"
     env = DreamCarRacing(small_model(), starts, max_steps=5)
@@ -210,7 +223,8 @@ def test_starts_are_stored_real_frames_after_the_zoom(tmp_path):
     np.testing.assert_allclose(obs[:Z], starts.mu[row], atol=1e-5)
 
     # With V's posterior spread, z_0 is a sample of it: (z_0 - mu) / sigma ~ N(0, 1).
-    wide = StartStates(starts.mu, np.full_like(starts.logvar, math.log(0.25)), starts.episodes, starts.frames)
+    wide = StartStates(starts.mu, np.full_like(starts.logvar, math.log(0.25)), starts.episodes, starts.frames,
+                       starts.prefix_mu, starts.prefix_action)
     world = DreamWorld(small_model(), wide, 1.0, max_steps=5, capacity=300)
     z0, _ = world.reset(np.arange(300))
     standard = (z0 - wide.mu[world.start_rows]) / 0.5

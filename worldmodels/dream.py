@@ -25,7 +25,14 @@ Decisions (and why):
   (:func:`load_start_states`). At reset an episode picks a row and *samples* z_0 = mu +
   exp(logvar / 2) * eps from V's recorded posterior, because M was trained on z sampled
   that way (the following dream z's are samples too), and because it adds variety to the
-  starts at no cost. h_0 = c_0 = 0, M's zero state, as at the start of a real episode.
+  starts at no cost.
+* **M's starting state** (h_0, c_0) is the state M reaches on the real episode's own frames
+  before the start frame: :class:`DreamWorld` runs M once over each stored prefix (z = mu of
+  frames 0..S-1 and the recorded actions; ``StartStates.prefix_mu`` / ``prefix_action``).
+  M only ever saw the zero state at frame 0 (a zoomed-out view); started from zeros at a
+  zoomed-in frame it is outside its training data, and on the `small` preset its done head
+  then gave p = 0.3-0.6 at the first step, ending most dream episodes after 1-4 steps. With
+  no prefix (``skip_initial_frames=0``, or start tables built without one) h_0 = c_0 = 0.
 * **Done** is a Bernoulli draw with M's predicted probability: a calibrated done head then
   ends dream episodes as often as real episodes ended in the data (a 0.5 threshold would
   almost never fire on CarRacing, where termination is rare and the predicted probability
@@ -90,12 +97,18 @@ class StartStates:
 
     ``mu``, ``logvar``: float32 (N, Z); ``episodes``: N file names; ``frames``: int64 (N,), the
     frame index each row was taken from (``skip_initial_frames`` clipped to the episode).
+    ``prefix_mu`` (N, S, Z) and ``prefix_action`` (N, S, 3) float32, optional: the posterior
+    means and recorded actions of frames 0..S-1 before each start (row i uses its first
+    ``frames[i]`` steps, S = max(frames)), from which M's starting state is computed; None
+    means M starts from its zero state.
     """
 
     mu: np.ndarray
     logvar: np.ndarray
     episodes: tuple[str, ...]
     frames: np.ndarray
+    prefix_mu: np.ndarray | None = None
+    prefix_action: np.ndarray | None = None
 
     def __post_init__(self):
         mu, logvar = np.asarray(self.mu), np.asarray(self.logvar)
@@ -106,6 +119,15 @@ class StartStates:
                              f"{len(self.episodes)} names and frames of shape {np.shape(self.frames)}")
         if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(logvar))):
             raise ValueError("start states must be finite")
+        if (self.prefix_mu is None) != (self.prefix_action is None):
+            raise ValueError("give both prefix_mu and prefix_action, or neither")
+        if self.prefix_mu is not None:
+            steps = int(np.max(self.frames))
+            if np.shape(self.prefix_mu) != (len(mu), steps, mu.shape[1]) or \
+                    np.shape(self.prefix_action) != (len(mu), steps, ACTION_SIZE):
+                raise ValueError(f"prefix_mu must have shape (N, S, Z) = {(len(mu), steps, mu.shape[1])} and "
+                                 f"prefix_action (N, S, {ACTION_SIZE}), S = max(frames); got "
+                                 f"{np.shape(self.prefix_mu)} and {np.shape(self.prefix_action)}")
 
     def __len__(self) -> int:
         return len(self.mu)
@@ -133,15 +155,42 @@ def load_start_states(series_dir, skip_initial_frames: int) -> StartStates:
     if int(skip_initial_frames) != skip_initial_frames or skip_initial_frames < 0:
         raise ValueError(f"skip_initial_frames must be an integer >= 0, got {skip_initial_frames!r}")
     paths = storage.list_episodes(series_dir, "latent series", SERIES_HINT)
-    mu, logvar, frames = [], [], []
+    mu, logvar, frames, prefixes = [], [], [], []
     for path in paths:
-        arrays = storage.load_episode(path, "series", keys=("mu", "logvar"))
+        arrays = storage.load_episode(path, "series", keys=("mu", "logvar", "action"))
         frame = min(int(skip_initial_frames), len(arrays["mu"]) - 1)
         mu.append(arrays["mu"][frame])
         logvar.append(arrays["logvar"][frame])
         frames.append(frame)
+        prefixes.append((arrays["mu"][:frame], arrays["action"][:frame]))
+    steps = max(frames)
+    prefix_mu = np.zeros((len(paths), steps, len(mu[0])), np.float32)
+    prefix_action = np.zeros((len(paths), steps, ACTION_SIZE), np.float32)
+    for i, (m, a) in enumerate(prefixes):
+        prefix_mu[i, :len(m)], prefix_action[i, :len(a)] = m, a
     return StartStates(np.stack(mu).astype(np.float32), np.stack(logvar).astype(np.float32),
-                       tuple(p.name for p in paths), np.array(frames, np.int64))
+                       tuple(p.name for p in paths), np.array(frames, np.int64),
+                       prefix_mu if steps else None, prefix_action if steps else None)
+
+
+def warm_states(model, starts: StartStates) -> tuple[np.ndarray, np.ndarray]:
+    """M's state (h, c), each float32 (N, H), after reading each start's real prefix.
+
+    Row i runs ``model.step`` over z = ``prefix_mu[i, t]`` and a = ``prefix_action[i, t]``
+    for t < ``frames[i]`` (no dropout), all rows in one batched call per step; a row with no
+    prefix (or a table without prefixes) keeps M's zero state.
+    """
+    n, hidden = len(starts), int(model.hidden_units)
+    h = np.zeros((n, hidden), np.float32)
+    c = np.zeros((n, hidden), np.float32)
+    if starts.prefix_mu is None:
+        return h, c
+    frames = np.asarray(starts.frames)
+    for t in range(starts.prefix_mu.shape[1]):
+        rows = np.flatnonzero(frames > t)
+        out = model.step(starts.prefix_mu[rows, t], starts.prefix_action[rows, t], (h[rows], c[rows]))
+        h[rows], c[rows] = (s.numpy() for s in out["state"])
+    return h, c
 
 
 # --------------------------------------------------------------------------- the compiled step
@@ -237,6 +286,7 @@ class DreamWorld:
         self.hidden_size = int(model.hidden_units)
         self._tau = tf.constant(temperature, tf.float32)
         self._step = _build_step(model)
+        self._h0, self._c0 = warm_states(model, starts)  # (N, H) each: M's state at each start frame
         self._allocate(0)
 
     # ------------------------------------------------------------------ state
@@ -257,8 +307,8 @@ class DreamWorld:
         for row, rng in zip(rows, rngs):
             self._key[row] = rng.integers(KEY_BOUND, dtype=np.int64)
             self.start_rows[row], self._z[row] = self.starts.draw(rng)
-        self._h[rows] = 0.0
-        self._c[rows] = 0.0
+        self._h[rows] = self._h0[self.start_rows[rows]]
+        self._c[rows] = self._c0[self.start_rows[rows]]
         self._t[rows] = 0
         self._mask[rows] = 1.0
         if self.dropout and len(rows):
