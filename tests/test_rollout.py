@@ -199,16 +199,35 @@ def test_episodes_end_independently_and_waves_do_not_change_results():
     np.testing.assert_array_equal(capped.lengths, np.minimum(expected_length, 3))
 
 
-def test_the_progress_bar_counts_every_episode_once_and_changes_nothing(capsys):
+def test_the_progress_bar_counts_every_agent_step_and_changes_nothing(monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            assert n >= 0
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
     params, _ = scripted_params(3)
     seeds = np.array([[3, 8, 20, 1], [5, 6, 13, 2], [0, 9, 4, 27]])
-    plain = run_episodes(ScriptedWorld(64), params, seeds, max_steps=3)
-    # Waves of 5, and a step limit (3) that cuts most episodes in this loop rather than in the world.
-    shown = run_episodes(ScriptedWorld(64), params, seeds, max_steps=3, max_concurrent=5, progress="tracks")
-    np.testing.assert_array_equal(shown.returns, plain.returns)
-    np.testing.assert_array_equal(shown.lengths, plain.lengths)
-    err = capsys.readouterr().err
-    assert "tracks" in err and f"{seeds.size}/{seeds.size}" in err and f"{seeds.size + 1}/" not in err
+    for max_steps in (3, 100):  # most episodes cut by this loop (3), or all ended by the world (100)
+        plain = run_episodes(ScriptedWorld(64), params, seeds, max_steps=max_steps)
+        shown = run_episodes(ScriptedWorld(64), params, seeds, max_steps=max_steps, max_concurrent=5,
+                             progress="tracks")
+        np.testing.assert_array_equal(shown.returns, plain.returns)
+        np.testing.assert_array_equal(shown.lengths, plain.lengths)
+        bar = bars[-1]
+        assert bar.desc == "tracks" and bar.closed and bar.n == bar.total == seeds.size * max_steps
+    assert len(bars) == 2, "no bar unless asked for"
 
 
 def test_run_episodes_rejects_mismatched_shapes():

@@ -79,8 +79,9 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         max_concurrent: at most this many episodes at once (default and upper bound: the
             world's capacity). Episodes run in waves in (p, k) order.
         record_actions: also return the env-space actions of every episode.
-        progress: if given, show a progress bar with this title, counting finished episodes
-            (a 100-track evaluation in the real environment takes minutes on a CPU).
+        progress: if given, show a progress bar with this title over the P * K * max_steps
+            agent steps (a 100-track evaluation in the real environment takes minutes on a
+            CPU); an episode that ends early adds its unused steps, so the bar ends at 100%.
 
     Returns:
         :class:`Rollouts` with returns (P, K), lengths (P, K) and the actions if asked for.
@@ -114,8 +115,8 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
     if progress:
         from tqdm import tqdm
 
-        # mininterval=0: it updates once per finished episode, never per step, so printing each is cheap.
-        bar = tqdm(total=total, desc=progress, unit="episode", leave=False, dynamic_ncols=True, mininterval=0)
+        bar = tqdm(total=total * int(max_steps), desc=progress, unit="step", unit_scale=True, leave=False,
+                   dynamic_ncols=True)
     for start in range(0, total, capacity):
         stop = min(start + capacity, total)
         wave_params, group = _wave_controller(params, k, start, stop)
@@ -134,13 +135,11 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
                 for i, row in zip(index, env_actions[active]):
                     actions[i].append(row)
             ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-            if bar is not None and (ended & active).any():
-                bar.update(int((ended & active).sum()))
+            if bar is not None:  # this step, plus the steps that episodes ending now will not take
+                bar.update(int(active.sum()) + int((int(max_steps) - lengths[index[ended[active]]]).sum()))
             active &= ~ended
             if not active.any():
                 break
-        if bar is not None:  # episodes cut at max_steps by this loop, not by the world
-            bar.update(max(0, stop - bar.n))
     if bar is not None:
         bar.close()
     if record_actions:
