@@ -96,6 +96,21 @@ def test_open_loop_dream_is_reproducible_and_depends_on_the_temperature(smoke_rn
     np.testing.assert_array_equal(first, figures.dream_open_loop(model, z0, actions, 1.0)[0])
     assert not np.allclose(first, figures.dream_open_loop(model, z0, actions, 0.3)[0])
 
+    # With a real prefix, M first reads it (teacher forcing) and dreams on from the state it reached:
+    # the same as feeding the prefix step by step by hand, and not the same as starting from zeros.
+    rng = np.random.default_rng(0)
+    prefix = (rng.normal(size=(4, cfg.vae.z_size)).astype(np.float32), actions[:4])
+    warmed = figures.dream_open_loop(model, z0, actions, 1.0, prefix=prefix)[0]
+    state = model.initial_state(1)
+    for z, a in zip(*prefix):
+        state = model.step(z[None], a[None], state)["state"]
+    from models.mdn_rnn import sample_mixture
+    out = model.step(z0[None], actions[:1], state)
+    import tensorflow as tf
+    expected = sample_mixture(out["log_pi"], out["mu"], out["log_sigma"], 1.0, seed=tf.constant([0, 0], tf.int64))
+    np.testing.assert_allclose(warmed[0], expected.numpy()[0], atol=1e-5)
+    assert not np.allclose(warmed, first)
+
 
 def test_make_all_on_a_trained_pipeline_makes_every_figure(trained, tmp_path):
     made = figures.make_all(trained, tmp_path, log=lambda message: None)

@@ -180,15 +180,26 @@ def warm_states(model, starts: StartStates) -> tuple[np.ndarray, np.ndarray]:
     for t < ``frames[i]`` (no dropout), all rows in one batched call per step; a row with no
     prefix (or a table without prefixes) keeps M's zero state.
     """
-    n, hidden = len(starts), int(model.hidden_units)
+    if starts.prefix_mu is None:
+        zeros = np.zeros((len(starts), int(model.hidden_units)), np.float32)
+        return zeros, zeros.copy()
+    return read_prefix(model, starts.prefix_mu, starts.prefix_action, starts.frames)
+
+
+def read_prefix(model, mu, action, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """M's state (h, c), each float32 (N, H), after reading N real prefixes from its zero state.
+
+    ``mu`` (N, S, Z) and ``action`` (N, S, 3): posterior means and recorded actions; row i
+    reads its first ``lengths[i]`` <= S steps (teacher forcing: the real z, not M's samples),
+    all rows in one batched ``model.step`` call per step.
+    """
+    mu, action, lengths = np.asarray(mu, np.float32), np.asarray(action, np.float32), np.asarray(lengths)
+    n, hidden = len(mu), int(model.hidden_units)
     h = np.zeros((n, hidden), np.float32)
     c = np.zeros((n, hidden), np.float32)
-    if starts.prefix_mu is None:
-        return h, c
-    frames = np.asarray(starts.frames)
-    for t in range(starts.prefix_mu.shape[1]):
-        rows = np.flatnonzero(frames > t)
-        out = model.step(starts.prefix_mu[rows, t], starts.prefix_action[rows, t], (h[rows], c[rows]))
+    for t in range(int(lengths.max(initial=0))):
+        rows = np.flatnonzero(lengths > t)
+        out = model.step(mu[rows, t], action[rows, t], (h[rows], c[rows]))
         h[rows], c[rows] = (s.numpy() for s in out["state"])
     return h, c
 

@@ -170,18 +170,25 @@ def reconstruction_figure(data_dir: Path, out: Path, count: int = 8) -> Path:
 # --------------------------------------------------------------------------- M
 
 
-def dream_open_loop(model, z0, actions, temperature: float, seed: int = 0):
+def dream_open_loop(model, z0, actions, temperature: float, seed: int = 0, prefix=None):
     """M in open loop from ``z0`` (Z,) under ``actions`` (T, 3): its sampled z_{t+1} is its next input.
 
-    Step k draws with the stateless seed ``(seed, k)``, so a dream is reproducible and two
-    temperatures with the same seed differ only by the temperature. Returns the dreamed
-    z (T, Z), M's predicted reward (T,) and done probability (T,) (NaN without those heads).
+    ``prefix``: ``(mu (S, Z), actions (S, 3))`` of the real frames before ``z0``, which M reads
+    first to reach the state it has at that frame (as the dream does,
+    :func:`worldmodels.dream.read_prefix`); None starts from M's zero state, which is right only
+    at an episode's first frame. Step k draws with the stateless seed ``(seed, k)``, so a dream
+    is reproducible and two temperatures with the same seed differ only by the temperature.
+    Returns the dreamed z (T, Z), M's predicted reward (T,) and done probability (T,) (NaN
+    without those heads).
     """
     import tensorflow as tf
 
     from models.mdn_rnn import sample_mixture
+    from worldmodels.dream import read_prefix
 
     z, state = np.asarray(z0, np.float32)[None], model.initial_state(1)
+    if prefix is not None and len(prefix[0]):
+        state = read_prefix(model, np.asarray(prefix[0])[None], np.asarray(prefix[1])[None], [len(prefix[0])])
     zs, rewards, dones = [], [], []
     for k, action in enumerate(np.asarray(actions, np.float32)):
         out = model.step(z, action[None], state)
@@ -227,11 +234,12 @@ def dream_strip_figure(data_dir: Path, out: Path, temperatures=(0.5, 1.15), step
     vision = artifacts.load_vision(data_dir, cfg)
     model = artifacts.load_rnn(data_dir, cfg)
     real = episode["obs"][start + columns].astype(np.float32) / 255.0
-    mu0 = vision.encode(episode["obs"][start:start + 1])[0][0]
+    mu = vision.encode(episode["obs"][:start + 1])[0]  # frames 0..start: M reads 0..start-1 first
     rows = [real, vision.decode(vision.encode(episode["obs"][start + columns])[0])]
     labels = ["real", "V(real)"]
     for tau in temperatures:
-        zs, _, _ = dream_open_loop(model, mu0, episode["action"][start:start + horizon], float(tau))
+        zs, _, _ = dream_open_loop(model, mu[start], episode["action"][start:start + horizon], float(tau),
+                                   prefix=(mu[:start], episode["action"][:start]))
         rows.append(vision.decode(zs[columns - 1]))
         labels.append(f"dream\ntau={tau:g}")
     fig = _image_grid(rows, labels, [f"t+{c}" for c in columns])
