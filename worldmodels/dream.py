@@ -20,9 +20,9 @@ Decisions (and why):
 
 * **Starting states** come from real frames: for every stored latent series
   (``<data>/series/episode_*.npz``) the row at frame ``skip_initial_frames`` (clipped to the
-  episode's last frame), i.e. the first frame after CarRacing's zoom-in. Only ``mu`` and
-  ``logvar`` of each file are read, and only that one row of each is kept: a (N, Z) table
-  (:func:`load_start_states`). At reset an episode picks a row and *samples* z_0 = mu +
+  episode's last frame), i.e. the first frame after CarRacing's zoom-in. Only ``mu``,
+  ``logvar`` and ``action`` of each file are read, and only that row and the rows before it
+  are kept: a (N, Z) table plus the (N, S, Z + 3) prefixes (:func:`load_start_states`). At reset an episode picks a row and *samples* z_0 = mu +
   exp(logvar / 2) * eps from V's recorded posterior, because M was trained on z sampled
   that way (the following dream z's are samples too), and because it adds variety to the
   starts at no cost.
@@ -147,9 +147,11 @@ class StartStates:
 def load_start_states(series_dir, skip_initial_frames: int) -> StartStates:
     """The (N, Z) start table from every ``episode_*.npz`` in ``series_dir``.
 
-    Reads only ``mu`` and ``logvar`` of each file (validated, :func:`storage.load_episode`)
-    and keeps only the row at ``min(skip_initial_frames, T - 1)``, so memory is O(N Z)
-    whatever the length of the episodes. Missing folder: :class:`storage.MissingDataError`
+    Reads only ``mu``, ``logvar`` and ``action`` of each file (validated,
+    :func:`storage.load_episode`) and keeps the row at ``S = min(skip_initial_frames, T - 1)``
+    plus the S rows of ``mu`` and ``action`` before it (the prefix M reads to reach its state
+    there), so memory is O(N S Z) whatever the length of the episodes (10,000 episodes with
+    S = 50: 70 MB). Missing folder: :class:`storage.MissingDataError`
     naming the command that makes it; a damaged file: :class:`storage.CorruptFileError`.
     """
     if int(skip_initial_frames) != skip_initial_frames or skip_initial_frames < 0:
