@@ -22,10 +22,10 @@ Decisions (and why):
   (``<data>/series/episode_*.npz``) the row at frame ``skip_initial_frames`` (clipped to the
   episode's last frame), i.e. the first frame after CarRacing's zoom-in. Only ``mu``,
   ``logvar`` and ``action`` of each file are read, and only that row and the rows before it
-  are kept: a (N, Z) table plus the (N, S, Z + 3) prefixes (:func:`load_start_states`). At reset an episode picks a row and *samples* z_0 = mu +
-  exp(logvar / 2) * eps from V's recorded posterior, because M was trained on z sampled
-  that way (the following dream z's are samples too), and because it adds variety to the
-  starts at no cost.
+  are kept: a (N, Z) table plus the (N, S, Z + 3) prefixes (:func:`load_start_states`). At
+  reset an episode picks a row and *samples* z_0 = mu + exp(logvar / 2) * eps from V's
+  recorded posterior, because M was trained on z sampled that way (the following dream z's
+  are samples too), and because it adds variety to the starts at no cost.
 * **M's starting state** (h_0, c_0) is the state M reaches on the real episode's own frames
   before the start frame: :class:`DreamWorld` runs M once over each stored prefix (z = mu of
   frames 0..S-1 and the recorded actions; ``StartStates.prefix_mu`` / ``prefix_action``).
@@ -175,19 +175,6 @@ def load_start_states(series_dir, skip_initial_frames: int) -> StartStates:
                        prefix_mu if steps else None, prefix_action if steps else None)
 
 
-def warm_states(model, starts: StartStates) -> tuple[np.ndarray, np.ndarray]:
-    """M's state (h, c), each float32 (N, H), after reading each start's real prefix.
-
-    Row i runs ``model.step`` over z = ``prefix_mu[i, t]`` and a = ``prefix_action[i, t]``
-    for t < ``frames[i]`` (no dropout), all rows in one batched call per step; a row with no
-    prefix (or a table without prefixes) keeps M's zero state.
-    """
-    if starts.prefix_mu is None:
-        zeros = np.zeros((len(starts), int(model.hidden_units)), np.float32)
-        return zeros, zeros.copy()
-    return read_prefix(model, starts.prefix_mu, starts.prefix_action, starts.frames)
-
-
 def read_prefix(model, mu, action, lengths) -> tuple[np.ndarray, np.ndarray]:
     """M's state (h, c), each float32 (N, H), after reading N real prefixes from its zero state.
 
@@ -299,7 +286,12 @@ class DreamWorld:
         self.hidden_size = int(model.hidden_units)
         self._tau = tf.constant(temperature, tf.float32)
         self._step = _build_step(model)
-        self._h0, self._c0 = warm_states(model, starts)  # (N, H) each: M's state at each start frame
+        # (N, H) each: M's state at each start frame, after reading the real frames before it.
+        if starts.prefix_mu is None:  # a start table without prefixes: M's zero state
+            self._h0 = np.zeros((len(starts), self.hidden_size), np.float32)
+            self._c0 = self._h0.copy()
+        else:
+            self._h0, self._c0 = read_prefix(model, starts.prefix_mu, starts.prefix_action, starts.frames)
         self._allocate(0)
 
     # ------------------------------------------------------------------ state

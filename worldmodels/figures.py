@@ -334,12 +334,13 @@ def temperature_figure(data_dir: Path, out: Path) -> Path:
     path = Path(data_dir) / study_temperature.STUDY_DIR / "results.json"
     if not path.exists():
         raise storage.MissingDataError(f"no temperature study at {path} (run study_temperature.py)")
-    rows = storage.read_json(path).get("rows")
+    study = storage.read_json(path)
+    rows = study.get("rows")
     keys = ("temperature", "dream_mean", "dream_std", "real_mean", "real_std")
     if not rows or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
         raise storage.CorruptFileError(f"{path} holds no rows with {', '.join(keys)}; rerun study_temperature.py")
     out = Path(out)
-    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]), storage.read_json(path).get("real_trained"))
+    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]), study.get("real_trained"))
     return out
 
 
