@@ -211,6 +211,7 @@ def test_mismatched_rollouts_missing_runs_and_missing_v_are_one_line_errors(both
 
 def test_notebook_compares_the_v_of_the_data_dir(both_v, monkeypatch):
     monkeypatch.delenv("WORLDMODELS_COMPARE", raising=False)
+    monkeypatch.delenv("WORLDMODELS_COMPARE_PREVIOUS", raising=False)
     check_notebook(REPO / "notebooks" / "compare_vae_vaegan.ipynb", both_v)
     result = storage.read_json(both_v / "compare" / "comparison.json")
     assert [r["name"] for r in result["runs"]] == ["vae", "vae_gan"]
@@ -220,6 +221,9 @@ def test_runs_from_environment_reads_name_dir_pairs(both_v):
     runs = compare.runs_from_environment(REPO, {"WORLDMODELS_COMPARE": f"a={both_v / 'vae_gan'}; b={both_v}/vae"})
     assert [(r.name, r.kind) for r in runs] == [("a", "vae_gan"), ("b", "vae")]
     assert [r.name for r in compare.runs_from_environment(REPO, {"WORLDMODELS_DATA": str(both_v)})] == ["vae", "vae_gan"]
+    previous = {"WORLDMODELS_COMPARE_PREVIOUS": "results/a.json; /abs/b.json;"}
+    assert compare.previous_from_environment(REPO, previous) == [REPO / "results/a.json", Path("/abs/b.json")]
+    assert compare.previous_from_environment(REPO, {}) == []
 
 
 def test_seeds_of_v_share_one_split_and_the_split_seed_changes_it(tmp_path):
@@ -231,3 +235,45 @@ def test_seeds_of_v_share_one_split_and_the_split_seed_changes_it(tmp_path):
     assert compare.evaluation_episodes([other], paths) != base
     assert compare.episodes_seen_in_training(fake_run(tmp_path, "d", "vae", seed=2), base, paths) == 0
     assert compare.episodes_seen_in_training(other, base, paths) > 0
+
+
+def test_runs_measured_on_another_day_join_only_when_they_scored_the_same_frames(both_v, tmp_path):
+    """--previous: a seed measured in an earlier session joins the tables only if its frames' SHA-256 matches."""
+    quiet = {"log": lambda message: None}
+    first = compare.compare([compare.resolve_run("gan_s0", both_v / "vae_gan")], tmp_path / "first", **quiet)
+    assert len(first["evaluation"]["frames_sha256"]) == 64
+    earlier = tmp_path / "first" / "comparison.json"
+
+    merged = compare.compare([compare.resolve_run("vae_s0", both_v / "vae")], tmp_path / "merged",
+                             previous=[earlier], **quiet)
+    assert [(r["name"], r.get("source")) for r in merged["runs"]] == [("vae_s0", None), ("gan_s0", str(earlier))]
+    assert merged["runs"][1]["psnr_db"] == first["runs"][0]["psnr_db"]  # carried over, not re-measured
+    assert set(merged["by_kind"]) == {"vae", "vae_gan"}
+    assert "merged with --previous: gan_s0" in merged["markdown"]
+    # A merged file can itself be merged again: its runs keep their first source.
+    again = compare.compare([compare.resolve_run("vae_s1", both_v / "vae")], tmp_path / "again",
+                            previous=[tmp_path / "merged" / "comparison.json"], **quiet)
+    assert [(r["name"], r.get("source")) for r in again["runs"][1:]] == [
+        ("vae_s0", str(tmp_path / "merged" / "comparison.json")), ("gan_s0", str(earlier))]
+    assert again["by_kind"]["vae"]["runs"] == ["vae_s1", "vae_s0"]
+
+    with pytest.raises(config.ConfigError, match="appear both here and in --previous"):
+        compare.compare([compare.resolve_run("gan_s0", both_v / "vae")], tmp_path / "clash", previous=[earlier],
+                        **quiet)
+    # Other pixels (another SHA-256), other episodes, or a file without a fingerprint: refused.
+    for change, message in (({"frames_sha256": "0" * 64}, "frame contents"),
+                            ({"episodes": ["episode_999999.npz"]}, "held-out episodes")):
+        doctored = tmp_path / f"doctored_{len(message)}.json"
+        content = json.loads(earlier.read_text())
+        content["evaluation"].update(change)
+        doctored.write_text(json.dumps(content))
+        with pytest.raises(config.ConfigError, match=message):
+            compare.compare([compare.resolve_run("vae_s0", both_v / "vae")], tmp_path / "x", previous=[doctored],
+                            **quiet)
+    old = json.loads(earlier.read_text())
+    del old["evaluation"]["frames_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(config.ConfigError, match="predates frame fingerprints"):
+        compare.load_previous(tmp_path / "old.json", first["evaluation"])
+    assert_user_error(run_compare("--run", f"v={both_v / 'vae'}", "--previous", str(tmp_path / "none.json")),
+                      "no file")

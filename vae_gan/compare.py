@@ -3,6 +3,8 @@
     python -m vae_gan.compare --run vae=D_vae --run vae_gan=D_gan --out results/compare
     python -m vae_gan.compare --run vae_seed0=D0 --run vae_seed1=D1 --run gan_seed0=D2 --run gan_seed1=D3
     python -m vae_gan.compare --data-dir data          # every V trained in one data dir (vae/ and vae_gan/)
+    python -m vae_gan.compare --run gan_seed2=D4 --previous results/compare_small/comparison.json
+                                                       # seeds measured in another session join the tables
 
 Layout. A *run* is ``NAME=DIR``, where DIR is either
 
@@ -43,6 +45,12 @@ run, and the posterior means (N, Z) for the active dimensions):
 * ``controller``: C's real score (``mean``, ``std``, ``episodes``) from
   ``<data>/controller/metrics.json`` under the same condition, else ``"not run"``.
 
+Runs measured in another session (an hour per VAE-GAN seed on 2 CPU cores) join with ``--previous
+comparison.json``, provided that comparison scored the very same frames: same held-out episode
+names, frame count, SHA-256 of the uint8 frames and edge threshold (rollouts are reproducible from
+``data.seed``, so a regenerated stage 1 passes; anything else is refused). Their numbers are carried
+over, not re-measured, and each keeps its ``source`` and ``measured_at``.
+
 Outputs in ``--out`` (default ``<first run's data dir>/compare``): ``comparison.json``,
 ``comparison.md`` (the tables that ``main`` prints) and ``reconstructions.png`` (held-out
 originals on the top row, then one row per run). A missing folder, a missing V or mismatched
@@ -52,8 +60,10 @@ rollouts is a one-line error with exit status 2.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -170,6 +180,13 @@ def runs_from_environment(root: Path = REPO, environ: Mapping[str, str] = os.env
         return check_names([parse_run(spec, root) for spec in specs])
     data_dir = Path(environ.get("WORLDMODELS_DATA", "data"))
     return runs_in_data_dir(data_dir if data_dir.is_absolute() else root / data_dir)
+
+
+def previous_from_environment(root: Path = REPO, environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Earlier comparison.json files named by ``$WORLDMODELS_COMPARE_PREVIOUS`` (``;``-separated; relative to ``root``)."""
+    paths = [Path(p.strip()).expanduser() for p in environ.get("WORLDMODELS_COMPARE_PREVIOUS", "").split(";")
+             if p.strip()]
+    return [p if p.is_absolute() else root / p for p in paths]
 
 
 def check_names(runs: Sequence[Run]) -> list[Run]:
@@ -336,7 +353,9 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
                   threshold: float = EDGE_THRESHOLD, log: Callable[[str], None] | None = None) -> dict:
     """Every model's metrics on every frame of ``paths``, streamed; the originals' statistics are shared.
 
-    Returns ``{"frames", "edge_pixel_fraction", "laplacian_variance_real", "runs": {name: metrics}}``
+    Returns ``{"frames", "frames_sha256", "edge_pixel_fraction", "laplacian_variance_real", "runs": {name: metrics}}``
+    (``frames_sha256``: SHA-256 of the evaluated uint8 frames in order, so a later comparison can prove
+    it scored the very same pixels)
     with metrics ``reconstruction_mse``, ``psnr_db``, ``edge_mse``, ``sharpness``,
     ``laplacian_variance``, ``kl_per_frame``, ``kl_per_dimension``, ``active_dimensions``.
     """
@@ -345,9 +364,11 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     frames, pixels, edge_pixels, real_lap = 0, 0, 0, 0.0
+    digest = hashlib.sha256()
     sums = {name: {"mse": 0.0, "psnr": 0.0, "edge": 0.0, "lap": 0.0, "kl": 0.0, "mu": []} for name in models}
     for batch in _batches(paths, batch_size):
         n = len(batch)
+        digest.update(np.ascontiguousarray(batch).tobytes())
         mask = edge_mask(batch, threshold)
         edge_pixels += int(mask.sum())
         pixels += mask.size
@@ -384,7 +405,7 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
             "kl_per_dimension": [float(k) for k in kl],
             "active_dimensions": vae_lib.active_dimensions(np.concatenate(acc["mu"])),
         }
-    return {"frames": frames, "edge_pixel_fraction": edge_pixels / pixels,
+    return {"frames": frames, "frames_sha256": digest.hexdigest(), "edge_pixel_fraction": edge_pixels / pixels,
             "laplacian_variance_real": real_lap / frames, "runs": results}
 
 
@@ -438,6 +459,46 @@ def aggregate(run_results: Sequence[dict]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- earlier comparisons
+
+# What must agree for runs measured by an earlier comparison to join this one's tables.
+_SAME_EVALUATION = ("episodes", "frames", "frames_sha256", "edge_threshold")
+
+
+def load_previous(path: str | os.PathLike, evaluation: Mapping) -> list[dict]:
+    """The runs of an earlier ``comparison.json`` at ``path``, after checking it scored the very same frames.
+
+    Runs of one V kind that take an hour each need not be measured in one sitting: a comparison
+    made on another day (on rollouts regenerated from the same seeds) joins this one when its
+    held-out episodes, frame count, SHA-256 of the frames and edge threshold equal ``evaluation``'s.
+    Each returned run gets ``"source": str(path)``; runs merged into that file earlier keep theirs.
+
+    Raises:
+        storage.MissingDataError: no such file.
+        config.ConfigError: the file is not a comparison, or it was measured on other frames.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise storage.MissingDataError(f"--previous: no file {path}")
+    previous = storage.read_json(path)
+    if not isinstance(previous, dict) or not isinstance(previous.get("evaluation"), dict) \
+            or not isinstance(previous.get("runs"), list):
+        raise config.ConfigError(f"--previous: {path} is not a comparison.json written by vae_gan.compare")
+    earlier = previous["evaluation"]
+    if "frames_sha256" not in earlier:
+        raise config.ConfigError(f"--previous: {path} predates frame fingerprints (no frames_sha256); "
+                                 "measure its runs again with this version of vae_gan.compare")
+    for key in _SAME_EVALUATION:
+        if earlier.get(key) != evaluation.get(key):
+            what = {"episodes": "held-out episodes", "frames": "number of frames",
+                    "frames_sha256": "frame contents (SHA-256)", "edge_threshold": "edge threshold"}[key]
+            raise config.ConfigError(
+                f"--previous: {path} was measured on other frames than this comparison (its {what} differ); "
+                "runs join only when they scored identical held-out frames (same rollouts, vae.split_seed, "
+                "vae.heldout_fraction, --max-episodes and --edge-threshold)")
+    return [{**run, "source": run.get("source", str(path))} for run in previous["runs"]]
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -470,6 +531,11 @@ def markdown_report(comparison: dict) -> str:
     header = ["run", "V", "MSE", "PSNR (dB)", "edge MSE", "sharpness", "KL (nats/frame)", "active dims",
               "M z NLL (mu / sampled)", "C score (real)"]
     lines += _table(header, [_run_row(r) for r in comparison["runs"]])
+    merged = [r for r in comparison["runs"] if r.get("source")]
+    if merged:
+        lines += ["", f"Measured earlier on the same frames (SHA-256 {ev['frames_sha256'][:12]}...) and merged with "
+                  "--previous: " + "; ".join(f"{r['name']} ({r['source']}, {r.get('measured_at', 'date unknown')})"
+                                             for r in merged) + "."]
     if any(len(group["runs"]) > 1 for group in comparison["by_kind"].values()):
         lines += ["", "Mean ± std (ddof 1) over the runs of each V kind; (k/n) when only k of n runs have the number.",
                   ""]
@@ -522,11 +588,14 @@ def reconstruction_figure(models: Mapping[str, object], frames: np.ndarray, out:
 
 
 def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100, max_episodes: int | None = None,
-            threshold: float = EDGE_THRESHOLD, log: Callable[[str], None] = print) -> dict:
+            threshold: float = EDGE_THRESHOLD, log: Callable[[str], None] = print,
+            previous: Sequence[str | os.PathLike] = ()) -> dict:
     """Check, evaluate and report ``runs``; write comparison.json, comparison.md, reconstructions.png to ``out``.
 
     ``out`` defaults to ``<first run's data dir>/compare``; ``max_episodes`` keeps the first N evaluation
-    episodes (by name). Returns the content of comparison.json plus ``"markdown"`` and ``"out"``.
+    episodes (by name). ``previous``: earlier comparison.json files whose runs join the tables
+    (:func:`load_previous`; the image grid shows this call's runs only). Returns the content of
+    comparison.json plus ``"markdown"`` and ``"out"``.
     """
     runs = check_names(runs)
     if max_episodes is not None and max_episodes < 1:
@@ -538,20 +607,30 @@ def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100,
     log(f"[compare] {len(runs)} run(s) on {len(evaluated)} held-out episode(s) of {runs[0].data_dir / 'rollouts'}")
     models = load_models(runs)
     measured = evaluate_runs(models, evaluated, batch_size, threshold, log=lambda m: log(f"[compare] {m}"))
+    measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results = []
     for run in runs:
         results.append({
             "name": run.name, "kind": run.kind, "data_dir": str(run.data_dir), "v_dir": str(run.v_dir),
             "z_size": run.cfg.vae.z_size, "vae_seed": run.cfg.vae.seed,
             "heldout_episodes_seen_in_training": episodes_seen_in_training(run, evaluated, paths),
-            **measured["runs"][run.name], **downstream_metrics(run),
+            **measured["runs"][run.name], **downstream_metrics(run), "measured_at": measured_at,
         })
+    evaluation = {
+        "split_of": runs[0].name, "episodes": [p.name for p in evaluated], "frames": measured["frames"],
+        "frames_sha256": measured["frames_sha256"], "edge_threshold": threshold,
+        "edge_pixel_fraction": measured["edge_pixel_fraction"],
+        "laplacian_variance_real": measured["laplacian_variance_real"],
+    }
+    for path in previous:
+        results += load_previous(path, evaluation)
+    names = [r["name"] for r in results]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise config.ConfigError(f"run name(s) {', '.join(clashes)} appear both here and in --previous "
+                                 "(or twice in --previous); rename this call's runs")
     comparison = {
-        "evaluation": {
-            "split_of": runs[0].name, "episodes": [p.name for p in evaluated], "frames": measured["frames"],
-            "edge_threshold": threshold, "edge_pixel_fraction": measured["edge_pixel_fraction"],
-            "laplacian_variance_real": measured["laplacian_variance_real"],
-        },
+        "evaluation": evaluation,
         "runs": results,
         "by_kind": aggregate(results),
     }
@@ -571,6 +650,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first data dir>/compare)")
     parser.add_argument("--batch-size", type=int, default=100, help="frames per model call (default: 100)")
     parser.add_argument("--max-episodes", type=int, default=None, help="evaluate the first N held-out episodes only")
+    parser.add_argument("--previous", action="append", default=[], type=Path, metavar="COMPARISON_JSON",
+                        help="an earlier comparison.json measured on the same frames: its runs join the tables "
+                             "(repeatable)")
     parser.add_argument("--edge-threshold", type=float, default=EDGE_THRESHOLD,
                         help=f"Sobel magnitude of the luma that makes an edge pixel (default: {EDGE_THRESHOLD})")
     args = parser.parse_args(argv)
@@ -582,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = check_names([parse_run(spec) for spec in args.run])
     else:
         runs = runs_in_data_dir(args.data_dir or Path(os.environ.get("WORLDMODELS_DATA", "data")))
-    result = compare(runs, args.out, args.batch_size, args.max_episodes, args.edge_threshold)
+    result = compare(runs, args.out, args.batch_size, args.max_episodes, args.edge_threshold, previous=args.previous)
     print(result["markdown"], end="")
     print(f"[compare] wrote comparison.json, comparison.md and reconstructions.png to {result['out']}")
     return 0
