@@ -121,7 +121,6 @@ class ControllerConfig:
     workers: int = _f(0, "environment worker processes; 0 means one per CPU core")
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
     ray_address: str = _f("", "address of a Ray cluster for backend 'ray' ('' starts a local one)")
-    curiosity: float = _f(0.0, "weight of M's prediction loss added to the reward (0 disables)")
     seed: int = _f(0, "seed of CMA-ES and of the training tracks")
 
 
@@ -334,7 +333,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
         "data.workers", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
-        "controller.curiosity", "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
+        "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin",
     ]
     for key in non_negative:
