@@ -232,9 +232,7 @@ def main(argv=None) -> int:
           f"({sum(lengths[p] for p in heldout_paths)} frames)")
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out)
-    storage.atomic_write_json(out / "split.json", {
-        "heldout_fraction": cfg.vae.heldout_fraction, "seed": cfg.vae.split_seed,
-        "train": [p.name for p in train_paths], "heldout": [p.name for p in heldout_paths]})
+    datasets.save_split(out, cfg.vae.heldout_fraction, cfg.vae.split_seed, train_paths, heldout_paths)
 
     start = time.perf_counter()
     metrics = train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prints)

@@ -382,9 +382,7 @@ def main(argv=None) -> int:
         compare_with_vision_split(cfg, args.data_dir, heldout_paths)
     out.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, out)
-    storage.atomic_write_json(out / "split.json", {
-        "heldout_fraction": cfg.rnn.heldout_fraction, "seed": cfg.vae.split_seed,
-        "train": [p.name for p in train_paths], "heldout": [p.name for p in heldout_paths]})
+    datasets.save_split(out, cfg.rnn.heldout_fraction, cfg.vae.split_seed, train_paths, heldout_paths)
 
     start = time.perf_counter()
     eval_windows = sequences.count_windows([lengths[p] for p in eval_paths], cfg.rnn.sequence_length)

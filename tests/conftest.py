@@ -143,3 +143,27 @@ def run_until_then_kill(cmd: list[str], ready, timeout: float = 180) -> None:
     assert proc.poll() is None, f"{cmd[1]} ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_then_resume_controller(data: Path, out: Path, reference: Path, train: tuple[str, ...],
+                                generations: int) -> subprocess.CompletedProcess:
+    """SIGKILL ``05_train_controller.py`` after its first generation, rerun it, and check it ends where ``reference`` did.
+
+    ``out`` is the controller folder the run writes in ``data``; ``reference`` the folder of the same
+    search run without interruption. Returns the resumed run for further checks.
+    """
+    import numpy as np
+
+    cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
+           *train, "--no-final-eval"]
+    run_until_then_kill(cmd, lambda: (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1)
+    done = len(read_csv(out / "history.csv"))
+    assert 1 <= done < generations, "the kill should land after the first generation and before the last"
+
+    resumed = run_script("05_train_controller.py", *train, "--no-final-eval", data_dir=data)
+    assert f"{done} of {generations} generations done" in resumed.stdout
+    got, want = load_npz(out / "controller.npz"), load_npz(reference / "controller.npz")
+    for key in ("mean", "params", "best_member", "best_eval_generation", "best_eval_mean"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
+    return resumed

@@ -4,7 +4,6 @@ the temperature study and the dream notebook."""
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from gymnasium.utils.env_checker import check_env
 import config
 from models.controller import controller_actions, num_parameters
 from models.mdn_rnn import MDNRNN, sample_mixture
-from tests.conftest import REPO, run_until_then_kill, check_notebook, data_dir_with, load_npz, read_csv, run_script
+from tests.conftest import (REPO, check_notebook, data_dir_with, kill_then_resume_controller, load_npz, read_csv,
+                            run_script)
 from worldmodels import storage
 from worldmodels.dream import (
     KEY_BOUND,
@@ -315,18 +315,7 @@ def test_05_dream_resumes_after_sigkill_to_the_same_result(dream_trained, models
     reference = dream_trained[0] / "controller_dream_t1.15"
     data = data_dir_with(models_dir, tmp_path, "vae", "rnn", "series")
     out = data / "controller_dream_t1.15"
-    cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
-           *TRAIN, "--no-final-eval"]
-    run_until_then_kill(cmd, lambda: (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1)
-    done = len(read_csv(out / "history.csv"))
-    assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
-
-    resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=data)
-    assert f"{done} of {GENERATIONS} generations done" in resumed.stdout
-    got, want = load_npz(out / "controller.npz"), load_npz(reference / "controller.npz")
-    for key in ("mean", "params", "best_member", "best_eval_generation", "best_eval_mean"):
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
+    kill_then_resume_controller(data, out, reference, TRAIN, GENERATIONS)
 
 
 def test_study_temperature_writes_the_table_and_plot(models_dir, tmp_path):

@@ -3,14 +3,14 @@ resume after SIGKILL to the result of an uninterrupted run, and clear errors."""
 
 import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
 import config
 from models.controller import num_parameters
-from tests.conftest import REPO, run_until_then_kill, assert_user_error, data_dir_with, load_npz, read_csv, run_script
+from tests.conftest import (assert_user_error, data_dir_with, kill_then_resume_controller, load_npz, read_csv,
+                            run_script)
 from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, heldout_seeds
 
 GENERATIONS = 3
@@ -93,18 +93,7 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(trained, models_d
     reference = trained[0] / "controller"
     data = data_dir_with(models_dir, tmp_path, "vae", "rnn")
     out = data / "controller"
-    cmd = [sys.executable, str(REPO / "05_train_controller.py"), "--preset", "smoke", "--data-dir", str(data),
-           *TRAIN, "--no-final-eval"]
-    run_until_then_kill(cmd, lambda: (out / "history.csv").exists() and len(read_csv(out / "history.csv")) >= 1)
-    done = len(read_csv(out / "history.csv"))
-    assert 1 <= done < GENERATIONS, "the kill should land after the first generation and before the last"
-
-    resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=data)
-    assert f"{done} of {GENERATIONS} generations done" in resumed.stdout
-    got, want = load_npz(out / "controller.npz"), load_npz(reference / "controller.npz")
-    for key in ("mean", "params", "best_member", "best_eval_generation", "best_eval_mean"):
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert read_csv(out / "eval.csv") == read_csv(reference / "eval.csv")
+    kill_then_resume_controller(data, out, reference, TRAIN, GENERATIONS)
     strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(out / "history.csv")]
     assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(reference / "history.csv")]
 

@@ -204,8 +204,21 @@ def _bce_logits(logits, target: float):
 # --------------------------------------------------------------------------- models
 
 
+class _ToyAutoencoder(keras.Model):
+    """What both toy models share: an ``encoder`` and ``decoder`` (set by the subclass) and a dict of ``trackers``."""
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, x):
+        """Deterministic reconstruction through the posterior mean: (B, 2) -> (B, 2)."""
+        mu, _ = self.encoder(x)
+        return self.decoder(mu)
+
+
 @keras.saving.register_keras_serializable(package="worldmodels")
-class ToyVAE(keras.Model):
+class ToyVAE(_ToyAutoencoder):
     """VAE with a Gaussian decoder of fixed std ``decoder_std``; x (B, 2) -> reconstruction (B, 2).
 
     Loss per example: ``sum((x - x_rec)^2) / (2 decoder_std^2) + KL`` (the constant of the
@@ -223,15 +236,6 @@ class ToyVAE(keras.Model):
         self.decoder = build_decoder()
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "recon", "kl")}
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    def call(self, x):
-        """Deterministic reconstruction through the posterior mean: (B, 2) -> (B, 2)."""
-        mu, _ = self.encoder(x)
-        return self.decoder(mu)
 
     def compute_losses(self, x, eps):
         """Loss terms for a batch x (B, 2) and reparameterisation noise eps (B, 1) -> dict of scalars."""
@@ -264,7 +268,7 @@ PLAYER_LOSS = {"encoder": "enc_loss", "decoder": "dec_loss", "discriminator": "d
 
 
 @keras.saving.register_keras_serializable(package="worldmodels")
-class ToyVAEGAN(keras.Model):
+class ToyVAEGAN(_ToyAutoencoder):
     """VAE-GAN of Larsen et al. (2016) for 2-D points; x (B, 2) -> reconstruction (B, 2).
 
     Three players with separate optimisers (see the module docstring for the losses):
@@ -299,15 +303,6 @@ class ToyVAEGAN(keras.Model):
         # Building the slots now keeps variable creation out of the traced train step.
         for player, opt in self.player_optimizers.items():
             opt.build(self._player_variables(player))
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    def call(self, x):
-        """Deterministic reconstruction through the posterior mean: (B, 2) -> (B, 2)."""
-        mu, _ = self.encoder(x)
-        return self.decoder(mu)
 
     def _player_variables(self, player: str):
         if player not in PLAYERS:

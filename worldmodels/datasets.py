@@ -106,6 +106,18 @@ def split_episodes(paths: Sequence[str | os.PathLike], heldout_fraction: float, 
 # --------------------------------------------------------------------------- cheap checks
 
 
+def save_split(folder: str | os.PathLike, heldout_fraction: float, seed: int, train: Sequence[Path],
+               heldout: Sequence[Path]) -> Path:
+    """Write ``folder/split.json``: the fraction and seed of :func:`split_episodes` and the file names of each set.
+
+    V and M record the split they trained on, so later tools (the comparison, the figures, M's
+    check that it holds out V's episodes) read it instead of recomputing it.
+    """
+    return storage.atomic_write_json(Path(folder) / "split.json", {
+        "heldout_fraction": heldout_fraction, "seed": seed,
+        "train": [p.name for p in train], "heldout": [p.name for p in heldout]})
+
+
 def episode_length(path: str | os.PathLike) -> int:
     """Number of frames T of a rollout file, read from the ``obs`` header (no decompression of frames)."""
     try:
