@@ -422,8 +422,16 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Keys that earlier versions saved and this one no longer has, each with the reason. A config.json
+# beside old data still loads: these keys are dropped (they never changed a result), any other
+# unknown key is an error.
+RETIRED_KEYS = {
+    "controller.curiosity": "declared but never read by any stage (the curiosity bonus is not built)",
+}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config saved by :func:`save_config`; unknown keys are an error, missing ones default."""
+    """Rebuild a config saved by :func:`save_config`; unknown keys are an error (retired ones are dropped), missing ones default."""
     if not isinstance(data, dict):
         raise ConfigError("a saved config must be a JSON object")
     overrides = {}
@@ -432,7 +440,7 @@ def from_dict(data: dict[str, Any]) -> Config:
             continue
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"unknown config section {section!r} in saved config")
-        overrides.update({f"{section}.{k}": v for k, v in values.items()})
+        overrides.update({f"{section}.{k}": v for k, v in values.items() if f"{section}.{k}" not in RETIRED_KEYS})
     cfg = Config(preset=str(data.get("preset", DEFAULT_PRESET)))
     return apply_overrides(cfg, overrides)
 

@@ -76,6 +76,20 @@ def test_saved_config_with_unknown_key_is_rejected(tmp_path):
         config.load_config(tmp_path / "config.json")
 
 
+def test_configs_saved_by_earlier_versions_load_without_their_retired_keys(tmp_path):
+    """Data made before a key was retired (e.g. controller.curiosity, never read) must stay usable."""
+    cfg = config.make_config("smoke")
+    data = config.to_dict(cfg)
+    for key in config.RETIRED_KEYS:
+        section, field = key.split(".")
+        data[section][field] = 0.0
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert config.load_config(tmp_path / "config.json") == cfg
+    # Retired means gone: a user cannot set it any more.
+    with pytest.raises(config.ConfigError, match="unknown config key 'controller.curiosity'"):
+        config.make_config("smoke", {"controller.curiosity": 1.0})
+
+
 def test_check_compatible_names_the_differences():
     a = config.make_config("smoke")
     b = config.make_config("smoke", {"vae.z_size": "16"})
