@@ -170,12 +170,22 @@ def runs_in_data_dir(data_dir: str | os.PathLike) -> list[Run]:
     return runs
 
 
+def _env_list(environ: Mapping[str, str], name: str) -> list[str]:
+    """The non-empty, stripped items of the ``;``-separated variable ``name``."""
+    return [item.strip() for item in environ.get(name, "").split(";") if item.strip()]
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def runs_from_environment(root: Path = REPO, environ: Mapping[str, str] = os.environ) -> list[Run]:
     """Runs named by ``$WORLDMODELS_COMPARE`` (``"name=DIR;name=DIR"``), else every V in ``$WORLDMODELS_DATA`` (default data).
 
     Relative folders are relative to ``root`` (the repository).
     """
-    specs = [s.strip() for s in environ.get("WORLDMODELS_COMPARE", "").split(";") if s.strip()]
+    specs = _env_list(environ, "WORLDMODELS_COMPARE")
     if specs:
         return check_names([parse_run(spec, root) for spec in specs])
     data_dir = Path(environ.get("WORLDMODELS_DATA", "data"))
@@ -184,14 +194,13 @@ def runs_from_environment(root: Path = REPO, environ: Mapping[str, str] = os.env
 
 def previous_from_environment(root: Path = REPO, environ: Mapping[str, str] = os.environ) -> list[Path]:
     """Earlier comparison.json files named by ``$WORLDMODELS_COMPARE_PREVIOUS`` (``;``-separated; relative to ``root``)."""
-    paths = [Path(p.strip()).expanduser() for p in environ.get("WORLDMODELS_COMPARE_PREVIOUS", "").split(";")
-             if p.strip()]
+    paths = [Path(p).expanduser() for p in _env_list(environ, "WORLDMODELS_COMPARE_PREVIOUS")]
     return [p if p.is_absolute() else root / p for p in paths]
 
 
 def check_names(runs: Sequence[Run]) -> list[Run]:
     names = [run.name for run in runs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = _repeated(names)
     if duplicates:
         raise config.ConfigError(f"run names must be unique, got {', '.join(duplicates)} more than once")
     if not runs:
@@ -624,8 +633,7 @@ def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100,
     }
     for path in previous:
         results += load_previous(path, evaluation)
-    names = [r["name"] for r in results]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    clashes = _repeated([r["name"] for r in results])
     if clashes:
         raise config.ConfigError(f"run name(s) {', '.join(clashes)} appear both here and in --previous "
                                  "(or twice in --previous); rename this call's runs")
