@@ -123,13 +123,16 @@ def fake_run(root: Path, name: str, kind: str, seed: int = 0) -> compare.Run:
 def test_m_and_c_numbers_belong_only_to_the_v_they_were_made_with(tmp_path):
     vae, gan = fake_run(tmp_path, "vae", "vae"), fake_run(tmp_path, "gan", "vae_gan")
     assert compare.downstream_metrics(vae) == {"rnn": "not run", "controller": "not run"}
-    for stage, metrics in (("rnn", {"z_nll": 1.25, "z_nll_sampled": 1.5, "steps": 4}),
+    baselines = {"sampled": {"persistence": 1.75, "unconditional": 1.625}, "mu": {"persistence": -1.0}}
+    for stage, metrics in (("rnn", {"z_nll": 1.25, "z_nll_sampled": 1.5, "steps": 4, "baselines": baselines}),
                            ("controller", {"mean": 12.5, "std": 3.0, "episodes": 2})):
         config.save_config(gan.cfg, tmp_path / stage)
         storage.atomic_write_json(tmp_path / stage / "metrics.json", metrics)
     assert compare.downstream_metrics(vae) == {"rnn": "not run", "controller": "not run"}
     got = compare.downstream_metrics(gan)
     assert (got["rnn"]["z_nll"], got["rnn"]["z_nll_sampled"]) == (1.25, 1.5)
+    # The better (lower) of the two baselines on sampled z, not the one on z = mu.
+    assert got["rnn"]["z_nll_sampled_baseline"] == 1.625 and "baselines" not in got["rnn"]
     assert (got["controller"]["mean"], got["controller"]["std"], got["controller"]["episodes"]) == (12.5, 3.0, 2)
 
 
@@ -138,14 +141,22 @@ def test_aggregate_groups_by_kind_with_mean_and_sample_std():
         return {"name": name, "kind": kind, "reconstruction_mse": mse, "psnr_db": 10.0, "edge_mse": 0.1,
                 "sharpness": 0.5, "kl_per_frame": 16.0, "active_dimensions": 3, "rnn": rnn, "controller": "not run"}
 
-    results = [result("a0", "vae", 0.01, {"z_nll": 1.0, "z_nll_sampled": 2.0}), result("a1", "vae", 0.03),
-               result("g0", "vae_gan", 0.02)]
+    results = [result("a0", "vae", 0.01, {"z_nll": 1.0, "z_nll_sampled": 2.0, "z_nll_sampled_baseline": 2.5}),
+               result("a1", "vae", 0.03), result("g0", "vae_gan", 0.02, {"z_nll": 1.0, "z_nll_sampled": 2.0})]
     by_kind = compare.aggregate(results)
     assert by_kind["vae"]["runs"] == ["a0", "a1"]
     assert by_kind["vae"]["reconstruction_mse"]["mean"] == pytest.approx(0.02)
     assert by_kind["vae"]["reconstruction_mse"]["std"] == pytest.approx(np.std([0.01, 0.03], ddof=1))
     assert by_kind["vae"]["z_nll"]["n"] == 1 and "controller_score" not in by_kind["vae"]
     assert by_kind["vae_gan"]["reconstruction_mse"]["std"] is None
+    # M's gain is the baseline minus M; a metrics.json from before baselines were kept has none.
+    assert by_kind["vae"]["z_nll_sampled_gain"] == {"mean": 0.5, "std": None, "n": 1}
+    assert "z_nll_sampled_gain" not in by_kind["vae_gan"]
+    assert "(baseline 2.500)" in compare.markdown_report(
+        {"evaluation": {"frames": 1, "episodes": ["e"], "split_of": "a0", "edge_pixel_fraction": 0.1,
+                        "edge_threshold": 0.5},
+         "runs": [{**r, "heldout_episodes_seen_in_training": 0, "z_size": 32} for r in results],
+         "by_kind": by_kind})
 
 
 # --------------------------------------------------------------------------- end to end

@@ -86,10 +86,12 @@ GRID_FRAMES = 8
 AGGREGATED = {
     "reconstruction_mse": "MSE", "psnr_db": "PSNR (dB)", "edge_mse": "edge MSE", "sharpness": "sharpness",
     "kl_per_frame": "KL (nats/frame)", "active_dimensions": "active dims", "z_nll": "M z NLL (z = mu)",
-    "z_nll_sampled": "M z NLL (z sampled)", "controller_score": "C score (real)",
+    "z_nll_sampled": "M z NLL (z sampled)", "z_nll_sampled_gain": "M gain over baseline (z sampled)",
+    "controller_score": "C score (real)",
 }
 _DIGITS = {"reconstruction_mse": 5, "edge_mse": 5, "psnr_db": 2, "sharpness": 3, "kl_per_frame": 2,
-           "active_dimensions": 1, "z_nll": 3, "z_nll_sampled": 3, "controller_score": 1}
+           "active_dimensions": 1, "z_nll": 3, "z_nll_sampled": 3, "z_nll_sampled_gain": 3,
+           "controller_score": 1}
 
 
 @dataclass(frozen=True)
@@ -432,10 +434,21 @@ def _stage_metrics(run: Run, folder: str, keys: Sequence[str]) -> dict | str:
 
 
 def downstream_metrics(run: Run) -> dict:
-    """``{"rnn": {z_nll, z_nll_sampled, ...} | "not run", "controller": {mean, std, episodes, ...} | "not run"}``."""
+    """``{"rnn": {z_nll, z_nll_sampled, ...} | "not run", "controller": {mean, std, episodes, ...} | "not run"}``.
+
+    ``rnn["z_nll_sampled_baseline"]`` is the better of 04's two baselines (persistence, unconditional
+    Gaussian) on sampled z, or None. M's NLL alone does not compare across V: a V whose latents carry
+    more information (larger KL) has latents that are harder to predict for any model. The gain over
+    a baseline fitted to the same latents is what M adds, and that does compare.
+    """
+    rnn = _stage_metrics(run, artifacts.RNN[0], ("z_nll", "z_nll_sampled", "evaluated_on", "evaluated_episodes",
+                                                 "steps", "baselines"))
+    if isinstance(rnn, dict):
+        baselines = rnn.pop("baselines")
+        sampled = baselines.get("sampled") if isinstance(baselines, dict) else None
+        rnn["z_nll_sampled_baseline"] = min(sampled.values()) if isinstance(sampled, dict) and sampled else None
     return {
-        "rnn": _stage_metrics(run, artifacts.RNN[0], ("z_nll", "z_nll_sampled", "evaluated_on", "evaluated_episodes",
-                                                      "steps")),
+        "rnn": rnn,
         "controller": _stage_metrics(run, "controller", ("mean", "std", "episodes", "generation", "max_steps")),
     }
 
@@ -445,7 +458,10 @@ def _numbers(run_result: dict) -> dict:
     out = {k: run_result[k] for k in ("reconstruction_mse", "psnr_db", "edge_mse", "sharpness", "kl_per_frame",
                                       "active_dimensions") if run_result.get(k) is not None}
     if isinstance(run_result["rnn"], dict):
-        out.update({k: run_result["rnn"][k] for k in ("z_nll", "z_nll_sampled") if run_result["rnn"][k] is not None})
+        rnn = run_result["rnn"]
+        out.update({k: rnn[k] for k in ("z_nll", "z_nll_sampled") if rnn[k] is not None})
+        if rnn.get("z_nll_sampled_baseline") is not None and rnn["z_nll_sampled"] is not None:
+            out["z_nll_sampled_gain"] = rnn["z_nll_sampled_baseline"] - rnn["z_nll_sampled"]
     if isinstance(run_result["controller"], dict) and run_result["controller"]["mean"] is not None:
         out["controller_score"] = run_result["controller"]["mean"]
     return out
@@ -518,6 +534,8 @@ def _fmt(value, digits: int, missing: str = "n/a") -> str:
 def _run_row(result: dict) -> list[str]:
     rnn, controller = result["rnn"], result["controller"]
     nll = NOT_RUN if rnn == NOT_RUN else f"{_fmt(rnn['z_nll'], 3)} / {_fmt(rnn['z_nll_sampled'], 3)}"
+    if rnn != NOT_RUN and rnn.get("z_nll_sampled_baseline") is not None:
+        nll += f" (baseline {_fmt(rnn['z_nll_sampled_baseline'], 3)})"
     score = (NOT_RUN if controller == NOT_RUN else
              f"{_fmt(controller['mean'], 1)} ± {_fmt(controller['std'], 1)} ({controller['episodes']} tracks)")
     seen = result["heldout_episodes_seen_in_training"]
@@ -564,7 +582,10 @@ def markdown_report(comparison: dict) -> str:
     lines += ["", "MSE and PSNR: posterior-mean reconstructions, frames in [0, 1]. Sharpness: variance of the "
               "Laplacian of the reconstructions / of the real frames (1 = as sharp). KL per frame and active "
               "dimensions (posterior-mean variance > 0.01) as in V's metrics.json. M: held-out NLL in nats per z "
-              "dimension per step. C: mean ± std of the real score over held-out tracks."]
+              "dimension per step; baseline: the better of 04's persistence and unconditional baselines on the "
+              "same sampled z, and M's gain is baseline minus M (what M predicts beyond them; unlike the NLL "
+              "itself, comparable between V whose latents carry different amounts of information). C: mean ± "
+              "std of the real score over held-out tracks."]
     return "\n".join(lines) + "\n"
 
 
