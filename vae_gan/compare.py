@@ -437,9 +437,9 @@ def downstream_metrics(run: Run) -> dict:
     """``{"rnn": {z_nll, z_nll_sampled, ...} | "not run", "controller": {mean, std, episodes, ...} | "not run"}``.
 
     ``rnn["z_nll_sampled_baseline"]`` is the better of 04's two baselines (persistence, unconditional
-    Gaussian) on sampled z, or None. M's NLL alone does not compare across V: a V whose latents carry
-    more information (larger KL) has latents that are harder to predict for any model. The gain over
-    a baseline fitted to the same latents is what M adds, and that does compare.
+    Gaussian) on sampled z, or None. M's NLL alone does not compare across V: it depends on how each V
+    spreads its latents (posterior widths, how many dimensions stay prior-like), which a baseline
+    fitted to the same latents sees too. The gain over that baseline is what M adds, and it compares.
     """
     rnn = _stage_metrics(run, artifacts.RNN[0], ("z_nll", "z_nll_sampled", "evaluated_on", "evaluated_episodes",
                                                  "steps", "baselines"))
