@@ -18,6 +18,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from config import CHOICES  # noqa: E402
+
 ENV_ID = "CarRacing-v3"
 FRAME_SIZE = 64
 CROP_ROWS = 84  # rows 84..95 of the 96x96 observation are the dashboard
@@ -28,10 +30,11 @@ ACTION_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
 # How an env draws its observation (``env.observation`` in config.py): "stock" is gymnasium's
 # 96x96 state (drawn culled, identical pixels), "fast" is the 64x64 frame drawn directly by
 # worldmodels.fast_render (README: "The fast observation").
-OBSERVATIONS = ("stock", "fast")
+OBSERVATIONS = CHOICES["env.observation"]
 
 
-def _check_observation(observation: str) -> None:
+def check_observation(observation: str) -> None:
+    """Raise ValueError naming the choices unless ``observation`` is one of :data:`OBSERVATIONS`."""
     if observation not in OBSERVATIONS:
         raise ValueError(f"unknown observation {observation!r}; choose one of {', '.join(OBSERVATIONS)}")
 
@@ -47,7 +50,7 @@ def make_env(max_steps: int = 1000, render_mode: str | None = None, observation:
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
-    _check_observation(observation)
+    check_observation(observation)
     env = gym.make(ENV_ID, continuous=True, max_episode_steps=max_steps, render_mode=render_mode)
     env.unwrapped._render_road = types.MethodType(_render_road_culled, env.unwrapped)
     if observation != "stock":
@@ -62,7 +65,7 @@ def set_observation(env: gym.Env, observation: str) -> None:
     rewards are untouched); "stock" restores gymnasium's own ``_render``, so the same env can
     train on fast frames and report its final score on stock ones.
     """
-    _check_observation(observation)
+    check_observation(observation)
     car_racing = env.unwrapped
     stock_space = car_racing.__dict__.setdefault("_wm_stock_space", car_racing.observation_space)
     if observation == "fast":

@@ -144,3 +144,48 @@ def render(self: CarRacing, mode: str):
     if mode != "state_pixels" or "t" not in self.__dict__:
         return CarRacing._render(self, mode)
     return render_observation(self)
+
+
+# --------------------------------------------------------------------------- parity with the stock frame
+# What a pixel shows, by the nearest of CarRacing's default colours (after the shrink most pixels
+# are pure, and the mixed ones along edges go to the nearer colour): shared by the tests and by
+# benchmarks/parity_fast_obs.py so both measure the same thing.
+CLASSES = ("grass", "road", "kerb", "car")
+_PALETTE = np.array([
+    (102, 204, 102), (102, 230, 102),  # grass: the field and the lighter squares
+    (102, 102, 102), (104, 104, 104), (107, 107, 107),  # road: the three tile shades
+    (255, 255, 255), (255, 0, 0),  # kerb: white and red
+    (204, 0, 0), (0, 0, 0), (77, 77, 77),  # car: hull, wheels, wheel stripes (and black off the field)
+], dtype=np.int32)
+_PALETTE_CLASS = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+
+
+def classify(frames: np.ndarray) -> np.ndarray:
+    """Class index into :data:`CLASSES` of every pixel: uint8 (..., 64, 64, 3) -> int (..., 64, 64)."""
+    distance = ((np.asarray(frames, np.int32)[..., None, :] - _PALETTE) ** 2).sum(axis=-1)
+    return _PALETTE_CLASS[distance.argmin(axis=-1)]
+
+
+def parity(fast: np.ndarray, stock: np.ndarray) -> dict:
+    """How far fast frames are from stock frames of the same states, both uint8 (N, 64, 64, 3).
+
+    Returns mean, 99th percentile and max of |difference| in intensity levels (over every
+    channel of every pixel), the share of pixels that differ at all and by more than 8 levels,
+    and per class of :data:`CLASSES`: the share of all pixels where the two class masks agree,
+    and the masks' intersection over union.
+    """
+    if fast.shape != stock.shape or fast.ndim != 4:
+        raise ValueError(f"expected two (N, 64, 64, 3) batches of the same shape, got {fast.shape} and {stock.shape}")
+    difference = np.abs(fast.astype(np.int16) - stock.astype(np.int16))
+    largest = difference.max(axis=-1)
+    fast_class, stock_class = classify(fast), classify(stock)
+    classes = {}
+    for index, name in enumerate(CLASSES):
+        a, b = fast_class == index, stock_class == index
+        union = int((a | b).sum())
+        classes[name] = {"agreement": float((a == b).mean()),
+                         "iou": float((a & b).sum() / union) if union else 1.0,
+                         "share_of_pixels": float(b.mean())}
+    return {"frames": int(len(fast)), "mean": float(difference.mean()), "p99": float(np.percentile(difference, 99)),
+            "max": int(difference.max()), "share_differing": float((largest > 0).mean()),
+            "share_above_8": float((largest > 8).mean()), "classes": classes}
