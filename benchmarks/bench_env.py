@@ -18,7 +18,9 @@ alike:
 * physics only: the same env with its drawing replaced by a constant frame, the limit.
 
 Every reward and termination is compared (only drawing differs). Prints agent steps/s (an
-agent step = env step + the 64x64 frame the agent sees) and the ratio to the stock env.
+agent step = env step + the 64x64 frame the agent sees) and the ratio to the stock env. Then
+stage 1's episode recorder (``worldmodels.collect.record_episode``) runs ``--record``
+episodes with ``make_env()``'s and with the fast observation, alternating, and prints frames/s.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from worldmodels.collect import record_episode  # noqa: E402
 from worldmodels.env import ENV_ID, BrownianPolicy, episode_seed, make_env, preprocess  # noqa: E402
 
 ROWS = {
@@ -54,9 +57,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=3, help="episodes per environment (default 3)")
     parser.add_argument("--steps", type=int, default=500, help="steps per episode (default 500)")
+    parser.add_argument("--record", type=int, default=2, help="stage-1 episodes recorded each way (default 2; 0 skips)")
     args = parser.parse_args(argv)
-    if args.episodes < 1 or args.steps < 1:
-        parser.error("--episodes and --steps must be >= 1")
+    if args.episodes < 1 or args.steps < 1 or args.record < 0:
+        parser.error("--episodes and --steps must be >= 1, --record >= 0")
 
     import gymnasium as gym
 
@@ -101,7 +105,23 @@ def main(argv=None) -> int:
     print(f"{'environment':<42} {'steps/s':>8} {'ratio':>6}")
     for key, title in ROWS.items():
         print(f"{title:<42} {rate[key]:>8.0f} {rate[key] / rate['stock']:>6.2f}")
+    if args.record:
+        record_rates(args.record, args.steps)
     return 0
+
+
+def record_rates(episodes: int, steps: int) -> None:
+    """Stage 1's recorder with make_env()'s and with the fast observation, alternating episodes."""
+    seconds, frames = {"stock": 0.0, "fast": 0.0}, {"stock": 0, "fast": 0}
+    for episode in range(episodes):
+        for observation in seconds:
+            start = time.perf_counter()
+            recorded = record_episode(steps, "brownian", episode_seed(1, episode), observation)
+            seconds[observation] += time.perf_counter() - start
+            frames[observation] += len(recorded["action"])
+    rate = {key: frames[key] / seconds[key] for key in seconds}
+    print(f"stage 1 record_episode, {episodes} episode(s) each: make_env() {rate['stock']:.0f} frames/s, "
+          f"fast {rate['fast']:.0f} frames/s ({rate['fast'] / rate['stock']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ must change nothing but the drawing: physics and rewards stay bit-identical.
 import numpy as np
 import pytest
 
+from tests.conftest import assert_user_error, run_script
 from worldmodels import env as wenv
 from worldmodels import fast_render
 
@@ -144,3 +145,9 @@ def test_pool_builds_fast_envs_and_switches_them():
         fast.set_observation("stock")
         np.testing.assert_array_equal(fast.reset(seeds), stock.reset(seeds))
     assert frames_fast.shape == frames_stock.shape
+
+
+def test_evaluation_never_writes_the_reported_score_from_fast_frames(tmp_path):
+    """controller/metrics.json is the reported score: a fast-frame score must go to another file."""
+    proc = run_script("evaluate_controller.py", "--set", "env.observation=fast", data_dir=tmp_path, check=False)
+    assert_user_error(proc, "metrics.json", "stock observation", "--output")
