@@ -136,8 +136,9 @@ def road_vertices(car_racing) -> np.ndarray:
 
 
 def world_to_pixels(polygons: np.ndarray, zoom: float, translation, angle: float) -> np.ndarray:
-    """World polygons (n, k, 2) -> drawing-surface pixels (n, k, 2), as ``_draw_colored_polygon`` maps them
-    (rotate by ``angle``, scale by ``zoom``, add ``translation``; the vertical flip comes later)."""
+    """World points (..., 2), e.g. polygons (n, k, 2) -> drawing-surface pixels of the same shape, as
+    ``_draw_colored_polygon`` maps them (rotate by ``angle``, scale by ``zoom``, add ``translation``;
+    the vertical flip comes later)."""
     c, s = np.cos(angle), np.sin(angle)
     x, y = polygons[..., 0], polygons[..., 1]
     return np.stack([(x * c - y * s) * zoom + translation[0], (x * s + y * c) * zoom + translation[1]], axis=-1)

@@ -32,10 +32,12 @@ from pygame import gfxdraw  # noqa: E402
 
 from worldmodels.env import CROP_ROWS, FRAME_SIZE, grass_polygons, preprocess, road_vertices, world_to_pixels  # noqa: E402
 
-# Chosen by measurement over 150 states of 2 seeds (fill only, one 64-pixel = 15.6 x 10.9 window
-# pixels): DOWNSCALE 1 -> mean |difference| 0.03 levels, 2.0 ms per frame; 2 -> 0.11 levels,
-# 0.8 ms; 4 -> 0.28 levels, 0.7 ms; 8 -> 1.1 levels. At 2 the drawing is no longer the
-# bottleneck (Box2D is ~0.35 ms a step) and the error is far below one intensity level on average.
+# Chosen by measurement (a prototype of this renderer over 150 states of 2 tracks, mean |difference|
+# from the stock frame in levels, drawing time per frame on the shared 2-core machine): DOWNSCALE
+# 1 -> 0.03, 2.0 ms; 2 -> 0.11, 0.8 ms; 4 -> 0.28, 0.7 ms; 8 -> 1.1. At 4, shrinking the canvas
+# straight to 64x64 with smoothscale gave 0.45 and with Pillow's bilinear 2.1, against 0.28 for
+# the stock pipeline's two filters; at 2, gymnasium's anti-aliased outline on top of the fill gave
+# 0.125 and pygame.draw.polygon 0.144, against 0.106 for gfxdraw's fill alone.
 DOWNSCALE = 2
 KEPT_ROWS = WINDOW_H * CROP_ROWS // STATE_W  # 700: window rows (after the flip) that the crop keeps
 CANVAS = (WINDOW_W // DOWNSCALE, KEPT_ROWS // DOWNSCALE)  # (width, height) = (500, 350)
@@ -109,8 +111,8 @@ def render_observation(car_racing: CarRacing) -> np.ndarray:
         surface = car_racing._wm_canvas = pygame.Surface(CANVAS)
 
     def fill(points: np.ndarray, color) -> None:
-        # Only the filled polygon: at this size gymnasium's extra anti-aliased outline would widen
-        # every shape by a canvas pixel (measured: mean error 0.125 with it, 0.106 without).
+        # Only the filled polygon: at this size gymnasium's extra anti-aliased outline widens every
+        # shape by a canvas pixel (see DOWNSCALE for the measurement).
         gfxdraw.filled_polygon(surface, points.tolist(), [int(c) for c in color])
 
     # Away from the playfield's edge the field polygon covers everything: filling the canvas is
