@@ -40,7 +40,13 @@ def _states(seeds, steps):
 
 @pytest.fixture(scope="module")
 def frames():
-    return _states(seeds=[11, 12, 13], steps=120)
+    return _states(seeds=[11, 12, 13], steps=100)
+
+
+@pytest.fixture(scope="module")
+def measured(frames):
+    fast, stock, _ = frames
+    return fast_render.parity(fast, stock)
 
 
 def test_fast_observation_has_the_stock_frames_shape_dtype_and_range():
@@ -55,10 +61,10 @@ def test_fast_observation_has_the_stock_frames_shape_dtype_and_range():
     env.close()
 
 
-def test_fast_frames_match_stock_frames_over_a_few_hundred_states(frames):
+def test_fast_frames_match_stock_frames_over_a_few_hundred_states(frames, measured):
     fast, stock, times = frames
     assert len(fast) >= 300
-    result = fast_render.parity(fast, stock)
+    result = measured
     assert result["mean"] < MEAN_BOUND, result
     assert result["p99"] <= P99_BOUND, result
     # The zoom-in (first 50 steps of each episode) shows the whole track small: bound it on its own.
@@ -67,9 +73,8 @@ def test_fast_frames_match_stock_frames_over_a_few_hundred_states(frames):
     assert fast_render.parity(fast[zoom_in], stock[zoom_in])["mean"] < 2 * MEAN_BOUND
 
 
-def test_road_grass_car_and_kerbs_are_where_the_stock_frame_has_them(frames):
-    fast, stock, _ = frames
-    classes = fast_render.parity(fast, stock)["classes"]
+def test_road_grass_car_and_kerbs_are_where_the_stock_frame_has_them(measured):
+    classes = measured["classes"]
     for name, row in classes.items():
         assert row["agreement"] >= MASK_AGREEMENT, (name, row)
     assert classes["road"]["share_of_pixels"] > 0.05 and classes["car"]["share_of_pixels"] > 0.001
@@ -78,16 +83,17 @@ def test_road_grass_car_and_kerbs_are_where_the_stock_frame_has_them(frames):
 def test_parity_would_catch_a_shifted_camera(frames):
     """The bounds are not vacuous: the same frames one pixel apart already break them."""
     fast, stock, _ = frames
-    assert fast_render.parity(np.roll(fast, 1, axis=2), stock)["mean"] > MEAN_BOUND
+    assert np.abs(np.roll(fast, 1, axis=2).astype(np.int16) - stock).mean() > MEAN_BOUND
 
 
 @pytest.mark.parametrize("seed", [5, 6])
 def test_physics_and_rewards_are_bit_identical_to_the_stock_env(seed):
-    fast, stock = wenv.make_env(200, observation="fast"), wenv.make_env(200)
+    fast, stock = wenv.make_env(120, observation="fast"), wenv.make_env(120)
     fast.reset(seed=seed)
     stock.reset(seed=seed)
     policy = wenv.BrownianPolicy(np.random.default_rng(seed))
-    for t in range(200):
+    tiles = 0
+    for t in range(120):
         action = policy()
         _, r_fast, term_fast, trunc_fast, _ = fast.step(action)
         _, r_stock, term_stock, trunc_stock, _ = stock.step(action)
@@ -95,8 +101,10 @@ def test_physics_and_rewards_are_bit_identical_to_the_stock_env(seed):
         a, b = fast.unwrapped, stock.unwrapped
         assert tuple(a.car.hull.position) == tuple(b.car.hull.position), f"step {t}"
         assert a.car.hull.angle == b.car.hull.angle and a.tile_visited_count == b.tile_visited_count
+        tiles += r_stock > 0
         if term_stock or trunc_stock:
             break
+    assert tiles >= 3  # the car did reach new tiles, so the rewards compared include tile rewards
     fast.close()
     stock.close()
 

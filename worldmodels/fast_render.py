@@ -163,9 +163,17 @@ _PALETTE_CLASS = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
 
 
 def classify(frames: np.ndarray) -> np.ndarray:
-    """Class index into :data:`CLASSES` of every pixel: uint8 (..., 64, 64, 3) -> int (..., 64, 64)."""
-    distance = ((np.asarray(frames, np.int32)[..., None, :] - _PALETTE) ** 2).sum(axis=-1)
-    return _PALETTE_CLASS[distance.argmin(axis=-1)]
+    """Class index into :data:`CLASSES` of every pixel: uint8 (..., 64, 64, 3) -> int8 (..., 64, 64)."""
+    frames = np.asarray(frames, np.int32)
+    # One palette colour at a time keeps memory at a few copies of the frames (not ten).
+    nearest = np.full(frames.shape[:-1], np.iinfo(np.int32).max, np.int32)
+    label = np.zeros(frames.shape[:-1], np.int8)
+    for colour, index in zip(_PALETTE, _PALETTE_CLASS):
+        distance = ((frames - colour) ** 2).sum(axis=-1)
+        closer = distance < nearest
+        nearest[closer] = distance[closer]
+        label[closer] = index
+    return label
 
 
 def parity(fast: np.ndarray, stock: np.ndarray) -> dict:
