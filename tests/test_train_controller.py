@@ -214,3 +214,81 @@ def test_early_stop_and_racing_cut_training_steps_only_and_resume_exactly(raced,
     kill_then_resume_controller(data, data / "controller", out, TRAIN + CHEAP, GENERATIONS)
     strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(data / "controller" / "history.csv")]
     assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in history]
+
+
+# --------------------------------------------------------------------------- evaluation anyone can repeat
+
+
+def run_plain(script, *args):
+    """A script run without the --preset that run_script always adds."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    target = [script] if script.startswith("-") else [str(REPO / script)]  # "-m", "module" as given
+    return subprocess.run([sys.executable, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trained):
+    data, _ = trained
+    folder = data / "controller"
+    before = (folder / "metrics.json").read_bytes()
+    reference = json.loads(before)
+    proc = run_plain("evaluate_controller.py", "--data-dir", str(data))
+    assert proc.returncode == 0, proc.stderr
+    base = FINAL_EVAL_SEED_OFFSET + SMOKE.controller.seed
+    metrics = json.loads((folder / f"evaluation_s{base}_n2.json").read_text())
+    assert metrics["lengths"] == [30, 30]  # the controller's saved step limit, not the default preset's 1000
+    assert metrics["scores"] == reference["scores"] and metrics["seeds"] == reference["seeds"]
+    assert (folder / "metrics.json").read_bytes() == before
+    rows = read_csv(folder / f"evaluation_s{base}_n2.csv")
+    assert [float(row["return"]) for row in rows] == metrics["scores"]
+    assert metrics["iqm"] == pytest.approx(np.mean(metrics["scores"]))  # 2 tracks: nothing is trimmed
+    assert metrics["iqm_ci95"][0] <= metrics["iqm"] <= metrics["iqm_ci95"][1]
+
+    assert_user_error(run_plain("evaluate_controller.py", "--data-dir", str(data), "--preset", "quick"),
+                      "disagrees", "preset smoke")
+    other = run_plain("evaluate_controller.py", "--data-dir", str(data), "--track-seed", "5", "--episodes", "3",
+                      "--set", "controller.max_steps=20")
+    assert other.returncode == 0 and "controller.max_steps=20 (trained with 30)" in other.stderr
+    mine = json.loads((folder / "evaluation_s5_n3.json").read_text())
+    assert mine["seeds"] == heldout_seeds(5, 3, 0).tolist() and mine["lengths"] == [20, 20, 20]
+
+
+def test_evaluate_summary_statistics():
+    import evaluate_controller as ec
+
+    scores = np.array([-50.0, 10.0, 20.0, 30.0, 40.0, 900.0, 910.0, 1000.0])
+    summary = ec.summarise(scores, resamples=2000)
+    assert summary["iqm"] == pytest.approx(np.mean([20.0, 30.0, 40.0, 900.0]))
+    assert summary["sem"] == pytest.approx(scores.std(ddof=1) / np.sqrt(8))
+    low, high = summary["iqm_ci95"]
+    assert low < summary["iqm"] < high
+    assert ec.summarise(scores, resamples=2000) == summary  # a fixed bootstrap seed: the same interval
+
+
+# --------------------------------------------------------------------------- the shipped agent
+
+
+def test_a_pretrained_agent_scores_identically_after_a_round_trip_and_refuses_a_changed_file(trained, tmp_path):
+    data, _ = trained
+    reference = json.loads((data / "controller" / "metrics.json").read_text())
+    agent = tmp_path / "pretrained" / "tiny"
+    made = run_plain("-m", "worldmodels.pretrained", "export", "--data-dir", str(data), "--name", str(agent))
+    assert made.returncode == 0, made.stderr
+    proc = run_plain("evaluate_controller.py", "--pretrained", str(agent), "--output", str(tmp_path / "tiny.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "tiny.json").read_text())["scores"] == reference["scores"]
+
+    half = tmp_path / "pretrained" / "half"
+    assert run_plain("-m", "worldmodels.pretrained", "export", "--data-dir", str(data), "--name", str(half),
+                     "--float16").returncode == 0
+    assert (half / "vision.npz").stat().st_size < 0.6 * (agent / "vision.npz").stat().st_size
+
+    damaged = bytearray((agent / "rnn.npz").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (agent / "rnn.npz").write_bytes(bytes(damaged))
+    proc = run_plain("evaluate_controller.py", "--pretrained", str(agent))
+    assert_user_error(proc, "rnn.npz", "SHA-256")
+    assert len(proc.stderr.strip().splitlines()) == 1
