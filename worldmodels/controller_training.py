@@ -15,6 +15,13 @@ of a generation run at once through :func:`worldmodels.rollout.run_episodes`:
   ``dream.batch_size`` agents per compiled step, ``dream.max_steps`` steps, temperature
   ``dream.temperature``, starts from the real frames in ``<data>/series/``.
 
+Cheaper training episodes (never cheaper evaluations): ``controller.patience`` stops a real
+training episode after that many steps without a new tile and books the rest at -0.1 a step
+(:func:`rollout.run_episodes`); ``controller.racing`` lets every member drive the first track
+and only the better half the others (:func:`race`, which says how the eliminated are ranked).
+``controller.z_input`` is what C and M see of V's posterior (:class:`rollout.RealWorld`).
+:func:`training_observation` is where training episodes would get a cheaper observation.
+
 Every ``controller.eval_every`` generations (and after the last) the CMA mean is scored on
 ``controller.eval_episodes`` fixed held-out tracks of the *real* environment; when training
 in the dream it is also scored on as many held-out dream episodes. The best-scoring mean is
@@ -30,7 +37,8 @@ Output folder: ``<data>/controller/`` for real training and
 1.0 -> ``t1``), so the real-trained controller and one dream controller per temperature
 live side by side. Each holds ``config.json``, ``evolution.pkl``, ``history.csv`` (per
 generation: best, mean, std, worst fitness - dream returns when training in the dream -
-and sigma), ``eval.csv`` (generation, mean, std on the real held-out tracks; plus
+sigma, elapsed seconds and the environment steps it took), ``eval.csv`` (generation, mean,
+std on the real held-out tracks, and the evaluation's env_steps and seconds; plus
 dream_mean, dream_std for dream training), ``controller.npz`` (``params``: the selected CMA
 mean; ``mean``: the current CMA mean; ``best_member``), ``learning_curve.png``, ``logs/``
 (TensorBoard) and ``metrics.json``.
