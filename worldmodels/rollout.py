@@ -78,6 +78,29 @@ def _wave_controller(params, k, start, stop):
     return params[np.arange(start, stop) // k], 1
 
 
+def _check_run(world, params, seeds, max_steps, max_concurrent, patience):
+    """:func:`run_episodes`' arguments checked: ``(params (P, N) float64, seeds (P, K), capacity)``."""
+    params = np.asarray(params, dtype=np.float64)
+    seeds = np.asarray(seeds)
+    n = num_parameters(world.z_size, world.hidden_size, ACTION_SIZE)
+    if params.ndim != 2 or params.shape[1] != n:
+        raise ValueError(f"params must have shape (P, {n}) for z_size={world.z_size}, "
+                         f"hidden={world.hidden_size}, got {params.shape}")
+    if seeds.ndim != 2 or seeds.shape[0] != params.shape[0] or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"seeds must be an integer array of shape (P, K) with P = {params.shape[0]}, "
+                         f"got {seeds.dtype} {seeds.shape}")
+    if int(max_steps) != max_steps or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    capacity = int(world.capacity)
+    if max_concurrent is not None:
+        if int(max_concurrent) != max_concurrent or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+        capacity = min(capacity, int(max_concurrent))
+    if patience is not None and (int(patience) != patience or patience < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    return params, seeds, capacity
+
+
 def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
                  record_actions: bool = False, progress: str | None = None, patience: int | None = None) -> Rollouts:
     """Run P controllers on K tracks each in ``world`` and return every episode's return.
@@ -107,24 +130,7 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         (terminated or truncated by the world, after ``max_steps``, or by ``patience``); its
         return is the sum of the rewards of its own steps plus the booked ones.
     """
-    params = np.asarray(params, dtype=np.float64)
-    seeds = np.asarray(seeds)
-    n = num_parameters(world.z_size, world.hidden_size, ACTION_SIZE)
-    if params.ndim != 2 or params.shape[1] != n:
-        raise ValueError(f"params must have shape (P, {n}) for z_size={world.z_size}, "
-                         f"hidden={world.hidden_size}, got {params.shape}")
-    if seeds.ndim != 2 or seeds.shape[0] != params.shape[0] or not np.issubdtype(seeds.dtype, np.integer):
-        raise ValueError(f"seeds must be an integer array of shape (P, K) with P = {params.shape[0]}, "
-                         f"got {seeds.dtype} {seeds.shape}")
-    if int(max_steps) != max_steps or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    capacity = int(world.capacity)
-    if max_concurrent is not None:
-        if int(max_concurrent) != max_concurrent or max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
-        capacity = min(capacity, int(max_concurrent))
-    if patience is not None and (int(patience) != patience or patience < 1):
-        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    params, seeds, capacity = _check_run(world, params, seeds, max_steps, max_concurrent, patience)
 
     p_count, k = seeds.shape
     total = p_count * k
