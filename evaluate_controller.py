@@ -221,14 +221,15 @@ def evaluate_saved(cfg, data_dir: Path, params: np.ndarray, episodes: int, max_c
 
 
 def load_agent(args, parser):
-    """``(cfg, V, M, params, description, folder)`` of ``--pretrained`` or of a controller under ``--data-dir``."""
+    """``(cfg, V, M, params, description, folder, generation)`` of ``--pretrained`` or of a controller
+    under ``--data-dir``."""
     if args.pretrained:
         from worldmodels import pretrained
 
         cfg, vae, rnn, params, info = pretrained.load(args.pretrained)
         where = pretrained.folder(args.pretrained)
         cfg = resolve_config(args, parser, where)
-        return cfg, vae, rnn, params, f"pretrained agent {where} (generation {info['generation']})", where
+        return cfg, vae, rnn, params, f"pretrained agent {where}", where, info["generation"]
     path = args.controller or args.data_dir / "controller" / "controller.npz"
     cfg = resolve_config(args, parser, path.parent)
     envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
@@ -238,7 +239,7 @@ def load_agent(args, parser):
             raise storage.MissingDataError(f"no trained model at {model_path}; make it first with: {command}")
     params, info = load_controller(path, args.which, cfg.vae.z_size, cfg.rnn.hidden_units)
     vae, rnn = rollout.load_world_models(args.data_dir, cfg)
-    return cfg, vae, rnn, params, f"{path} ({args.which}, generation {info.get('generation', '?')})", path.parent
+    return cfg, vae, rnn, params, f"{path} ({args.which})", path.parent, info.get("generation")
 
 
 def main(argv=None) -> int:
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
         parser.error("give --output or --replace-metrics, not both")
     if args.video:
         video_writer_check(args.video)
-    cfg, vae, rnn, params, description, folder = load_agent(args, parser)
+    cfg, vae, rnn, params, description, folder, generation = load_agent(args, parser)
     c = cfg.controller
     episodes = c.final_eval_episodes if args.episodes is None else args.episodes
     base = rollout.FINAL_EVAL_SEED_OFFSET + c.seed if args.track_seed is None else args.track_seed
@@ -277,14 +278,14 @@ def main(argv=None) -> int:
     output = (folder / "metrics.json" if args.replace_metrics
               else args.output or folder / f"evaluation_s{base}_n{episodes}.json")
 
-    print(f"[eval] {description} on {episodes} tracks (episode_seed({base}, i)) of <= {c.max_steps} steps, "
-          f"z: {c.z_input}")
+    print(f"[eval] {description}, generation {generation}, on {episodes} tracks (episode_seed({base}, i)) of "
+          f"<= {c.max_steps} steps, z: {c.z_input}")
     metrics = evaluate_params(cfg, vae, rnn, params, seeds, args.max_concurrent, bool(args.video))
     actions = metrics.pop("actions", None)
     metrics.update(summarise(metrics["scores"]))
     metrics.update(episodes=episodes, track_seed=base, seed_stream=f"episode_seed({base}, i)", max_steps=c.max_steps,
                    z_input=c.z_input, preset=cfg.preset, agent=description, which=args.which,
-                   command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
+                   generation=generation, command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
     if args.video:
         replayed = {}
         count = write_video(replay_frames(metrics["seeds"][0], actions[0], c.max_steps, replayed), args.video)

@@ -261,8 +261,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 def test_unknown_extras_and_old_rows_without_them(tmp_path):
     with pytest.raises(ValueError, match="unknown extras"):
         make(tmp_path).run(lambda s, g, rng: (noisy_quadratic(s, g, rng), {"steps": 1}), 1)
-    # Rows without extras (a fitness_fn that returns only fitness, or an older checkpoint) write empty cells.
+    # Rows without extras (a fitness_fn that returns only fitness, or an older checkpoint) write nan.
     evolution = make(tmp_path / "plain")
     evolution.run(noisy_quadratic, 1)
     with open(tmp_path / "plain" / "run" / HISTORY_NAME, newline="") as f:
-        assert next(csv.DictReader(f))["env_steps"] == ""
+        assert next(csv.DictReader(f))["env_steps"] == "nan"

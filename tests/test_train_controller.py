@@ -181,7 +181,7 @@ def test_racing_keeps_exactly_the_better_half_by_the_first_track_and_ranks_the_r
 
 def test_search_cost_adds_training_and_evaluation_steps_and_time():
     history = [{"generation": g, "elapsed": 10.0 * g, "env_steps": 100} for g in (1, 2, 3)]
-    history[0]["env_steps"] = ""  # a row of an older checkpoint counts as 0
+    history[0]["env_steps"] = "nan"  # a row of an older checkpoint counts as 0
     evals = {2: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 1.0},
              3: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 2.0}}
     assert search_cost(history, evals) == {2: (150, 21.0), 3: (300, 33.0)}

@@ -77,9 +77,9 @@ COMPATIBLE_KEYS = artifacts.RNN_KEYS + (
 )
 DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
 EVAL_NAME = "eval.csv"
-# env_steps and seconds: what the evaluation cost (empty in rows of older files).
+# env_steps and seconds: what the evaluation cost (nan in rows of older files).
 EVAL_FIELDS = ("generation", "mean", "std", "env_steps", "seconds")
-DREAM_EVAL_FIELDS = EVAL_FIELDS + ("dream_mean", "dream_std")
+DREAM_EVAL_FIELDS = EVAL_FIELDS[:3] + ("dream_mean", "dream_std") + EVAL_FIELDS[3:]
 CONTROLLER_NAME = "controller.npz"
 METRICS_NAME = "metrics.json"
 DEFAULT_MAX_CONCURRENT = 256
@@ -128,7 +128,7 @@ def write_evals(path, evals: dict, fields=EVAL_FIELDS) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fields)
-    writer.writerows([g] + [row.get(key, "") for key in fields[1:]] for g, row in sorted(evals.items()))
+    writer.writerows([g] + [row.get(key, math.nan) for key in fields[1:]] for g, row in sorted(evals.items()))
     storage.atomic_write_text(path, buffer.getvalue())
 
 

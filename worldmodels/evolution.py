@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 CHECKPOINT_NAME = "evolution.pkl"
 HISTORY_NAME = "history.csv"
 HISTORY_FIELDS = ("generation", "best", "mean", "std", "worst", "sigma", "elapsed", "env_steps")
-# Filled in by fitness_fn's extras (see Evolution.run); empty in rows of older checkpoints.
+# Filled in by fitness_fn's extras (see Evolution.run); "nan" in rows of older checkpoints.
 EXTRA_FIELDS = ("env_steps",)
 _STATE_KEYS = frozenset(
     {"format_version", "settings", "generation", "es", "cma_random_state", "rng_state",
@@ -340,7 +340,7 @@ class Evolution:
 
     def _write_history(self) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, restval="", lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, restval="nan", lineterminator="\n")
         writer.writeheader()
         writer.writerows(self._history)
         atomic_write_text(self.history_path, buffer.getvalue())

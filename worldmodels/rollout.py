@@ -17,8 +17,9 @@ CarRacing-v3: a :class:`~worldmodels.envpool.CarRacingPool` plus one batched V e
 batched M step per time step. The dream implements the same interface, so the loop itself
 knows nothing about environments.
 
-The order of one time step follows the paper: z_t = V(frame_t), a_t = C([z_t, h_t]) with h_t the LSTM state *before* it has seen (z_t, a_t), then
-h_{t+1} = M(h_t, [z_t, a_t]) and the environment applies a_t. What z_t is, is
+The order of one time step follows the paper: z_t = V(frame_t), a_t = C([z_t, h_t]) with
+h_t the LSTM state *before* it has seen (z_t, a_t), then h_{t+1} = M(h_t, [z_t, a_t]) and
+the environment applies a_t. What z_t is, is
 ``controller.z_input`` (:data:`Z_INPUTS`): ``sample`` (the paper's code and the default) draws
 z_t = mu + exp(logvar / 2) * eps from V's posterior, as M was trained on and as C sees in the
 dream, where every z is one of M's samples; ``mean`` feeds the posterior mean mu (what this
