@@ -130,6 +130,11 @@ class ControllerConfig:
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
     ray_address: str = _f("", "address of a Ray cluster for backend 'ray' ('' starts a local one)")
     seed: int = _f(0, "seed of CMA-ES and of the training tracks")
+    patience: int = _f(0, "training episodes stop after this many steps without a new tile, the rest booked at "
+                          "-0.1 a step (0 = never; evaluations always run in full)")
+    racing: bool = _f(False, "every member drives a generation's first track, only the better half the others "
+                             "(needs rollouts_per_member >= 2)")
+    z_input: str = _f("sample", "what C and M see of V's posterior in the real env: 'sample' (paper's code) or 'mean'")
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "controller.final_eval_episodes": 16,
         "dream.max_steps": 500,
         "dream.batch_size": 64,
+    },
+    # The long controller search on a 2-core CPU machine (issue 18): lucid-dream-racer's search
+    # (population 32 x 4 tracks, a stop after 200 steps without a tile, racing), V and M on
+    # 1000 rollouts as ctallec/world-models. Meant to be run for many hours and resumed.
+    "cpu": {
+        "data.episodes": 1000,
+        "vae.epochs": 5,
+        "vae_gan.epochs": 5,
+        "rnn.steps": 4000,
+        "rnn.batch_size": 32,
+        "controller.population": 32,
+        "controller.rollouts_per_member": 4,
+        "controller.generations": 400,
+        "controller.patience": 200,
+        "controller.racing": True,
+        "controller.eval_every": 10,
+        "controller.eval_episodes": 32,
+        "controller.final_eval_episodes": 100,
+        "dream.batch_size": 512,
     },
     # Tests: a few short episodes and tiny epochs, so the full pipeline runs in seconds to minutes.
     "smoke": {
@@ -319,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vae.model": ("vae", "vae_gan"),
     "vae_gan.adversarial": ("gan", "wgan-gp"),
     "controller.env": ("real", "dream"),
+    "controller.z_input": ("sample", "mean"),
     "controller.backend": ("serial", "process", "ray"),
 }
 
@@ -344,7 +369,7 @@ def _validate(cfg: Config) -> None:
     non_negative = [
         "data.workers", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
-        "vae_gan.equilibrium_margin",
+        "vae_gan.equilibrium_margin", "controller.patience",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
@@ -358,6 +383,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"rnn.dropout must be in [0, 1), got {cfg.rnn.dropout}")
     if cfg.controller.population < 2:
         raise ConfigError("controller.population must be at least 2 for CMA-ES")
+    if cfg.controller.racing and cfg.controller.rollouts_per_member < 2:
+        raise ConfigError("controller.racing needs controller.rollouts_per_member >= 2 (it halves the population "
+                          "after the first track)")
     temps = (cfg.dream.temperature, *cfg.dream.temperatures)
     if any(t <= 0 for t in temps):
         raise ConfigError(f"dream temperatures must be > 0, got {temps}")
@@ -440,8 +468,16 @@ RETIRED_KEYS = {
 }
 
 
+# Keys added later whose default is not what older artifacts were made with: a saved config that
+# lacks one gets the value that reproduces how the artifact was made, not today's default.
+LEGACY_VALUES = {
+    "controller.z_input": "mean",  # controllers before z_input was a choice were fed V's posterior mean
+}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config saved by :func:`save_config`; unknown keys are an error (retired ones are dropped), missing ones default."""
+    """Rebuild a config saved by :func:`save_config`; unknown keys are an error (retired ones are dropped),
+    missing ones default (those of :data:`LEGACY_VALUES` to their old value)."""
     if not isinstance(data, dict):
         raise ConfigError("a saved config must be a JSON object")
     overrides = {}
@@ -451,6 +487,10 @@ def from_dict(data: dict[str, Any]) -> Config:
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"unknown config section {section!r} in saved config")
         overrides.update({f"{section}.{k}": v for k, v in values.items() if f"{section}.{k}" not in RETIRED_KEYS})
+    for key, value in LEGACY_VALUES.items():
+        section, _, name = key.partition(".")
+        if isinstance(data.get(section), dict) and name not in data[section]:
+            overrides[key] = value
     cfg = Config(preset=str(data.get("preset", DEFAULT_PRESET)))
     return apply_overrides(cfg, overrides)
 

@@ -59,7 +59,7 @@ def real_trained_row(data_dir: Path, seeds: list, max_steps: int) -> tuple[dict 
     metrics = storage.read_json(path)
     if metrics.get("seeds") != list(seeds) or metrics.get("max_steps") != max_steps:
         return None, (f"{path} was scored on other tracks or another step limit than the study; "
-                      "not compared (rerun evaluate_controller.py with this config)")
+                      "not compared (rerun evaluate_controller.py --replace-metrics with this config)")
     return {"real_mean": metrics["mean"], "real_std": metrics["std"], "real_episodes": len(metrics["seeds"]),
             "generation": metrics.get("generation"), "folder": str(path.parent)}, f"compared with {path}"
 

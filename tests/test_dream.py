@@ -288,7 +288,7 @@ def test_05_dream_writes_dream_and_real_scores(dream_trained):
     history = read_csv(out / "history.csv")
     assert [int(row["generation"]) for row in history] == list(range(1, GENERATIONS + 1))
     evals = read_csv(out / "eval.csv")
-    assert list(evals[0]) == ["generation", "mean", "std", "dream_mean", "dream_std"]
+    assert list(evals[0]) == ["generation", "mean", "std", "dream_mean", "dream_std", "env_steps", "seconds"]
     assert [int(row["generation"]) for row in evals] == list(range(1, GENERATIONS + 1))  # smoke: eval_every=1
     # Real held-out scores: 30-step CarRacing episodes lose 0.1 a frame and gain per tile, never M's numbers.
     assert all(float(row["mean"]) != float(row["dream_mean"]) for row in evals)

@@ -106,7 +106,7 @@ def test_rows_checkpoint_and_history_csv(tmp_path):
         # A later checkpoint must exist only after the previous generation completed.
         assert len(rows) == generation - 1
         returned.append(noisy_quadratic(solutions, generation, rng))
-        return returned[-1]
+        return returned[-1], {"env_steps": 10 * generation}  # extras land in the history row
 
     evolution = make(tmp_path)
     evolution.run(recording, 5, on_generation=rows.append)
@@ -118,6 +118,7 @@ def test_rows_checkpoint_and_history_csv(tmp_path):
         assert (row["best"], row["mean"], row["worst"]) == (fitness.max(), fitness.mean(), fitness.min())
         assert row["std"] == pytest.approx(fitness.std())
     assert rows[-1]["sigma"] == evolution.sigma
+    assert [row["env_steps"] for row in rows] == [10, 20, 30, 40, 50]
     assert all(b["elapsed"] >= a["elapsed"] > 0 for a, b in zip(rows, rows[1:]))
 
     with open(tmp_path / "run" / HISTORY_NAME, newline="") as f:
@@ -255,3 +256,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert without_elapsed(resumed.history) == without_elapsed(reference.history)
     assert completed_generations(folder) == generations
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_unknown_extras_and_old_rows_without_them(tmp_path):
+    with pytest.raises(ValueError, match="unknown extras"):
+        make(tmp_path).run(lambda s, g, rng: (noisy_quadratic(s, g, rng), {"steps": 1}), 1)
+    # Rows without extras (a fitness_fn that returns only fitness, or an older checkpoint) write nan.
+    evolution = make(tmp_path / "plain")
+    evolution.run(noisy_quadratic, 1)
+    with open(tmp_path / "plain" / "run" / HISTORY_NAME, newline="") as f:
+        assert next(csv.DictReader(f))["env_steps"] == "nan"

@@ -158,5 +158,6 @@ def test_pool_builds_fast_envs_and_switches_them():
 
 def test_evaluation_never_writes_the_reported_score_from_fast_frames(tmp_path):
     """controller/metrics.json is the reported score: a fast-frame score must go to another file."""
-    proc = run_script("evaluate_controller.py", "--set", "env.observation=fast", data_dir=tmp_path, check=False)
-    assert_user_error(proc, "metrics.json", "stock observation", "--output")
+    proc = run_script("evaluate_controller.py", "--set", "env.observation=fast", "--replace-metrics",
+                      data_dir=tmp_path, check=False)
+    assert_user_error(proc, "metrics.json", "stock observation", "--replace-metrics")

@@ -326,3 +326,99 @@ def test_controller_sees_the_lstm_state_before_it_is_updated(models):
             np.testing.assert_allclose(world.actions[t][agent], expected, rtol=1e-5, atol=1e-6)
             state = rnn.step(world.z[t][agent:agent + 1], world.actions[t][agent:agent + 1], state)["state"]
     assert not np.any(world.h[0]) and np.any(world.h[1]), "h_0 is M's zero state; h_1 has seen (z_0, a_0)"
+
+
+# --------------------------------------------------------------------------- early stop (patience)
+
+
+class TileWorld:
+    """A world whose agent on track s finds a tile (+1) at each of its first s steps, then only
+    pays -0.1 a step (CarRacing without progress) until ``length`` steps, where it terminates."""
+
+    z_size, hidden_size = 2, 3
+
+    def __init__(self, capacity=64, length=1000):
+        self.capacity, self.length = capacity, length
+
+    def reset(self, seeds):
+        self.seeds, self.t = np.asarray(seeds), np.zeros(len(seeds), int)
+        return np.zeros((len(seeds), 2)), np.zeros((len(seeds), 3))
+
+    def step(self, env_actions, active):
+        self.t[active] += 1
+        reward = np.where(self.t <= self.seeds, 1.0, -0.1)
+        terminated = active & (self.t >= self.length)
+        return (np.zeros((len(self.seeds), 2)), np.zeros((len(self.seeds), 3))), reward, terminated, ~active
+
+
+def test_patience_stops_an_episode_and_books_the_remaining_steps_at_minus_0_1():
+    params, _ = scripted_params(2)
+    seeds = np.array([[0, 3, 40], [7, 1, 2]])
+    max_steps, patience = 50, 5
+    full = run_episodes(TileWorld(), params, seeds, max_steps)
+    stopped = run_episodes(TileWorld(), params, seeds, max_steps, patience=patience)
+    assert full.stopped is None and np.all(full.lengths == max_steps)
+    # The last tile at step s, then `patience` steps without one: the episode ends at s + patience ...
+    expected_length = np.minimum(seeds + patience, max_steps)
+    np.testing.assert_array_equal(stopped.lengths, expected_length)
+    np.testing.assert_array_equal(stopped.stopped, expected_length < max_steps)
+    # ... and is booked as if it had driven on without a tile: here exactly the full episode's return.
+    np.testing.assert_allclose(stopped.returns, full.returns, rtol=0, atol=1e-9)
+    # A world that ends the episode itself keeps its own ending: no booking, not "stopped".
+    short = run_episodes(TileWorld(length=6), params, np.array([[1], [1]]), max_steps, patience=patience)
+    np.testing.assert_array_equal(short.lengths, [[6], [6]])
+    assert not short.stopped.any()
+    with pytest.raises(ValueError, match="patience"):
+        run_episodes(TileWorld(), params, seeds, max_steps, patience=0)
+
+
+def test_evaluations_never_stop_early():
+    from worldmodels.rollout import evaluate
+
+    params, _ = scripted_params(1)
+    result = evaluate(TileWorld(), params[0], np.array([0, 1, 2]), max_steps=40)
+    assert result["lengths"] == [40, 40, 40]  # no positive reward after step 2, yet every episode runs to the end
+
+
+def test_an_early_stopped_carracing_episode_is_its_recorded_return_plus_minus_0_1_per_remaining_step(models):
+    """Replay the driven steps in plain gymnasium: the return is theirs plus -0.1 per step not driven."""
+    vae, rnn = models
+    rng = np.random.default_rng(5)
+    params = random_params(rng, 2, scale=1.0)
+    seeds = rng.integers(0, 2**31, size=(2, 1))
+    max_steps, patience = 120, 15
+    with CarRacingPool(2, max_steps, "serial") as pool:
+        result = run_episodes(RealWorld(pool, vae, rnn), params, seeds, max_steps, record_actions=True,
+                              patience=patience)
+    assert result.stopped.any(), "random controllers stop finding tiles within 120 steps"
+    for p in range(2):
+        actions = result.actions[p][0]
+        total, steps, _ = plain_episode(seeds[p, 0], actions, max_steps)
+        assert steps == result.lengths[p, 0] == len(actions)
+        booked = -0.1 * (max_steps - steps) if result.stopped[p, 0] else 0.0
+        assert result.returns[p, 0] == pytest.approx(total + booked, abs=1e-9)
+
+
+def test_sampled_z_is_reproducible_per_track_and_drawn_from_the_posterior(models):
+    """z_input='sample': z = mu + exp(logvar / 2) * eps with eps fixed by the track seed, whatever
+    the wave or position of the episode; z_input='mean' feeds mu."""
+    vae, rnn = models
+    rng = np.random.default_rng(6)
+    params = random_params(rng, 2, scale=1.0)
+    seeds = np.array([[31, 32], [32, 33]])  # track 32 driven by both members, in different positions
+    with CarRacingPool(4, 8, "serial") as pool:
+        sampled = run_episodes(RealWorld(pool, vae, rnn, z_input="sample"), params, seeds, 8)
+        waves = run_episodes(RealWorld(pool, vae, rnn, z_input="sample"), params, seeds, 8, max_concurrent=3)
+        world = RecordingWorld(RealWorld(RecordingPool(pool), vae, rnn, z_input="sample"))
+        run_episodes(world, params[:1], np.array([[32]]), 3)
+        again = RecordingWorld(RealWorld(RecordingPool(pool), vae, rnn, z_input="sample"))
+        run_episodes(again, params[1:], np.array([[32]]), 3)
+    np.testing.assert_array_equal(sampled.returns, waves.returns)
+    frame = world.world.pool.frames[0]
+    mu, logvar = (x.numpy() for x in vae.encoder(frame.astype(np.float32) / 255.0, training=False))
+    eps = np.random.default_rng([32, 0x7A5EED]).standard_normal(32, dtype=np.float32)
+    np.testing.assert_allclose(world.z[0][0], mu[0] + np.exp(0.5 * logvar[0]) * eps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(world.z[0], again.z[0])  # the same track: the same first z for any controller
+    assert not np.allclose(world.z[0][0], mu[0])
+    with pytest.raises(ValueError, match="z_input"):
+        RealWorld(pool, vae, rnn, z_input="mode")

@@ -11,12 +11,16 @@ import config
 from models.controller import num_parameters
 from tests.conftest import (assert_user_error, data_dir_with, kill_then_resume_controller, load_npz, read_csv,
                             run_script)
-from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, heldout_seeds
+from worldmodels.controller_training import generation_fitness, race, search_cost
+from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, Rollouts, heldout_seeds
 
 GENERATIONS = 3
 # Short episodes keep each generation to a second or two; everything else is the smoke preset.
 TRAIN = ("--set", f"controller.generations={GENERATIONS}", "--set", "controller.max_steps=30")
 SMOKE = config.make_config("smoke")
+# The cheaper training episodes of issue 18: an early stop without a new tile, and racing over 2 tracks.
+CHEAP = ("--set", "controller.patience=5", "--set", "controller.racing=true", "--set",
+         "controller.rollouts_per_member=2")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,8 @@ def test_training_writes_every_output(trained):
     history = read_csv(out / "history.csv")
     assert [int(row["generation"]) for row in history] == list(range(1, GENERATIONS + 1))
     evals = read_csv(out / "eval.csv")
-    assert list(evals[0]) == ["generation", "mean", "std"]
+    assert list(evals[0]) == ["generation", "mean", "std", "env_steps", "seconds"]
+    assert all(int(row["env_steps"]) == 2 * 30 for row in evals)  # full held-out episodes
     assert [int(row["generation"]) for row in evals] == list(range(1, GENERATIONS + 1))  # smoke: eval_every=1
 
     controller = load_npz(out / "controller.npz")
@@ -128,3 +133,162 @@ def test_missing_or_corrupt_models_are_clear_errors(models_dir, tmp_path):
     (broken / "vae" / "config.json").write_bytes((models_dir / "vae" / "config.json").read_bytes())
     (broken / "vae" / "vae.keras").write_bytes((models_dir / "vae" / "vae.keras").read_bytes()[:5000])
     assert_user_error(run_script("05_train_controller.py", data_dir=broken, check=False), "vae.keras", "corrupt")
+
+
+# --------------------------------------------------------------------------- cheaper training episodes
+
+
+class FakeRuns:
+    """``run(params, seeds)`` whose return of member p on track s is score[p] + s / 100; records every call."""
+
+    def __init__(self, score):
+        self.score, self.calls = np.asarray(score, float), []
+
+    def __call__(self, params, seeds):
+        self.calls.append((params.copy(), seeds.copy()))
+        rows = [int(np.flatnonzero((self.params == p).all(axis=1))[0]) for p in params]
+        returns = self.score[rows][:, None] + seeds / 100.0
+        return Rollouts(returns, np.full(seeds.shape, 7), None)
+
+
+def test_racing_keeps_exactly_the_better_half_by_the_first_track_and_ranks_the_rest_below_it():
+    rng = np.random.default_rng(0)
+    members, tracks = 8, np.array([5, 1, 300])
+    params = rng.normal(size=(members, 4))
+    first = rng.permutation(members) * 10.0  # distinct first-track returns
+    runs = FakeRuns(first)
+    runs.params = params
+    for weight_decay in (0.0, 0.5):
+        runs.calls.clear()
+        fitness, steps = race(runs, params, tracks, weight_decay)
+        (p1, s1), (p2, s2) = runs.calls
+        assert len(p1) == members and np.all(s1 == tracks[0])  # everyone drives track 1
+        better = np.sort(np.argsort(-first)[:members // 2])
+        np.testing.assert_array_equal(p2, params[better])  # exactly the better half drives the rest
+        assert np.all(s2 == tracks[1:])
+        np.testing.assert_allclose(fitness[better], first[better] + tracks.mean() / 100.0)
+        assert steps == 7 * (members + len(better) * 2)
+        penalised = fitness - weight_decay * np.sum(params ** 2, axis=1)
+        worse = np.setdiff1d(np.arange(members), better)
+        assert penalised[worse].max() < penalised[better].min()  # eliminated rank below every survivor ...
+        np.testing.assert_array_equal(np.argsort(penalised[worse]), np.argsort(first[worse]))  # ... by track 1
+    plain, plain_steps = generation_fitness(runs, params, tracks, racing=False)
+    np.testing.assert_allclose(plain, first + tracks.mean() / 100.0)
+    assert plain_steps == 7 * members * len(tracks) and np.all(runs.calls[-1][1] == tracks)  # all on the same tracks
+    with pytest.raises(ValueError, match="at least 2 tracks"):
+        race(runs, params, tracks[:1])
+
+
+def test_search_cost_adds_training_and_evaluation_steps_and_time():
+    history = [{"generation": g, "elapsed": 10.0 * g, "env_steps": 100} for g in (1, 2, 3)]
+    history[0]["env_steps"] = "nan"  # a row of an older checkpoint counts as 0
+    evals = {2: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 1.0},
+             3: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 2.0}}
+    assert search_cost(history, evals) == {2: (150, 21.0), 3: (300, 33.0)}
+
+
+def test_old_controller_configs_keep_the_posterior_mean():
+    saved = config.to_dict(SMOKE)
+    del saved["controller"]["z_input"]
+    assert config.from_dict(saved).controller.z_input == "mean"  # how controllers were fed before the choice
+    assert SMOKE.controller.z_input == "sample" and config.from_dict(config.to_dict(SMOKE)) == SMOKE
+    with pytest.raises(config.ConfigError, match="racing needs"):
+        config.make_config("smoke", {"controller.racing": "true"})
+
+
+@pytest.fixture(scope="module")
+def raced(models_dir, tmp_path_factory):
+    """An uninterrupted run with an early stop and racing on: the reference for its resume."""
+    data = data_dir_with(models_dir, tmp_path_factory.mktemp("raced"), "vae", "rnn")
+    run_script("05_train_controller.py", *TRAIN, *CHEAP, "--no-final-eval", data_dir=data)
+    return data
+
+
+def test_early_stop_and_racing_cut_training_steps_only_and_resume_exactly(raced, models_dir, tmp_path):
+    out = raced / "controller"
+    history = read_csv(out / "history.csv")
+    full = SMOKE.controller.population * 2 * 30
+    assert all(0 < int(row["env_steps"]) < full for row in history)  # racing alone: 4 + 2 * 1 of 8 episodes
+    assert all(int(row["env_steps"]) == 2 * 30 for row in read_csv(out / "eval.csv"))  # evaluations run in full
+    data = data_dir_with(models_dir, tmp_path, "vae", "rnn")
+    kill_then_resume_controller(data, data / "controller", out, TRAIN + CHEAP, GENERATIONS)
+    strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(data / "controller" / "history.csv")]
+    assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in history]
+
+
+# --------------------------------------------------------------------------- evaluation anyone can repeat
+
+
+def run_plain(script, *args):
+    """A script run without the --preset that run_script always adds."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    target = [script] if script.startswith("-") else [str(REPO / script)]  # "-m", "module" as given
+    return subprocess.run([sys.executable, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trained):
+    data, _ = trained
+    folder = data / "controller"
+    before = (folder / "metrics.json").read_bytes()
+    reference = json.loads(before)
+    proc = run_plain("evaluate_controller.py", "--data-dir", str(data))
+    assert proc.returncode == 0, proc.stderr
+    base = FINAL_EVAL_SEED_OFFSET + SMOKE.controller.seed
+    metrics = json.loads((folder / f"evaluation_s{base}_n2.json").read_text())
+    assert metrics["lengths"] == [30, 30]  # the controller's saved step limit, not the default preset's 1000
+    assert metrics["scores"] == reference["scores"] and metrics["seeds"] == reference["seeds"]
+    assert (folder / "metrics.json").read_bytes() == before
+    rows = read_csv(folder / f"evaluation_s{base}_n2.csv")
+    assert [float(row["return"]) for row in rows] == metrics["scores"]
+    assert metrics["iqm"] == pytest.approx(np.mean(metrics["scores"]))  # 2 tracks: nothing is trimmed
+    assert metrics["iqm_ci95"][0] <= metrics["iqm"] <= metrics["iqm_ci95"][1]
+
+    assert_user_error(run_plain("evaluate_controller.py", "--data-dir", str(data), "--preset", "quick"),
+                      "disagrees", "preset smoke")
+    other = run_plain("evaluate_controller.py", "--data-dir", str(data), "--track-seed", "5", "--episodes", "3",
+                      "--set", "controller.max_steps=20")
+    assert other.returncode == 0 and "controller.max_steps=20 (trained with 30)" in other.stderr
+    mine = json.loads((folder / "evaluation_s5_n3.json").read_text())
+    assert mine["seeds"] == heldout_seeds(5, 3, 0).tolist() and mine["lengths"] == [20, 20, 20]
+
+
+def test_evaluate_summary_statistics():
+    import evaluate_controller as ec
+
+    scores = np.array([-50.0, 10.0, 20.0, 30.0, 40.0, 900.0, 910.0, 1000.0])
+    summary = ec.summarise(scores, resamples=2000)
+    assert summary["iqm"] == pytest.approx(np.mean([20.0, 30.0, 40.0, 900.0]))
+    assert summary["sem"] == pytest.approx(scores.std(ddof=1) / np.sqrt(8))
+    low, high = summary["iqm_ci95"]
+    assert low < summary["iqm"] < high
+    assert ec.summarise(scores, resamples=2000) == summary  # a fixed bootstrap seed: the same interval
+
+
+# --------------------------------------------------------------------------- the shipped agent
+
+
+def test_a_pretrained_agent_scores_identically_after_a_round_trip_and_refuses_a_changed_file(trained, tmp_path):
+    data, _ = trained
+    reference = json.loads((data / "controller" / "metrics.json").read_text())
+    agent = tmp_path / "pretrained" / "tiny"
+    made = run_plain("-m", "worldmodels.pretrained", "export", "--data-dir", str(data), "--name", str(agent))
+    assert made.returncode == 0, made.stderr
+    proc = run_plain("evaluate_controller.py", "--pretrained", str(agent), "--output", str(tmp_path / "tiny.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "tiny.json").read_text())["scores"] == reference["scores"]
+
+    half = tmp_path / "pretrained" / "half"
+    assert run_plain("-m", "worldmodels.pretrained", "export", "--data-dir", str(data), "--name", str(half),
+                     "--float16").returncode == 0
+    assert (half / "vision.npz").stat().st_size < 0.6 * (agent / "vision.npz").stat().st_size
+
+    damaged = bytearray((agent / "rnn.npz").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (agent / "rnn.npz").write_bytes(bytes(damaged))
+    proc = run_plain("evaluate_controller.py", "--pretrained", str(agent))
+    assert_user_error(proc, "rnn.npz", "SHA-256")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -15,6 +15,15 @@ of a generation run at once through :func:`worldmodels.rollout.run_episodes`:
   ``dream.batch_size`` agents per compiled step, ``dream.max_steps`` steps, temperature
   ``dream.temperature``, starts from the real frames in ``<data>/series/``.
 
+Cheaper training episodes (never cheaper evaluations): ``controller.patience`` stops a real
+training episode after that many steps without a new tile and books the rest at -0.1 a step
+(:func:`rollout.run_episodes`); ``controller.racing`` lets every member drive the first track
+and only the better half the others (:func:`race`, which says how the eliminated are ranked).
+``controller.z_input`` is what C and M see of V's posterior (:class:`rollout.RealWorld`).
+Training episodes draw ``env.observation`` (the fast renderer of :mod:`worldmodels.fast_render`
+when 'fast', :func:`training_observation`); every held-out and final evaluation runs on a pool of
+its own with gymnasium's stock pixels.
+
 Every ``controller.eval_every`` generations (and after the last) the CMA mean is scored on
 ``controller.eval_episodes`` fixed held-out tracks of the *real* environment; when training
 in the dream it is also scored on as many held-out dream episodes. The best-scoring mean is
@@ -30,7 +39,8 @@ Output folder: ``<data>/controller/`` for real training and
 1.0 -> ``t1``), so the real-trained controller and one dream controller per temperature
 live side by side. Each holds ``config.json``, ``evolution.pkl``, ``history.csv`` (per
 generation: best, mean, std, worst fitness - dream returns when training in the dream -
-and sigma), ``eval.csv`` (generation, mean, std on the real held-out tracks; plus
+sigma, elapsed seconds and the environment steps it took), ``eval.csv`` (generation, mean,
+std on the real held-out tracks, and the evaluation's env_steps and seconds; plus
 dream_mean, dream_std for dream training), ``controller.npz`` (``params``: the selected CMA
 mean; ``mean``: the current CMA mean; ``best_member``), ``learning_curve.png``, ``logs/``
 (TensorBoard) and ``metrics.json``.
@@ -46,10 +56,12 @@ so that a missing model is reported at once and spawned environment workers stay
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +75,13 @@ from worldmodels.evolution import Evolution
 COMPATIBLE_KEYS = artifacts.RNN_KEYS + (
     "controller.env", "controller.population", "controller.rollouts_per_member", "controller.sigma_init",
     "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
+    "controller.patience", "controller.racing", "controller.z_input",
 )
 DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
 EVAL_NAME = "eval.csv"
-EVAL_FIELDS = ("generation", "mean", "std")
-DREAM_EVAL_FIELDS = EVAL_FIELDS + ("dream_mean", "dream_std")
+# env_steps and seconds: what the evaluation cost (nan in rows of older files).
+EVAL_FIELDS = ("generation", "mean", "std", "env_steps", "seconds")
+DREAM_EVAL_FIELDS = EVAL_FIELDS[:3] + ("dream_mean", "dream_std") + EVAL_FIELDS[3:]
 CONTROLLER_NAME = "controller.npz"
 METRICS_NAME = "metrics.json"
 DEFAULT_MAX_CONCURRENT = 256
@@ -104,7 +118,8 @@ def read_evals(path) -> dict[int, dict[str, float]]:
         return {}
     try:
         with open(path, newline="") as f:
-            return {int(row["generation"]): {key: float(value) for key, value in row.items() if key != "generation"}
+            return {int(row["generation"]): {key: float(value) if value != "" else math.nan
+                                             for key, value in row.items() if key != "generation"}
                     for row in csv.DictReader(f)}
     except (KeyError, TypeError, ValueError) as exc:
         raise storage.CorruptFileError(f"{path} is not a valid evaluation log ({exc}); delete it to redo "
@@ -115,7 +130,7 @@ def write_evals(path, evals: dict, fields=EVAL_FIELDS) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fields)
-    writer.writerows([g] + [row[key] for key in fields[1:]] for g, row in sorted(evals.items()))
+    writer.writerows([g] + [row.get(key, math.nan) for key in fields[1:]] for g, row in sorted(evals.items()))
     storage.atomic_write_text(path, buffer.getvalue())
 
 
@@ -152,8 +167,40 @@ def save_controller(path, evolution: Evolution, best, z_size: int, hidden: int) 
     })
 
 
+def _number(value) -> float:
+    """A history or evaluation cell as a number: missing or empty (older files) counts as 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(value) else value
+
+
+def search_cost(history: list[dict], evals: dict) -> dict[int, tuple[int, float]]:
+    """What the search had cost when each evaluation was made: {generation: (env_steps, seconds)}.
+
+    Real environment steps of training (history ``env_steps``) and of the held-out evaluations
+    (``eval.csv``) up to and including that generation's evaluation; seconds likewise: the time
+    spent in generations (history ``elapsed``, summed over restarts) plus the evaluations'. Rows
+    of older files without these columns count as 0.
+    """
+    steps_by_generation, elapsed = {}, {}
+    total = 0.0
+    for row in history:
+        total += _number(row.get("env_steps"))
+        steps_by_generation[int(row["generation"])] = total
+        elapsed[int(row["generation"])] = _number(row.get("elapsed"))
+    cost, eval_steps, eval_seconds = {}, 0.0, 0.0
+    for g in sorted(evals):
+        eval_steps += _number(evals[g].get("env_steps"))
+        eval_seconds += _number(evals[g].get("seconds"))
+        cost[g] = (int(steps_by_generation.get(g, total) + eval_steps), elapsed.get(g, 0.0) + eval_seconds)
+    return cost
+
+
 def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperature: float | None = None) -> None:
-    """Fitness per generation and the held-out evaluations (real, and dream if any), as a PNG (atomically)."""
+    """Fitness per generation and the held-out evaluations (real, and dream if any) against generations,
+    real environment steps and wall time (:func:`search_cost`), as a PNG (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,23 +208,30 @@ def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperatur
     import matplotlib.ticker
 
     where = "training tracks" if dream_temperature is None else f"dream, tau={dream_temperature:g}"
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    ax = axes[0]
     generations = [row["generation"] for row in history]
     ax.plot(generations, [row["best"] for row in history], label=f"best member ({where})")
     ax.plot(generations, [row["mean"] for row in history], label=f"population mean ({where})")
-    if evals:
-        g = sorted(evals)
-        ax.errorbar(g, [evals[i]["mean"] for i in g], yerr=[evals[i]["std"] for i in g], fmt="o-", capsize=3,
-                    label="CMA mean on held-out real tracks (+- std)")
+    g = sorted(evals)
+    cost = search_cost(history, evals)
+    for axis, x in ((axes[0], g), (axes[1], [cost[i][0] for i in g]), (axes[2], [cost[i][1] / 3600 for i in g])):
+        if not g:
+            continue
+        axis.errorbar(x, [evals[i]["mean"] for i in g], yerr=[evals[i]["std"] for i in g], fmt="o-", capsize=3,
+                      label="CMA mean on held-out real tracks (+- std)")
         if dream_temperature is not None:
-            ax.errorbar(g, [evals[i]["dream_mean"] for i in g], yerr=[evals[i]["dream_std"] for i in g],
-                        fmt="s--", capsize=3, label="CMA mean on held-out dream episodes (+- std)")
+            axis.errorbar(x, [evals[i]["dream_mean"] for i in g], yerr=[evals[i]["dream_std"] for i in g],
+                          fmt="s--", capsize=3, label="CMA mean on held-out dream episodes (+- std)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
+    axes[1].set_xlabel("real environment steps (training + evaluations)")
+    axes[2].set_xlabel("wall time of generations + evaluations (hours)")
     if dream_temperature is not None:
         ax.set_title(f"controller trained in the dream (tau={dream_temperature:g})", fontsize=10)
-    ax.grid(alpha=0.3)
+    for axis in axes:
+        axis.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -206,7 +260,123 @@ def check_inputs(data_dir, cfg: config.Config) -> None:
                               "The dream starts from them; make them with: python 03_generate_rnn_data.py")
 
 
+# --------------------------------------------------------------------------- one generation's fitness
+
+
+def race(run, params: np.ndarray, tracks: np.ndarray, weight_decay: float = 0.0) -> tuple[np.ndarray, int]:
+    """Racing (one round of successive halving): every member drives ``tracks[0]``, the better half the rest.
+
+    Args:
+        run: ``run(params (p, N), seeds (p, k)) -> Rollouts``, e.g. :func:`rollout.run_episodes` on a world.
+        params: (P, N) the generation's members.
+        tracks: (K,) the generation's track seeds, K >= 2, the same for every member.
+        weight_decay: the search's ``controller.weight_decay`` (see below).
+
+    Returns:
+        ``(fitness (P,), env_steps)``. The ``ceil(P / 2)`` members with the highest return on the
+        first track (ties: the lower index) drive the other K - 1 tracks too, and their fitness is
+        their mean return over all K tracks, as without racing. An eliminated member has driven
+        one track only, so its single return is not comparable with the survivors' means; it gets
+        a fitness *below every survivor*, ordered among the eliminated by its first-track return:
+        ``min(survivors' penalised fitness) - 1 - (worst survivor's first return - its first
+        return)``, plus its own weight-decay penalty so that the *penalised* value cma ranks is
+        exactly that. CMA-ES uses only the ranking: the survivors are the top half (cma's parents,
+        mu = P / 2), ranked among themselves on all K tracks, and the eliminated rank below, in the
+        order of their first track (which cma's active update uses). The history's mean and worst
+        then include these ranking values.
+    """
+    params = np.asarray(params, dtype=np.float64)
+    tracks = np.asarray(tracks)
+    p_count, k = len(params), len(tracks)
+    if k < 2:
+        raise ValueError(f"racing needs at least 2 tracks per member, got {k}")
+    first = run(params, np.full((p_count, 1), tracks[0], dtype=tracks.dtype))
+    first_return = first.returns[:, 0]
+    keep = p_count - p_count // 2
+    order = np.argsort(-first_return, kind="stable")
+    survivors, eliminated = np.sort(order[:keep]), order[keep:]
+    rest = run(params[survivors], np.tile(tracks[1:], (keep, 1)))
+    fitness = np.empty(p_count)
+    fitness[survivors] = (first_return[survivors] + rest.returns.sum(axis=1)) / k
+    penalty = weight_decay * np.sum(params * params, axis=1)
+    floor = float(np.min(fitness[survivors] - penalty[survivors]))
+    cutoff = float(first_return[survivors].min())
+    fitness[eliminated] = floor - 1.0 - (cutoff - first_return[eliminated]) + penalty[eliminated]
+    return fitness, int(first.lengths.sum() + rest.lengths.sum())
+
+
+def generation_fitness(run, params: np.ndarray, tracks: np.ndarray, racing: bool,
+                       weight_decay: float = 0.0) -> tuple[np.ndarray, int]:
+    """``(fitness (P,), env_steps)`` of members ``params`` (P, N) on the shared ``tracks`` (K,): the mean
+    return of each member over all K tracks, or with ``racing`` what :func:`race` defines."""
+    if racing:
+        return race(run, params, tracks, weight_decay)
+    result = run(params, np.tile(tracks, (len(params), 1)))
+    return result.returns.mean(axis=1), int(result.lengths.sum())
+
+
+def training_observation(cfg: config.Config) -> str:
+    """How the environments of *training* episodes draw their frames (``env.observation``).
+
+    Evaluations always get 'stock': :func:`_open_pools` gives training a pool of its own when this
+    differs, so every held-out and final score is about the pixels the paper's score is about.
+    """
+    return cfg.env.observation
+
+
 # --------------------------------------------------------------------------- training
+
+
+@dataclass
+class Search:
+    """What the steps of one search share (one object instead of closures over mutable dicts).
+
+    ``evals`` and ``best`` (``(generation, score, params)`` or None) grow as the search runs;
+    ``steps`` and ``seconds`` count this process's training steps and time, for the speed shown.
+    """
+
+    cfg: config.Config
+    out: Path
+    evolution: Evolution
+    evals: dict
+    best: tuple | None
+    prefix: str
+    world: object = None  # RealWorld of the held-out evaluations (stock observations)
+    train_world: object = None  # where members are scored: the real world or the dream
+    dream: object = None
+    writer: object = None
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def in_dream(self) -> bool:
+        return self.cfg.controller.env == "dream"
+
+    @property
+    def tau(self) -> float | None:
+        return self.cfg.dream.temperature if self.in_dream else None
+
+    @property
+    def eval_seeds(self) -> np.ndarray:
+        c = self.cfg.controller
+        return rollout.heldout_seeds(c.seed, c.eval_episodes, rollout.EVAL_SEED_OFFSET)
+
+    @property
+    def final_seeds(self) -> np.ndarray:
+        c = self.cfg.controller
+        return rollout.heldout_seeds(c.seed, c.final_eval_episodes, rollout.FINAL_EVAL_SEED_OFFSET)
+
+    def evaluation_due(self) -> bool:
+        g, c = self.evolution.generation, self.cfg.controller
+        return g > 0 and g not in self.evals and (g % c.eval_every == 0 or g == c.generations)
+
+    def save(self) -> None:
+        save_controller(self.out / CONTROLLER_NAME, self.evolution, self.best, self.cfg.vae.z_size,
+                        self.cfg.rnn.hidden_units)
+
+    def plot(self) -> None:
+        plot_learning_curve(self.out / "learning_curve.png", self.evolution.history, self.evals, self.tau)
 
 
 def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
@@ -240,15 +410,12 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
     evolution = Evolution(num_params, out, popsize=c.population, sigma0=c.sigma_init, seed=c.seed,
                           weight_decay=c.weight_decay)
     config.save_config(cfg, out)
-    evals = read_evals(out / EVAL_NAME)
-    best = read_best(out / CONTROLLER_NAME, num_params)
-
+    search = Search(cfg, out, evolution, read_evals(out / EVAL_NAME), read_best(out / CONTROLLER_NAME, num_params),
+                    prefix, max_concurrent=max_concurrent)
     g = evolution.generation
-    eval_pending = g > 0 and g not in evals and (g % c.eval_every == 0 or g == c.generations)
     final_done = not final_eval or final_metrics_done(out / METRICS_NAME, g, c.final_eval_episodes, c.max_steps)
-    if not (g >= c.generations and not eval_pending and final_done):
-        models = _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eval, command, models,
-                        prefix)
+    if not (g >= c.generations and not search.evaluation_due() and final_done):
+        models = _run(search, data_dir, models=models, final_eval=final_eval, command=command)
     else:
         print(f"{prefix} {out}: all {g} generations and evaluations are complete; nothing to do")
     try:
@@ -259,140 +426,186 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
             "models": models}
 
 
-def _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eval, command, models, prefix):
-    """The search, evaluations and final evaluation of :func:`train_controller`; returns (V, M)."""
+def _run(search: Search, data_dir, *, models, final_eval: bool, command: str):
+    """Load what the search needs, run its generations and evaluations, then the final evaluation; returns (V, M)."""
     import tensorflow as tf
 
     from worldmodels.devices import describe_devices
 
-    c = cfg.controller
-    in_dream = c.env == "dream"
-    print(f"{prefix} {describe_devices()}")
+    cfg, c = search.cfg, search.cfg.controller
+    print(f"{search.prefix} {describe_devices()}")
     vae, rnn = models if models is not None else rollout.load_world_models(data_dir, cfg)
-    members, k = c.population, c.rollouts_per_member
-    num_envs = min(max_concurrent, max(c.eval_episodes, c.final_eval_episodes) if in_dream
-                   else max(members * k, c.eval_episodes, c.final_eval_episodes))
-    eval_seeds = rollout.heldout_seeds(c.seed, c.eval_episodes, rollout.EVAL_SEED_OFFSET)
-    final_seeds = rollout.heldout_seeds(c.seed, c.final_eval_episodes, rollout.FINAL_EVAL_SEED_OFFSET)
-    heldout = np.concatenate([eval_seeds, final_seeds])
-    writer = tf.summary.create_file_writer(str(out / "logs"))
-    speed = {"steps": 0, "seconds": 0.0}
-    state = {"best": best}
-    tau = cfg.dream.temperature if in_dream else None
-    fields = DREAM_EVAL_FIELDS if in_dream else EVAL_FIELDS
-    dream = None
-    if in_dream:
-        from worldmodels import dream as dream_lib
-
-        starts = dream_lib.start_states_for(data_dir, cfg)
-        dream = dream_lib.dream_world(cfg, rnn, starts)
-        print(f"{prefix} dream at temperature {tau:g}: {len(starts)} starting frames (frame "
-              f"{cfg.dream.skip_initial_frames} of each series), {dream.capacity} agents per step, "
-              f"done head: {dream.done}, dropout masks: {dream.dropout}")
-
-    train_where = (f"the dream ({cfg.dream.max_steps} steps, {dream.capacity} agents at once)" if in_dream
-                   else f"{num_envs} envs on backend '{c.backend}'")
-    print(f"{prefix} {out}: {evolution.generation} of {c.generations} generations done; population {members} x "
-          f"{k} episode(s) of <= {cfg.dream.max_steps if in_dream else c.max_steps} steps in {train_where}")
-    with envpool.CarRacingPool(num_envs, c.max_steps, c.backend, c.workers, c.ray_address,
-                               observation=cfg.env.observation) as pool:
-        world = rollout.RealWorld(pool, vae, rnn)
-        train_world, train_steps, train_concurrent = ((dream, cfg.dream.max_steps, None) if in_dream
-                                                      else (world, c.max_steps, max_concurrent))
-
-        def fitness(solutions, generation, rng):
-            tracks = training_tracks(rng, k, heldout)
-            start = time.perf_counter()
-            result = rollout.run_episodes(train_world, solutions, np.tile(tracks, (len(solutions), 1)), train_steps,
-                                          train_concurrent)
-            speed["steps"] += int(result.lengths.sum())
-            speed["seconds"] += time.perf_counter() - start
-            return result.returns.mean(axis=1)
-
-        def maybe_evaluate(bar):
-            g = evolution.generation
-            if g == 0 or g in evals or not (g % c.eval_every == 0 or g == c.generations):
-                return
-            result = rollout.evaluate(world, evolution.mean, eval_seeds, c.max_steps, max_concurrent,
-                                      progress=f"generation {g}: held-out tracks")
-            row = {"mean": result["mean"], "std": result["std"]}
-            if in_dream:
-                dreamed = rollout.evaluate(dream, evolution.mean, eval_seeds, cfg.dream.max_steps)
-                row.update(dream_mean=dreamed["mean"], dream_std=dreamed["std"])
-            score = row["dream_mean" if in_dream else "mean"]
-            if state["best"] is None or score > state["best"][1]:
-                state["best"] = (g, score, evolution.mean)
-            # The controller file first: if a kill lands between the two writes, the evaluation
-            # is redone on resume (deterministically, with the same score).
-            save_controller(out / CONTROLLER_NAME, evolution, state["best"], cfg.vae.z_size, cfg.rnn.hidden_units)
-            evals[g] = row
-            write_evals(out / EVAL_NAME, evals, fields)
-            with writer.as_default(step=g):
-                tf.summary.scalar("heldout/mean", row["mean"])
-                tf.summary.scalar("heldout/std", row["std"])
-                if in_dream:
-                    tf.summary.scalar("heldout_dream/mean", row["dream_mean"])
-                    tf.summary.scalar("heldout_dream/std", row["dream_std"])
-            writer.flush()
-            plot_learning_curve(out / "learning_curve.png", evolution.history, evals, tau)
-            dreamed = f" (dream: {row['dream_mean']:.1f} +- {row['dream_std']:.1f})" if in_dream else ""
-            bar.write(f"{prefix} generation {g}: CMA mean scores {row['mean']:.1f} +- {row['std']:.1f} on "
-                      f"{len(eval_seeds)} held-out tracks{dreamed} (best so far: {state['best'][1]:.1f} at "
-                      f"generation {state['best'][0]})")
-
-        def on_generation(row, bar):
-            g = row["generation"]
-            steps_per_s = speed["steps"] / max(speed["seconds"], 1e-9)
-            with writer.as_default(step=g):
-                for name in ("best", "mean", "std", "worst"):
-                    tf.summary.scalar(f"fitness/{name}", row[name])
-                tf.summary.scalar("cma/sigma", row["sigma"])
-                tf.summary.scalar("speed/agent_steps_per_s", steps_per_s)
-            writer.flush()
-            save_controller(out / CONTROLLER_NAME, evolution, state["best"], cfg.vae.z_size, cfg.rnn.hidden_units)
-            plot_learning_curve(out / "learning_curve.png", evolution.history, evals, tau)
-            bar.update(1)
-            bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", std=f"{row['std']:.1f}",
-                            steps_s=f"{steps_per_s:.0f}")
-
-        from tqdm import tqdm
-
-        with tqdm(total=c.generations, initial=min(evolution.generation, c.generations), unit="gen",
-                  desc="CMA-ES" + (f" (dream, tau={tau:g})" if in_dream else ""), dynamic_ncols=True) as bar:
-            maybe_evaluate(bar)  # an evaluation lost to a kill right after its generation
-            while evolution.generation < c.generations:
-                evolution.run(fitness, evolution.generation + 1, on_generation=lambda row: on_generation(row, bar))
-                maybe_evaluate(bar)
-        save_controller(out / CONTROLLER_NAME, evolution, state["best"], cfg.vae.z_size, cfg.rnn.hidden_units)
-        plot_learning_curve(out / "learning_curve.png", evolution.history, evals, tau)
-        if speed["seconds"]:
-            print(f"{prefix} {speed['steps']} agent steps in {speed['seconds']:.1f} s "
-                  f"({speed['steps'] / speed['seconds']:.0f} steps/s{' in the dream' if in_dream else ''})")
-
+    search.writer = tf.summary.create_file_writer(str(search.out / "logs"))
+    if search.in_dream:
+        search.dream = _open_dream(cfg, data_dir, rnn, search.prefix)
+    num_envs = min(search.max_concurrent, max(c.eval_episodes, c.final_eval_episodes) if search.in_dream
+                   else max(c.population * c.rollouts_per_member, c.eval_episodes, c.final_eval_episodes))
+    options = (f"patience {c.patience}" if c.patience and not search.in_dream else "no early stop") + \
+        (", racing" if c.racing else "") + f", z: {c.z_input}, {training_observation(cfg)} observation"
+    train_where = (f"the dream ({cfg.dream.max_steps} steps, {search.dream.capacity} agents at once)"
+                   if search.in_dream else f"{num_envs} envs on backend '{c.backend}' ({options})")
+    print(f"{search.prefix} {search.out}: {search.evolution.generation} of {c.generations} generations done; "
+          f"population {c.population} x {c.rollouts_per_member} episode(s) of <= "
+          f"{cfg.dream.max_steps if search.in_dream else c.max_steps} steps in {train_where}")
+    with _open_pools(cfg, num_envs, search.max_concurrent) as (train_pool, eval_pool):
+        search.world = rollout.RealWorld(eval_pool, vae, rnn, c.z_input)
+        search.train_world = (search.dream if search.in_dream else search.world if train_pool is eval_pool
+                              else rollout.RealWorld(train_pool, vae, rnn, c.z_input))
+        _evolve(search)
         if not final_eval:
-            print(f"{prefix} done: {out / CONTROLLER_NAME} (final evaluation skipped)")
-        elif final_metrics_done(out / METRICS_NAME, evolution.generation, c.final_eval_episodes, c.max_steps):
-            print(f"{prefix} done: final evaluation already in {out / METRICS_NAME}")
+            print(f"{search.prefix} done: {search.out / CONTROLLER_NAME} (final evaluation skipped)")
+        elif final_metrics_done(search.out / METRICS_NAME, search.evolution.generation, c.final_eval_episodes,
+                                c.max_steps):
+            print(f"{search.prefix} done: final evaluation already in {search.out / METRICS_NAME}")
         else:
-            params = state["best"][2] if state["best"] else evolution.mean
-            # The reported score is always measured on gymnasium's own frames, whatever env.observation
-            # the search ran on, so it stays comparable with every other CarRacing-v3 result.
-            pool.set_observation("stock")
-            metrics = rollout.final_evaluation(world, params, cfg, max_concurrent=max_concurrent,
-                                               progress="final evaluation")
-            metrics.update(
-                generation=evolution.generation, controller=str(out / CONTROLLER_NAME), which="params",
-                selected_at_generation=state["best"][0] if state["best"] else evolution.generation,
-                env=c.env, command=command, observation="stock", trained_on_observation=cfg.env.observation,
-            )
-            if in_dream:
-                dreamed = rollout.evaluate(dream, params, final_seeds, cfg.dream.max_steps)
-                metrics["dream"] = {key: dreamed[key] for key in ("mean", "std", "min", "max", "scores", "lengths")}
-                metrics["dream"].update(temperature=tau, max_steps=cfg.dream.max_steps, episodes=len(final_seeds))
-            storage.atomic_write_json(out / METRICS_NAME, metrics)
-            dreamed = (f"; in the dream {metrics['dream']['mean']:.1f} +- {metrics['dream']['std']:.1f}"
-                       if in_dream else "")
-            print(f"{prefix} final evaluation on {metrics['episodes']} held-out tracks: {metrics['mean']:.1f} +- "
-                  f"{metrics['std']:.1f} (min {metrics['min']:.1f}, max {metrics['max']:.1f}){dreamed} -> "
-                  f"{out / METRICS_NAME}")
+            _final_evaluation(search, command)
     return vae, rnn
+
+
+def _open_dream(cfg, data_dir, rnn, prefix):
+    from worldmodels import dream as dream_lib
+
+    starts = dream_lib.start_states_for(data_dir, cfg)
+    dream = dream_lib.dream_world(cfg, rnn, starts)
+    print(f"{prefix} dream at temperature {cfg.dream.temperature:g}: {len(starts)} starting frames (frame "
+          f"{cfg.dream.skip_initial_frames} of each series), {dream.capacity} agents per step, "
+          f"done head: {dream.done}, dropout masks: {dream.dropout}")
+    return dream
+
+
+@contextlib.contextmanager
+def _open_pools(cfg: config.Config, num_envs: int, max_concurrent: int):
+    """``(training pool, evaluation pool)``: one pool for both while training sees the stock pixels too,
+    else a training pool drawing :func:`training_observation` beside a stock one for the evaluations."""
+    c = cfg.controller
+    observation = training_observation(cfg)
+    with contextlib.ExitStack() as stack:
+        if observation == "stock":
+            pool = stack.enter_context(envpool.CarRacingPool(num_envs, c.max_steps, c.backend, c.workers,
+                                                             c.ray_address))
+            yield pool, pool
+            return
+        eval_envs = min(max_concurrent, max(c.eval_episodes, c.final_eval_episodes))
+        train_pool = stack.enter_context(envpool.CarRacingPool(num_envs, c.max_steps, c.backend, c.workers,
+                                                               c.ray_address, observation=observation))
+        eval_pool = stack.enter_context(envpool.CarRacingPool(eval_envs, c.max_steps, c.backend, c.workers,
+                                                              c.ray_address))
+        yield train_pool, eval_pool
+
+
+def _evolve(search: Search) -> None:
+    """The generations still to run, each followed by its held-out evaluation when one is due."""
+    from tqdm import tqdm
+
+    c = search.cfg.controller
+    tau = search.tau
+    with tqdm(total=c.generations, initial=min(search.evolution.generation, c.generations), unit="gen",
+              desc="CMA-ES" + (f" (dream, tau={tau:g})" if tau is not None else ""), dynamic_ncols=True) as bar:
+        _evaluate_mean(search, bar)  # an evaluation lost to a kill right after its generation
+        while search.evolution.generation < c.generations:
+            search.evolution.run(lambda *args: _fitness(search, *args), search.evolution.generation + 1,
+                                 on_generation=lambda row: _log_generation(search, row, bar))
+            _evaluate_mean(search, bar)
+    search.save()
+    search.plot()
+    if search.seconds:
+        print(f"{search.prefix} {search.steps} agent steps in {search.seconds:.1f} s "
+              f"({search.steps / search.seconds:.0f} steps/s{' in the dream' if search.in_dream else ''})")
+
+
+def _fitness(search: Search, solutions: np.ndarray, generation: int, rng: np.random.Generator):
+    """Evolution's fitness_fn: the members on the generation's tracks, and the environment steps it took."""
+    cfg, c = search.cfg, search.cfg.controller
+    heldout = np.concatenate([search.eval_seeds, search.final_seeds])
+    tracks = training_tracks(rng, c.rollouts_per_member, heldout)
+    if search.in_dream:
+        steps, concurrent, patience = cfg.dream.max_steps, None, None  # the dream costs no simulator time
+    else:
+        steps, concurrent, patience = c.max_steps, search.max_concurrent, c.patience or None
+
+    def run(params, seeds):
+        return rollout.run_episodes(search.train_world, params, seeds, steps, concurrent, patience=patience)
+
+    start = time.perf_counter()
+    fitness, env_steps = generation_fitness(run, solutions, tracks, c.racing, c.weight_decay)
+    search.steps += env_steps
+    search.seconds += time.perf_counter() - start
+    return fitness, {"env_steps": env_steps}
+
+
+def _evaluate_mean(search: Search, bar) -> None:
+    """Score the CMA mean on the held-out tracks if due; keep it as the controller if it is the best so far."""
+    import tensorflow as tf
+
+    if not search.evaluation_due():
+        return
+    cfg, c, g = search.cfg, search.cfg.controller, search.evolution.generation
+    mean, eval_seeds = search.evolution.mean, search.eval_seeds
+    result = rollout.evaluate(search.world, mean, eval_seeds, c.max_steps, search.max_concurrent,
+                              progress=f"generation {g}: held-out tracks")
+    row = {"mean": result["mean"], "std": result["std"], "env_steps": result["steps"], "seconds": result["seconds"]}
+    if search.in_dream:
+        dreamed = rollout.evaluate(search.dream, mean, eval_seeds, cfg.dream.max_steps)
+        row.update(dream_mean=dreamed["mean"], dream_std=dreamed["std"])
+    score = row["dream_mean" if search.in_dream else "mean"]
+    if search.best is None or score > search.best[1]:
+        search.best = (g, score, mean)
+    # The controller file first: if a kill lands between the two writes, the evaluation
+    # is redone on resume (deterministically, with the same score).
+    search.save()
+    search.evals[g] = row
+    write_evals(search.out / EVAL_NAME, search.evals, DREAM_EVAL_FIELDS if search.in_dream else EVAL_FIELDS)
+    with search.writer.as_default(step=g):
+        for key in ("mean", "std") + (("dream_mean", "dream_std") if search.in_dream else ()):
+            tf.summary.scalar(f"heldout{'_dream' if key.startswith('dream') else ''}/{key.split('_')[-1]}", row[key])
+    search.writer.flush()
+    search.plot()
+    dreamed = f" (dream: {row['dream_mean']:.1f} +- {row['dream_std']:.1f})" if search.in_dream else ""
+    bar.write(f"{search.prefix} generation {g}: CMA mean scores {row['mean']:.1f} +- {row['std']:.1f} on "
+              f"{len(eval_seeds)} held-out tracks{dreamed} (best so far: {search.best[1]:.1f} at "
+              f"generation {search.best[0]})")
+
+
+def _log_generation(search: Search, row: dict, bar) -> None:
+    """Evolution's on_generation: TensorBoard, the controller file, the curve and the progress bar."""
+    import tensorflow as tf
+
+    g = row["generation"]
+    steps_per_s = search.steps / max(search.seconds, 1e-9)
+    with search.writer.as_default(step=g):
+        for name in ("best", "mean", "std", "worst"):
+            tf.summary.scalar(f"fitness/{name}", row[name])
+        tf.summary.scalar("cma/sigma", row["sigma"])
+        tf.summary.scalar("speed/agent_steps_per_s", steps_per_s)
+        tf.summary.scalar("cost/env_steps", row["env_steps"])
+    search.writer.flush()
+    search.save()
+    search.plot()
+    bar.update(1)
+    bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", std=f"{row['std']:.1f}",
+                    steps_s=f"{steps_per_s:.0f}")
+
+
+def _final_evaluation(search: Search, command: str) -> None:
+    """Score the selected controller on the final held-out tracks (always full episodes) -> ``metrics.json``."""
+    cfg, c, evolution = search.cfg, search.cfg.controller, search.evolution
+    params = search.best[2] if search.best else evolution.mean
+    metrics = rollout.final_evaluation(search.world, params, cfg, max_concurrent=search.max_concurrent,
+                                       progress="final evaluation")
+    metrics.update(
+        generation=evolution.generation, controller=str(search.out / CONTROLLER_NAME), which="params",
+        selected_at_generation=search.best[0] if search.best else evolution.generation,
+        env=c.env, z_input=c.z_input, command=command, observation="stock",
+        trained_on_observation=training_observation(cfg),
+    )
+    if search.in_dream:
+        final_seeds = search.final_seeds
+        dreamed = rollout.evaluate(search.dream, params, final_seeds, cfg.dream.max_steps)
+        metrics["dream"] = {key: dreamed[key] for key in ("mean", "std", "min", "max", "scores", "lengths")}
+        metrics["dream"].update(temperature=search.tau, max_steps=cfg.dream.max_steps, episodes=len(final_seeds))
+    storage.atomic_write_json(search.out / METRICS_NAME, metrics)
+    dreamed = (f"; in the dream {metrics['dream']['mean']:.1f} +- {metrics['dream']['std']:.1f}"
+               if search.in_dream else "")
+    print(f"{search.prefix} final evaluation on {metrics['episodes']} held-out tracks: {metrics['mean']:.1f} +- "
+          f"{metrics['std']:.1f} (min {metrics['min']:.1f}, max {metrics['max']:.1f}){dreamed} -> "
+          f"{search.out / METRICS_NAME}")

@@ -45,7 +45,9 @@ from worldmodels.storage import CorruptFileError, atomic_write_bytes, atomic_wri
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "evolution.pkl"
 HISTORY_NAME = "history.csv"
-HISTORY_FIELDS = ("generation", "best", "mean", "std", "worst", "sigma", "elapsed")
+HISTORY_FIELDS = ("generation", "best", "mean", "std", "worst", "sigma", "elapsed", "env_steps")
+# Filled in by fitness_fn's extras (see Evolution.run); "nan" in rows of older checkpoints.
+EXTRA_FIELDS = ("env_steps",)
 _STATE_KEYS = frozenset(
     {"format_version", "settings", "generation", "es", "cma_random_state", "rng_state",
      "history", "best_solution", "best_fitness", "elapsed"}
@@ -169,7 +171,10 @@ class Evolution:
         with the same arguments does nothing (or only the missing generations).
         ``fitness_fn(solutions (P, N) float64, generation (1-based int), rng) -> (P,)`` must
         return finite values, higher is better; drawing episode seeds from ``rng`` keeps them
-        reproducible across restarts. ``on_generation(row)`` runs after each checkpoint.
+        reproducible across restarts. It may instead return ``(fitness (P,), extras)`` with
+        ``extras`` a dict of :data:`EXTRA_FIELDS` (e.g. ``env_steps``, the environment steps the
+        generation took), recorded in its history row and checkpointed with it.
+        ``on_generation(row)`` runs after each checkpoint.
         """
         if int(generations) != generations or generations < 0:
             raise ValueError(f"generations must be an integer >= 0, got {generations!r}")
@@ -202,6 +207,12 @@ class Evolution:
         solutions = np.array(asked, dtype=np.float64)
         # fitness_fn gets a copy so that nothing it does can alter what cma is told.
         fitness = fitness_fn(solutions.copy(), generation, self._rng)
+        extras = {}
+        if isinstance(fitness, tuple):
+            fitness, extras = fitness
+            unknown = set(extras) - set(EXTRA_FIELDS)
+            if unknown:
+                raise ValueError(f"fitness_fn returned unknown extras {sorted(unknown)}; known: {EXTRA_FIELDS}")
         fitness = np.asarray(fitness, dtype=np.float64)
         if fitness.shape != (len(asked),):
             raise ValueError(
@@ -228,6 +239,7 @@ class Evolution:
             "worst": float(fitness.min()),
             "sigma": self.sigma,
             "elapsed": self._elapsed,  # seconds spent in run(), summed over restarts
+            **extras,
         }
         self._history.append(row)
         return row
@@ -328,7 +340,7 @@ class Evolution:
 
     def _write_history(self) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, restval="nan", lineterminator="\n")
         writer.writeheader()
         writer.writerows(self._history)
         atomic_write_text(self.history_path, buffer.getvalue())

@@ -17,9 +17,13 @@ CarRacing-v3: a :class:`~worldmodels.envpool.CarRacingPool` plus one batched V e
 batched M step per time step. The dream implements the same interface, so the loop itself
 knows nothing about environments.
 
-The order of one time step follows the paper: z_t = V(frame_t) (the posterior mean),
-a_t = C([z_t, h_t]) with h_t the LSTM state *before* it has seen (z_t, a_t), then
-h_{t+1} = M(h_t, [z_t, a_t]) and the environment applies a_t.
+The order of one time step follows the paper: z_t = V(frame_t), a_t = C([z_t, h_t]) with
+h_t the LSTM state *before* it has seen (z_t, a_t), then h_{t+1} = M(h_t, [z_t, a_t]) and
+the environment applies a_t. What z_t is, is
+``controller.z_input`` (:data:`Z_INPUTS`): ``sample`` (the paper's code and the default) draws
+z_t = mu + exp(logvar / 2) * eps from V's posterior, as M was trained on and as C sees in the
+dream, where every z is one of M's samples; ``mean`` feeds the posterior mean mu (what this
+project did before, and what controllers saved without ``controller.z_input`` used).
 
 The end of the module holds what the controller scripts share: the held-out track seeds,
 :func:`evaluate`, and loading V and M with clear errors. TensorFlow is imported only when
@@ -42,14 +46,22 @@ from worldmodels.env import episode_seed, to_env_action
 # two further streams, so the reported score is never measured on tracks used for selection.
 EVAL_SEED_OFFSET = 10**6
 FINAL_EVAL_SEED_OFFSET = 2 * 10**6
+# CarRacing's reward per frame without a new tile: what an early-stopped training episode is
+# booked for each step it does not drive (see run_episodes' ``patience``).
+STEP_PENALTY = -0.1
+# What C and M see of V's posterior in the real environment (controller.z_input).
+Z_INPUTS = ("sample", "mean")
+# Mixed into an episode's track seed to seed its z noise, so the noise stream is not the track's own.
+Z_NOISE_KEY = 0x7A5EED
 
 
 class Rollouts(NamedTuple):
     """Results of :func:`run_episodes` for P controllers x K tracks."""
 
-    returns: np.ndarray  # (P, K) float64: sum of the rewards of each episode
-    lengths: np.ndarray  # (P, K) int64: steps of each episode
+    returns: np.ndarray  # (P, K) float64: sum of the rewards of each episode (+ the booked steps if stopped early)
+    lengths: np.ndarray  # (P, K) int64: steps of each episode actually driven (real environment steps)
     actions: list | None  # P lists of K float32 (T, 3) env-space actions, if recorded
+    stopped: np.ndarray | None = None  # (P, K) bool: ended by ``patience``, if it was given
 
 
 # --------------------------------------------------------------------------- the loop
@@ -67,27 +79,8 @@ def _wave_controller(params, k, start, stop):
     return params[np.arange(start, stop) // k], 1
 
 
-def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
-                 record_actions: bool = False, progress: str | None = None) -> Rollouts:
-    """Run P controllers on K tracks each in ``world`` and return every episode's return.
-
-    Args:
-        world: a world (module docstring), e.g. :class:`RealWorld`.
-        params: (P, N) controller parameters, N = num_parameters(world.z_size, world.hidden_size).
-        seeds: (P, K) track seeds; episode (p, k) runs controller p on track seeds[p, k].
-        max_steps: at most this many steps per episode (the world may end episodes sooner).
-        max_concurrent: at most this many episodes at once (default and upper bound: the
-            world's capacity). Episodes run in waves in (p, k) order.
-        record_actions: also return the env-space actions of every episode.
-        progress: if given, show a progress bar with this title over the P * K * max_steps
-            agent steps (a 100-track evaluation in the real environment takes minutes on a
-            CPU); an episode that ends early adds its unused steps, so the bar ends at 100%.
-
-    Returns:
-        :class:`Rollouts` with returns (P, K), lengths (P, K) and the actions if asked for.
-        Every episode ends on its own (terminated or truncated by the world, or after
-        ``max_steps``); its return is the sum of the rewards of its own steps.
-    """
+def _check_run(world, params, seeds, max_steps, max_concurrent, patience):
+    """:func:`run_episodes`' arguments checked: ``(params (P, N) float64, seeds (P, K), capacity)``."""
     params = np.asarray(params, dtype=np.float64)
     seeds = np.asarray(seeds)
     n = num_parameters(world.z_size, world.hidden_size, ACTION_SIZE)
@@ -104,12 +97,48 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         if int(max_concurrent) != max_concurrent or max_concurrent < 1:
             raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
         capacity = min(capacity, int(max_concurrent))
+    if patience is not None and (int(patience) != patience or patience < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    return params, seeds, capacity
+
+
+def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
+                 record_actions: bool = False, progress: str | None = None, patience: int | None = None) -> Rollouts:
+    """Run P controllers on K tracks each in ``world`` and return every episode's return.
+
+    Args:
+        world: a world (module docstring), e.g. :class:`RealWorld`.
+        params: (P, N) controller parameters, N = num_parameters(world.z_size, world.hidden_size).
+        seeds: (P, K) track seeds; episode (p, k) runs controller p on track seeds[p, k].
+        max_steps: at most this many steps per episode (the world may end episodes sooner).
+        max_concurrent: at most this many episodes at once (default and upper bound: the
+            world's capacity). Episodes run in waves in (p, k) order.
+        record_actions: also return the env-space actions of every episode.
+        progress: if given, show a progress bar with this title over the P * K * max_steps
+            agent steps (a 100-track evaluation in the real environment takes minutes on a
+            CPU); an episode that ends early adds its unused steps, so the bar ends at 100%.
+        patience: training only (None for every evaluation). If given, an episode that has
+            gone ``patience`` steps without a positive reward (in CarRacing: without a new
+            tile) stops there, and each of its ``max_steps - length`` remaining steps is
+            booked at ``STEP_PENALTY`` (-0.1, what a step without a tile earns), so its
+            return is what it would have scored had it driven on without reaching a tile
+            (and without leaving the playfield). A car that has stopped making progress
+            costs no more simulator time.
+
+    Returns:
+        :class:`Rollouts` with returns (P, K), lengths (P, K), the actions if asked for and
+        ``stopped`` (P, K) if ``patience`` was given. Every episode ends on its own
+        (terminated or truncated by the world, after ``max_steps``, or by ``patience``); its
+        return is the sum of the rewards of its own steps plus the booked ones.
+    """
+    params, seeds, capacity = _check_run(world, params, seeds, max_steps, max_concurrent, patience)
 
     p_count, k = seeds.shape
     total = p_count * k
     flat_seeds = seeds.reshape(-1)
     returns = np.zeros(total, np.float64)
     lengths = np.zeros(total, np.int64)
+    stopped = np.zeros(total, bool)
     actions = [[] for _ in range(total)] if record_actions else None
     bar = None
     if progress:
@@ -123,6 +152,7 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         batch = stop - start
         z, h = world.reset(flat_seeds[start:stop])
         active = np.ones(batch, bool)
+        idle = np.zeros(batch, np.int64)  # steps since the last positive reward, for ``patience``
         for _ in range(int(max_steps)):
             a = controller_actions(wave_params, z.reshape(-1, group, z.shape[-1]),
                                    h.reshape(-1, group, h.shape[-1])).reshape(batch, ACTION_SIZE)
@@ -135,6 +165,15 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
                 for i, row in zip(index, env_actions[active]):
                     actions[i].append(row)
             ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+            if patience is not None:
+                idle = np.where(np.asarray(reward) > 0, 0, idle + 1)
+                # An episode the world ends in this very step keeps its own ending (and return).
+                give_up = active & ~ended & (idle >= int(patience)) & (lengths[start:stop] < int(max_steps))
+                if give_up.any():
+                    index_up = start + np.flatnonzero(give_up)
+                    returns[index_up] += STEP_PENALTY * (int(max_steps) - lengths[index_up])
+                    stopped[index_up] = True
+                    ended = ended | give_up
             if bar is not None:  # this step, plus the steps that episodes ending now will not take
                 bar.update(int(active.sum()) + int((int(max_steps) - lengths[index[ended[active]]]).sum()))
             active &= ~ended
@@ -145,7 +184,8 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
     if record_actions:
         actions = [[np.asarray(actions[p * k + j], np.float32).reshape(-1, ACTION_SIZE) for j in range(k)]
                    for p in range(p_count)]
-    return Rollouts(returns.reshape(p_count, k), lengths.reshape(p_count, k), actions)
+    return Rollouts(returns.reshape(p_count, k), lengths.reshape(p_count, k), actions,
+                    stopped.reshape(p_count, k) if patience is not None else None)
 
 
 # --------------------------------------------------------------------------- the real world
@@ -156,15 +196,22 @@ class RealWorld:
 
     ``pool``: a :class:`~worldmodels.envpool.CarRacingPool` (its ``num_envs`` is the capacity);
     ``vae``: a ``ConvVAE`` (or its ``encoder``: float (B, 64, 64, 3) in [0, 1] -> (mu, logvar));
-    ``rnn``: an ``MDNRNN`` with ``step`` and ``hidden_units``.
+    ``rnn``: an ``MDNRNN`` with ``step`` and ``hidden_units``;
+    ``z_input``: ``'mean'`` feeds V's posterior mean, ``'sample'`` one draw
+    z = mu + exp(logvar / 2) * eps, with eps from a generator seeded by the episode's track
+    seed (and :data:`Z_NOISE_KEY`), so an episode is reproducible from its seed alone, whatever
+    batch or wave it runs in, and every member driving a track sees the same noise.
 
     Per step: the pool steps the envs while M updates h with (z_t, a_t) in the same moment,
     then V encodes all new frames in one call. Only the active agents' rows go through V
     and M; the rest keep their last values.
     """
 
-    def __init__(self, pool, vae, rnn):
+    def __init__(self, pool, vae, rnn, z_input: str = "mean"):
         import tensorflow as tf  # here, so that environment workers importing this module stay light
+
+        if z_input not in Z_INPUTS:
+            raise ValueError(f"z_input must be one of {', '.join(Z_INPUTS)}, got {z_input!r}")
 
         encoder = getattr(vae, "encoder", vae)
         self.pool = pool
@@ -179,24 +226,36 @@ class RealWorld:
         # One trace for every batch size: frames arrive as uint8 and are scaled inside the graph.
         @tf.function(input_signature=[tf.TensorSpec((None, 64, 64, 3), tf.uint8)])
         def encode(frames):
-            mu, _ = encoder(tf.cast(frames, tf.float32) / 255.0, training=False)
-            return mu
+            mu, logvar = encoder(tf.cast(frames, tf.float32) / 255.0, training=False)
+            return mu, tf.exp(0.5 * logvar)
 
         self._encode = encode
+        self.z_input = z_input
         self._z = self._h = self._c = None
+        self._noise: list[np.random.Generator] = []  # one per agent of the batch, for z_input='sample'
 
     @property
     def capacity(self) -> int:
         return self.pool.num_envs
 
-    def encode(self, frames: np.ndarray) -> np.ndarray:
-        """V's posterior mean of uint8 frames (B, 64, 64, 3) -> float32 (B, Z), one call."""
+    def encode(self, frames: np.ndarray, agents=None) -> np.ndarray:
+        """What C sees of uint8 frames (B, 64, 64, 3) -> float32 (B, Z), one V call.
+
+        The posterior mean, or with ``z_input='sample'`` one draw per frame from the noise of
+        ``agents`` (B,) (indices into the batch of the last reset; default all of them).
+        """
         if len(frames) == 0:
             return np.zeros((0, self.z_size), np.float32)
-        return self._encode(frames).numpy()
+        mu, scale = self._encode(frames)
+        if self.z_input == "mean":
+            return mu.numpy()
+        agents = range(len(frames)) if agents is None else agents
+        eps = np.stack([self._noise[i].standard_normal(self.z_size, dtype=np.float32) for i in agents])
+        return mu.numpy() + scale.numpy() * eps
 
     def reset(self, seeds):
         frames = self.pool.reset(seeds)
+        self._noise = [np.random.default_rng([int(seed), Z_NOISE_KEY]) for seed in np.asarray(seeds)]
         self._z = self.encode(frames)
         self._h = np.zeros((len(frames), self.hidden_size), np.float32)
         self._c = np.zeros_like(self._h)
@@ -217,7 +276,7 @@ class RealWorld:
             self._c[pick] = c.numpy()
         frames, reward, terminated, truncated = self.pool.step_wait()
         if len(index):
-            self._z[index] = self.encode(frames[index])
+            self._z[index] = self.encode(frames[index], index)
         return (self._z.copy(), self._h.copy()), reward, terminated, truncated
 
     def close(self) -> None:
