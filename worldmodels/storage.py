@@ -51,6 +51,38 @@ class MissingDataError(FileNotFoundError):
     """A folder or file that a stage needs does not exist or is empty."""
 
 
+class EpisodeReadError(RuntimeError):
+    """Reading an episode file failed for another reason than its content (a bug, memory, the interpreter)."""
+
+
+# Called with the one-line message of every failure inside :func:`reading`; ``worldmodels.cli``
+# registers its watchdog here, so a stage whose reader thread failed ends even if TensorFlow hangs.
+READER_FAILURE_HOOKS: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike):
+    """Make every failure of the block name ``path``, for readers running on ``tf.data`` or pool threads.
+
+    Such an error reaches the main thread only as text inside a TensorFlow error (or a
+    future's result), so it must carry the file name itself. :class:`CorruptFileError` and
+    :class:`MissingDataError` already name it and pass unchanged; anything else becomes an
+    :class:`EpisodeReadError` naming the file and the original error. Every failure is also
+    passed to :data:`READER_FAILURE_HOOKS`.
+    """
+    try:
+        yield
+    except (CorruptFileError, MissingDataError) as exc:
+        for hook in READER_FAILURE_HOOKS:
+            hook(str(exc))
+        raise
+    except Exception as exc:
+        message = f"{path}: reading failed ({type(exc).__name__}: {exc})"
+        for hook in READER_FAILURE_HOOKS:
+            hook(message)
+        raise EpisodeReadError(message) from exc
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 
