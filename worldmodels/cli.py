@@ -126,6 +126,8 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         raise  # argparse's --help and usage errors have already said everything
     except KeyboardInterrupt:
         exit_now(130, "\n" + INTERRUPTED)
+    except BrokenPipeError:
+        exit_now(141)  # the reader of our output went away (``| head``): nothing to report
     except BaseException as exc:  # noqa: BLE001 - every failure gets the same short report
         error = _reader_error(exc) or exc
         if error is not exc:
