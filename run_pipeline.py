@@ -176,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"on {data_dir}). Results:")
     for stage, seconds, was_done in ran:
         total = duration(record["stages"][stage.script]["seconds"])
-        note = f"(already done; checked in {duration(seconds)})" if was_done else ""
-        print(f"  {stage.script:<24} {total:>12} {note:<36} {stage_summary(stage, data_dir, cfg)}")
+        note = f"already done (checked in {duration(seconds)}); " if was_done else ""
+        print(f"  {stage.script:<24} {total:>12}  {note}{stage_summary(stage, data_dir, cfg)}")
     return 0
 
 
