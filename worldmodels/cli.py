@@ -6,8 +6,8 @@ a failed reader thread, a failed training step) is reported in one line too, wit
 status 1, and its full traceback goes to ``<data-dir>/logs/<script>.log``. Ctrl-C prints
 the same short message wherever it lands, with status 130.
 
-Failed runs end with ``os._exit`` right after the message: letting the interpreter shut down
-normally would destroy ``tf.data`` iterators whose reader threads may be blocked, and
+Failed runs that loaded TensorFlow end with ``os._exit`` right after the message: letting the
+interpreter shut down normally would destroy ``tf.data`` iterators whose reader threads may be blocked, and
 TensorFlow's ``CancelThreads`` then waits for them forever (a stage hung for minutes at 0%
 CPU that way). Every finished file was written atomically, so skipping Python's clean-up
 loses nothing. A watchdog covers the case where a reader thread failed and the main thread
@@ -89,7 +89,12 @@ def write_log(path: Path, exc: BaseException) -> Path | None:
 
 
 def exit_now(status: int, message: str | None = None) -> None:
-    """Print ``message`` to stderr, flush, and end the process at once (see the module docstring)."""
+    """Print ``message`` to stderr and end the process: at once (``os._exit``) once TensorFlow is loaded.
+
+    Without TensorFlow there is no iterator to hang on, and a normal exit lets
+    ``multiprocessing`` remove its pools' semaphores (``os._exit`` would leave them to its
+    resource tracker, which warns about them on the screen).
+    """
     if message:
         print(message, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
@@ -97,6 +102,8 @@ def exit_now(status: int, message: str | None = None) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    if "tensorflow" not in sys.modules and threading.current_thread() is threading.main_thread():
+        sys.exit(status)
     os._exit(status)
 
 
