@@ -159,3 +159,22 @@ def test_one_line_names_the_training_step_from_the_whole_chain():
     except storage.CorruptFileError as exc:
         line = cli.one_line(exc)
     assert line == "M training, epoch 4, step 17: series/episode_000003.npz: truncated"
+
+
+def test_a_failed_worker_episode_names_itself_across_the_process_boundary(tmp_path, monkeypatch):
+    import pickle
+
+    import pytest
+
+    from worldmodels import collect
+
+    def broken(*args):
+        raise RuntimeError("the physics engine gave up")
+
+    monkeypatch.setattr(collect, "record_episode", broken)
+    job = collect.EpisodeJob(index=5, base_seed=0, max_steps=10, policy="brownian", folder=str(tmp_path),
+                             compresslevel=1)
+    with pytest.raises(RuntimeError) as error:
+        collect.run_job(job)
+    returned = pickle.loads(pickle.dumps(error.value))  # as multiprocessing hands it back
+    assert cli.one_line(returned).startswith("episode 5 (seed ") and "the physics engine gave up" in cli.one_line(returned)
