@@ -175,7 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "controller.final_eval_episodes": 100,
         "dream.batch_size": 512,
     },
-    # Default of the README's one-line run: the whole pipeline on 2 CPU cores in under 30 minutes.
+    # Default of the README's one-line run: the whole pipeline on 2 CPU cores in 15-34 minutes (README).
     "quick": {
         "data.episodes": 32,
         "data.max_steps": 500,
