@@ -11,7 +11,8 @@ else ``$WORLDMODELS_DATA``, else ``data``.
 
 The closing summary gives each stage's key numbers (read from its ``metrics.json``), its
 time summed over every run of this command on the data folder (kept in
-``<data-dir>/pipeline.json``), and which stages were already done and only checked.
+``<data-dir>/pipeline.json``, updated every 30 s, so even a killed run's time counts), and
+which stages were already done and only checked.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parent
 RECORD_NAME = "pipeline.json"
 # Seconds a stage gets to finish writing after Ctrl-C before it is killed.
 INTERRUPT_GRACE = 30.0
+# Seconds between updates of a running stage's time in pipeline.json: a killed pipeline loses at most this.
+RECORD_EVERY = 30.0
 
 
 def _episodes(folder: Path, metrics: dict | None) -> str:
@@ -123,11 +126,18 @@ def stage_summary(stage: Stage, data_dir: Path, cfg: config.Config) -> str:
     return f"{numbers} -> {folder}"
 
 
-def run_stage(command: list[str]) -> int:
-    """Run one stage; on Ctrl-C (which the stage receives too) give it time to save, then return 130."""
+def run_stage(command: list[str], on_tick: Callable[[], None]) -> int:
+    """Run one stage, calling ``on_tick`` every ``RECORD_EVERY`` seconds while it runs.
+
+    On Ctrl-C (which the stage receives too) the stage gets time to save, then 130 is returned.
+    """
     process = subprocess.Popen(command, cwd=REPO)
     try:
-        return process.wait()
+        while True:
+            try:
+                return process.wait(timeout=RECORD_EVERY)
+            except subprocess.TimeoutExpired:
+                on_tick()
     except KeyboardInterrupt:
         try:
             process.wait(timeout=INTERRUPT_GRACE)
@@ -156,12 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for number, stage in enumerate(STAGES, 1):
         print(f"[pipeline] === {stage.script} ===", flush=True)
         entry = record["stages"].setdefault(stage.script, {"seconds": 0.0, "done": False})
-        was_done = bool(entry["done"])
-        stage_start = time.perf_counter()
-        status = run_stage([sys.executable, str(REPO / stage.script), *common])
+        was_done, earlier, stage_start = bool(entry["done"]), float(entry["seconds"]), time.perf_counter()
+
+        def save(done: bool = False) -> None:
+            entry.update(seconds=earlier + time.perf_counter() - stage_start, done=done)
+            storage.atomic_write_json(record_path, record)
+
+        status = run_stage([sys.executable, str(REPO / stage.script), *common], save)
         seconds = time.perf_counter() - stage_start
-        entry.update(seconds=entry["seconds"] + seconds, done=status == 0)
-        storage.atomic_write_json(record_path, record)
+        save(done=status == 0)
         if status == 130:
             print(f"\n[pipeline] interrupted during stage {number} ({stage.script}); everything completed so far "
                   f"is saved. Resume with:\n  {resume}", file=sys.stderr)
