@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     done = cfg.data.episodes - len(pending)
     workers = resolve_workers(cfg.data.workers)
     print(f"[01] {folder}: {done} of {cfg.data.episodes} episodes already complete; recording {len(pending)} "
-          f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}'")
+          f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}', "
+          f"{cfg.env.observation} observation")
     jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
-                               cfg.data.compresslevel) for i in pending]
+                               cfg.data.compresslevel, cfg.env.observation) for i in pending]
     frames, peak_mb, start = 0, 0.0, time.perf_counter()
     with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
         for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):

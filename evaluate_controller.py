@@ -3,6 +3,7 @@
     python evaluate_controller.py --preset small                    # controller.final_eval_episodes (paper: 100)
     python evaluate_controller.py --episodes 10 --video car.gif      # + a full-resolution video of the first track
     python evaluate_controller.py --which mean --output other.json   # the last CMA mean instead of the best one
+    python evaluate_controller.py --set env.observation=fast --output fast.json   # on the fast observation
 
 The tracks come from the final-evaluation seed stream (never used for training or for
 picking the controller), so the score is comparable with the paper's "mean +- std over 100
@@ -129,7 +130,7 @@ def evaluate_saved(cfg, data_dir: Path, params: np.ndarray, episodes: int, max_c
     vae, rnn = rollout.load_world_models(data_dir, cfg)
     c = cfg.controller
     with envpool.CarRacingPool(min(episodes, max_concurrent), c.max_steps, c.backend, c.workers,
-                               c.ray_address) as pool:
+                               c.ray_address, observation=cfg.env.observation) as pool:
         world = rollout.RealWorld(pool, vae, rnn)
         return rollout.final_evaluation(world, params, cfg, episodes, max_concurrent, record_actions,
                                         progress="held-out tracks")
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     folder = args.data_dir / "controller"
     path = args.controller or folder / "controller.npz"
     output = args.output or folder / "metrics.json"
+    if cfg.env.observation != "stock" and output.resolve() == (folder / "metrics.json").resolve():
+        raise config.ConfigError(f"{output} holds the reported score, always measured on the stock observation; "
+                                 f"write a score on env.observation={cfg.env.observation} elsewhere with --output PATH")
     for model_path, command in ((artifacts.vision_path(args.data_dir, cfg), "python 02_train_vae.py"),
                                 (artifacts.rnn_path(args.data_dir), "python 04_train_rnn.py")):
         if not model_path.exists():
@@ -162,10 +166,11 @@ def main(argv=None) -> int:
     params, info = load_controller(path, args.which, cfg.vae.z_size, cfg.rnn.hidden_units)
 
     print(f"[eval] {path} ({args.which}, generation {info.get('generation', '?')}) on {episodes} held-out tracks "
-          f"of <= {cfg.controller.max_steps} steps")
+          f"of <= {cfg.controller.max_steps} steps, {cfg.env.observation} observation")
     metrics = evaluate_saved(cfg, args.data_dir, params, episodes, args.max_concurrent, bool(args.video))
     actions = metrics.pop("actions", None)
     metrics.update(controller=str(path), which=args.which, generation=info.get("generation"),
+                   observation=cfg.env.observation,
                    command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
     if args.video:
         replayed = {}

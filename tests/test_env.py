@@ -25,7 +25,7 @@ def test_preprocess_keeps_content_and_batches():
     np.testing.assert_array_equal(out[2], wenv.preprocess(frames[2]))
 
 
-@pytest.mark.parametrize("bad", [np.zeros((64, 64, 3), np.uint8), np.zeros((96, 96), np.uint8),
+@pytest.mark.parametrize("bad", [np.zeros((70, 96, 3), np.uint8), np.zeros((96, 96), np.uint8),
                                  np.zeros((96, 96, 3), np.float32)])
 def test_preprocess_rejects_bad_frames(bad):
     with pytest.raises(ValueError, match="expected"):

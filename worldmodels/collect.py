@@ -28,6 +28,7 @@ class EpisodeJob:
     max_steps: int
     policy: str
     compresslevel: int = 1
+    observation: str = "stock"
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,16 @@ class EpisodeResult:
     peak_rss_mb: float
 
 
-def record_episode(max_steps: int, policy: str, seed: int) -> dict[str, np.ndarray]:
+def record_episode(max_steps: int, policy: str, seed: int, observation: str = "stock") -> dict[str, np.ndarray]:
     """Run one episode and return the arrays of a rollout file (see ``worldmodels.storage``).
 
     The env is reset with ``seed`` and the policy draws from ``default_rng(seed)``, so the
-    recorded ``seed`` alone reproduces the episode.
+    recorded ``seed`` alone reproduces the episode. ``observation`` is ``make_env``'s ("stock"
+    or "fast"); the actions and rewards do not depend on it.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    env = make_env(max_steps)
+    env = make_env(max_steps, observation=observation)
     act = POLICIES[policy](np.random.default_rng(seed))
     obs_list, actions, rewards, terminated, truncated = [], [], [], [], []
     try:
@@ -78,7 +80,7 @@ def run_job(job: EpisodeJob) -> EpisodeResult:
     start = time.perf_counter()
     seed = episode_seed(job.base_seed, job.index)
     try:
-        arrays = record_episode(job.max_steps, job.policy, seed)
+        arrays = record_episode(job.max_steps, job.policy, seed, job.observation)
         storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
     except Exception as exc:
         # The note survives the trip back from a worker process and names the episode in cli's one-line error.

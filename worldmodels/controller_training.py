@@ -294,7 +294,8 @@ def _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eva
                    else f"{num_envs} envs on backend '{c.backend}'")
     print(f"{prefix} {out}: {evolution.generation} of {c.generations} generations done; population {members} x "
           f"{k} episode(s) of <= {cfg.dream.max_steps if in_dream else c.max_steps} steps in {train_where}")
-    with envpool.CarRacingPool(num_envs, c.max_steps, c.backend, c.workers, c.ray_address) as pool:
+    with envpool.CarRacingPool(num_envs, c.max_steps, c.backend, c.workers, c.ray_address,
+                               observation=cfg.env.observation) as pool:
         world = rollout.RealWorld(pool, vae, rnn)
         train_world, train_steps, train_concurrent = ((dream, cfg.dream.max_steps, None) if in_dream
                                                       else (world, c.max_steps, max_concurrent))
@@ -374,12 +375,15 @@ def _train(cfg, data_dir, out, evolution, evals, best, max_concurrent, final_eva
             print(f"{prefix} done: final evaluation already in {out / METRICS_NAME}")
         else:
             params = state["best"][2] if state["best"] else evolution.mean
+            # The reported score is always measured on gymnasium's own frames, whatever env.observation
+            # the search ran on, so it stays comparable with every other CarRacing-v3 result.
+            pool.set_observation("stock")
             metrics = rollout.final_evaluation(world, params, cfg, max_concurrent=max_concurrent,
                                                progress="final evaluation")
             metrics.update(
                 generation=evolution.generation, controller=str(out / CONTROLLER_NAME), which="params",
                 selected_at_generation=state["best"][0] if state["best"] else evolution.generation,
-                env=c.env, command=command,
+                env=c.env, command=command, observation="stock", trained_on_observation=cfg.env.observation,
             )
             if in_dream:
                 dreamed = rollout.evaluate(dream, params, final_seeds, cfg.dream.max_steps)

@@ -35,7 +35,7 @@ import traceback
 import numpy as np
 
 from config import ConfigError
-from worldmodels.env import FRAME_SIZE, make_env, preprocess
+from worldmodels.env import FRAME_SIZE, check_observation, make_env, preprocess, set_observation
 from worldmodels.parallel import BACKENDS, resolve_workers
 
 FRAME_SHAPE = (FRAME_SIZE, FRAME_SIZE, 3)
@@ -80,6 +80,11 @@ class EnvSlice:
             obs, reward[j], terminated[j], truncated[j], _ = self.envs[i].step(actions[i])
             frames[j] = preprocess(obs)
         return frames, reward, terminated, truncated
+
+    def set_observation(self, observation: str) -> None:
+        """Draw every env's frames as ``observation`` ("stock" or "fast") from now on."""
+        for env in self.envs:
+            set_observation(env, observation)
 
     def close(self) -> None:
         for env in self.envs:
@@ -224,11 +229,12 @@ class CarRacingPool:
     context manager, or call :meth:`close`, so worker processes and actors are stopped. A
     worker that fails or dies closes the pool and raises ``RuntimeError`` with its traceback.
     With ``backend='ray'`` every node must be able to import this repository (for example
-    ``ray.init(runtime_env={"working_dir": ...})`` before building the pool).
+    ``ray.init(runtime_env={"working_dir": ...})`` before building the pool). ``observation``
+    says how frames are drawn, "stock" or "fast" (see :meth:`set_observation`).
     """
 
     def __init__(self, num_envs: int, max_steps: int, backend: str = "process", workers: int = 0,
-                 ray_address: str = ""):
+                 ray_address: str = "", observation: str = "stock"):
         if isinstance(num_envs, bool) or int(num_envs) != num_envs or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < 1:
@@ -237,6 +243,7 @@ class CarRacingPool:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if int(workers) != workers or workers < 0:
             raise ValueError(f"workers must be an integer >= 0 (0 = one per core), got {workers!r}")
+        check_observation(observation)
         self.num_envs = int(num_envs)
         self.max_steps = int(max_steps)
         self.backend = backend
@@ -264,6 +271,9 @@ class CarRacingPool:
         except BaseException:
             self.close()
             raise
+        self.observation = "stock"
+        if observation != "stock":
+            self.set_observation(observation)
 
     # ------------------------------------------------------------------ API
 
@@ -359,6 +369,22 @@ class CarRacingPool:
             raise
         self._running[:n] &= ~(terminated | truncated)
         return frames, reward, terminated, truncated
+
+    def set_observation(self, observation: str) -> None:
+        """Draw frames as ``observation`` from now on (call it between batches): "stock" or "fast"
+        (:func:`worldmodels.env.make_env`). Stage 5 trains on either and reports its final score on
+        "stock"; physics and rewards do not depend on it."""
+        self._check_no_pending()
+        check_observation(observation)
+        try:
+            for runner in self._runners:
+                runner.submit("set_observation", observation)
+            for runner in self._runners:
+                runner.fetch()
+        except BaseException:
+            self.close()
+            raise
+        self.observation = observation
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
