@@ -125,9 +125,10 @@ def train_and_evaluate(cfg, args, out, train_paths, heldout_paths, lengths, prin
     import tensorflow as tf
 
     from worldmodels import training
+    from worldmodels.devices import describe_devices
 
     training.remove_stale_model_temporaries(out)
-    print(f"[02] devices: {', '.join(d.name for d in tf.config.list_physical_devices())}")
+    print(f"[02] {describe_devices()}")
     if cfg.vae.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(cfg.vae.seed)

@@ -189,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "controller.final_eval_episodes": 100,
         "dream.batch_size": 512,
     },
-    # Default of the README's one-line run: the whole pipeline on 2 CPU cores in under 30 minutes.
+    # Default of the README's one-line run: the whole pipeline on 2 CPU cores in 15-34 minutes (README).
     "quick": {
         "data.episodes": 32,
         "data.max_steps": 500,
@@ -535,16 +535,29 @@ def check_compatible(saved: Config, current: Config, keys: Sequence[str], artifa
         )
 
 
-def describe() -> str:
-    """Every field with its default and docstring, for ``--help-config``."""
-    lines = []
+def describe(cfg: Config | None = None, heading: str = "") -> str:
+    """Every field with its value in ``cfg`` (default: the paper's) and its docstring, for ``--help-config``.
+
+    A value that differs from the paper's default says so, e.g. ``data.episodes = 40  (paper: 10000)``.
+    """
+    cfg = cfg or Config()
+    lines = [heading] if heading else []
     for section in SECTIONS:
-        cls = type(getattr(Config(), section))
+        cls = type(getattr(cfg, section))
         lines.append(f"[{section}] {cls.__doc__}")
         for f in dataclasses.fields(cls):
-            lines.append(f"  {section}.{f.name} = {f.default!r}\n      {f.metadata.get('doc', '')}")
+            value = getattr(getattr(cfg, section), f.name)
+            paper = "" if value == f.default else f"  (paper: {f.default!r})"
+            lines.append(f"  {section}.{f.name} = {value!r}{paper}\n      {f.metadata.get('doc', '')}")
     lines.append("presets: " + ", ".join(f"{name} ({len(o)} overrides)" for name, o in PRESETS.items()))
     return "\n".join(lines)
+
+
+def help_config(preset: str, overrides: Sequence[str]) -> str:
+    """The text of ``--help-config``: every field with its value under ``preset`` and the ``--set`` overrides."""
+    cfg = make_config(preset, parse_set_arguments(overrides))
+    sets = "".join(f" --set {item}" for item in overrides)
+    return describe(cfg, f"config of --preset {preset}{sets}:")
 
 
 # --------------------------------------------------------------------------- command line
@@ -561,7 +574,11 @@ def make_parser(description: str, default_preset: str = DEFAULT_PRESET) -> argpa
                         help="override one config field; repeatable (see --help-config)")
     parser.add_argument("--data-dir", default=os.environ.get("WORLDMODELS_DATA", "data"), type=Path,
                         help="folder of all inputs and outputs (default: data, or $WORLDMODELS_DATA)")
-    parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config field with its value under --preset and --set, and exit")
+    # Read by worldmodels/__init__.py before TensorFlow loads; declared here so that it parses.
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's C++ log lines (also: WORLDMODELS_VERBOSE=1)")
     return parser
 
 
@@ -572,10 +589,10 @@ def parse_args(
     """Parse the command line into ``(config, args)``; config errors exit with status 2 and a clear message."""
     parser = parser or make_parser(description, default_preset)
     args = parser.parse_args(argv)
-    if args.help_config:
-        print(describe())
-        parser.exit(0)
     try:
+        if args.help_config:
+            print(help_config(args.preset, args.overrides))
+            parser.exit(0)
         cfg = make_config(args.preset, parse_set_arguments(args.overrides))
     except ConfigError as exc:
         parser.error(str(exc))

@@ -109,3 +109,12 @@ def test_help_config_lists_every_field(tmp_path):
     proc = run_script("01_generate_data.py", "--help-config", data_dir=tmp_path)
     for key in config.valid_keys():
         assert key in proc.stdout
+
+
+def test_help_config_shows_the_values_of_the_preset_and_sets(tmp_path):
+    proc = run_script("01_generate_data.py", "--help-config", "--set", "data.seed=7", data_dir=tmp_path, preset="quick")
+    quick = config.make_config("quick")
+    assert "config of --preset quick --set data.seed=7:" in proc.stdout
+    assert f"data.episodes = {quick.data.episodes!r}  (paper: {config.Config().data.episodes!r})" in proc.stdout
+    assert "data.seed = 7  (paper: 0)" in proc.stdout
+    assert f"vae.z_size = {quick.vae.z_size!r}\n" in proc.stdout  # the same as the paper's: no remark

@@ -32,6 +32,9 @@ def test_sigkill_mid_stage_then_restart_matches_an_uninterrupted_run(tmp_path):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     out = run_to_end(reference)
     assert "[pipeline] finished" in out
+    # The summary gives each stage's key numbers, read from its metrics.json.
+    for numbers in ("3 episodes", "held-out PSNR", "held-out z NLL", "held-out tracks"):
+        assert numbers in out.split("[pipeline] finished")[1], numbers
 
     # Kill the whole process group (pipeline, stage, workers) once stage 2 has written its first checkpoint.
     proc = subprocess.Popen(pipeline(interrupted), cwd=REPO, start_new_session=True,
@@ -70,6 +73,8 @@ def test_sigkill_mid_stage_then_restart_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-4, atol=1e-6)
 
     # A third run redoes nothing at all.
-    mtimes = {p: p.stat().st_mtime_ns for p in interrupted.rglob("*") if p.is_file()}
-    run_to_end(interrupted)
-    assert mtimes == {p: p.stat().st_mtime_ns for p in interrupted.rglob("*") if p.is_file()}
+    # pipeline.json (the pipeline's own time record) is the one file it rewrites.
+    mtimes = {p: p.stat().st_mtime_ns for p in interrupted.rglob("*") if p.is_file() and p.name != "pipeline.json"}
+    out = run_to_end(interrupted)
+    assert mtimes == {p: p.stat().st_mtime_ns for p in interrupted.rglob("*") if p.is_file() and p.name != "pipeline.json"}
+    assert out.count("already done (checked in") == 5  # and the summary says so

@@ -79,8 +79,13 @@ def run_job(job: EpisodeJob) -> EpisodeResult:
     """Record episode ``job.index`` and save it atomically (worker entry point)."""
     start = time.perf_counter()
     seed = episode_seed(job.base_seed, job.index)
-    arrays = record_episode(job.max_steps, job.policy, seed, job.observation)
-    storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
+    try:
+        arrays = record_episode(job.max_steps, job.policy, seed, job.observation)
+        storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
+    except Exception as exc:
+        # The note survives the trip back from a worker process and names the episode in cli's one-line error.
+        exc.add_note(f"episode {job.index} (seed {seed})")
+        raise
     # ru_maxrss is in KiB on Linux: the benchmark checks it does not grow with the episode count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return EpisodeResult(job.index, len(arrays["action"]), time.perf_counter() - start, peak)

@@ -169,7 +169,9 @@ def episode_order(num_episodes: int, seed: int, epoch: int) -> np.ndarray:
 
 def _load_frames(path) -> np.ndarray:
     # Runs inside tf.py_function: ``path`` is a scalar string tensor.
-    return storage.load_episode(path.numpy().decode("utf-8"), "rollout", keys=("obs",))["obs"]
+    path = path.numpy().decode("utf-8")
+    with storage.reading(path):
+        return storage.load_episode(path, "rollout", keys=("obs",))["obs"]
 
 
 def _load_frames_tensor(path):
@@ -218,8 +220,8 @@ def frame_dataset(paths: Sequence[str | os.PathLike], batch_size: int, shuffle_b
         A dataset of uint8 tensors (B, 64, 64, 3) (the last batch of an epoch may be smaller
         unless ``drop_remainder``). Every frame of every episode appears exactly once per epoch.
         A file that cannot be read raises an error while iterating whose message contains
-        ``CorruptFileError: <file>: ...``; wrap the loop in :func:`surface_corrupt_files` to get
-        a :class:`storage.CorruptFileError` instead.
+        ``CorruptFileError: <file>: ...`` (``EpisodeReadError`` for any other failure of the
+        reader); wrap the loop in :func:`surface_corrupt_files` to get that exception instead.
     """
     import tensorflow as tf
 
@@ -256,25 +258,43 @@ def frame_dataset(paths: Sequence[str | os.PathLike], batch_size: int, shuffle_b
     return frames.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-_CORRUPT_MESSAGE = re.compile(r"CorruptFileError: (.+)")
+# The errors of storage.reading() that name their file; the pipeline hands them over as text.
+_READER_ERRORS = {cls.__name__: cls for cls in
+                  (storage.CorruptFileError, storage.MissingDataError, storage.EpisodeReadError)}
+_READER_MESSAGE = re.compile(rf"\b({'|'.join(_READER_ERRORS)}): (.+)")
+
+
+def reader_error(exc: BaseException) -> Exception | None:
+    """The storage error that a TensorFlow error carries from a pipeline's reader, or ``None``.
+
+    TensorFlow wraps exceptions of ``tf.py_function`` in an ``OpError`` with the Python
+    traceback in its message; this finds the reader's one-line message naming the file and
+    rebuilds its exception (``CorruptFileError``, ``MissingDataError`` or ``EpisodeReadError``).
+    """
+    import tensorflow as tf
+
+    if not isinstance(exc, tf.errors.OpError):
+        return None
+    match = _READER_MESSAGE.search(str(exc.message))
+    return None if match is None else _READER_ERRORS[match.group(1)](match.group(2).strip())
 
 
 @contextlib.contextmanager
 def surface_corrupt_files():
-    """Turn a TensorFlow error raised by a damaged episode inside the pipeline into ``storage.CorruptFileError``.
+    """Turn a TensorFlow error raised by a failed reader inside the pipeline into the storage error naming its file.
 
-    TensorFlow wraps exceptions of ``tf.py_function`` in ``InvalidArgumentError`` with the
-    Python traceback in the message; the user needs only the file name and the problem.
+    The user needs only the file name and the problem, not TensorFlow's wrapping (see
+    :func:`reader_error`); other errors pass unchanged.
     """
     import tensorflow as tf
 
     try:
         yield
     except tf.errors.OpError as exc:
-        match = _CORRUPT_MESSAGE.search(str(exc.message))
-        if match is None:
+        error = reader_error(exc)
+        if error is None:
             raise
-        raise storage.CorruptFileError(match.group(1).strip()) from None
+        raise error from exc
 
 
 def training_fingerprint(cfg, train_paths, keys, **counts) -> dict:

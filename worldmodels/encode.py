@@ -47,7 +47,9 @@ def pending_episodes(rollout_paths: list[Path], series_dir: Path) -> list[Path]:
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
-    return storage.load_episode(path, "rollout", keys=["obs", "action", "reward", "terminated", "seed"])
+    # Runs on a reader thread: storage.reading makes any failure name the file.
+    with storage.reading(path):
+        return storage.load_episode(path, "rollout", keys=["obs", "action", "reward", "terminated", "seed"])
 
 
 def read_ahead(paths: list[Path], depth: int = 2) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:

@@ -153,9 +153,10 @@ def episode_windows(series: dict[str, np.ndarray], sequence_length: int, episode
 
 def _read_windows(index, path, sequence_length: int):
     # Runs inside tf.py_function: ``index`` and ``path`` are scalar tensors.
-    series = storage.load_episode(path.numpy().decode("utf-8"), "series",
-                                  keys=("mu", "logvar", "action", "reward", "done"))
-    windows = episode_windows(series, sequence_length, int(index.numpy()))
+    path = path.numpy().decode("utf-8")
+    with storage.reading(path):
+        series = storage.load_episode(path, "series", keys=("mu", "logvar", "action", "reward", "done"))
+        windows = episode_windows(series, sequence_length, int(index.numpy()))
     return [windows[key] for key in _FLOAT_KEYS] + [windows["start"], windows["episode"]]
 
 
@@ -206,7 +207,8 @@ def sequence_dataset(paths: Sequence[str | os.PathLike], sequence_length: int, b
     Returns:
         A dataset of dicts (module docstring) with a leading batch axis. A file that cannot be
         read raises while iterating with ``CorruptFileError: <file>: ...`` in the message
-        (``worldmodels.datasets.surface_corrupt_files`` turns it into the exception).
+        (``worldmodels.datasets.surface_corrupt_files`` turns it into the exception; any other
+        failure of the reader is an ``EpisodeReadError: <file>: ...``).
     """
     import tensorflow as tf
 

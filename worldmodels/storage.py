@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -47,6 +49,38 @@ class CorruptFileError(ValueError):
 
 class MissingDataError(FileNotFoundError):
     """A folder or file that a stage needs does not exist or is empty."""
+
+
+class EpisodeReadError(RuntimeError):
+    """Reading an episode file failed for another reason than its content (a bug, memory, the interpreter)."""
+
+
+# Called with the one-line message of every failure inside :func:`reading`; ``worldmodels.cli``
+# registers its watchdog here, so a stage whose reader thread failed ends even if TensorFlow hangs.
+READER_FAILURE_HOOKS: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike):
+    """Make every failure of the block name ``path``, for readers running on ``tf.data`` or pool threads.
+
+    Such an error reaches the main thread only as text inside a TensorFlow error (or a
+    future's result), so it must carry the file name itself. :class:`CorruptFileError` and
+    :class:`MissingDataError` already name it and pass unchanged; anything else becomes an
+    :class:`EpisodeReadError` naming the file and the original error. Every failure is also
+    passed to :data:`READER_FAILURE_HOOKS`.
+    """
+    try:
+        yield
+    except (CorruptFileError, MissingDataError) as exc:
+        for hook in READER_FAILURE_HOOKS:
+            hook(str(exc))
+        raise
+    except Exception as exc:
+        message = f"{path}: reading failed ({type(exc).__name__}: {exc})"
+        for hook in READER_FAILURE_HOOKS:
+            hook(message)
+        raise EpisodeReadError(message) from exc
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -215,14 +249,81 @@ def _shape_text(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+# The .npy header is a Python dict literal, e.g. "{'descr': '<f4', 'fortran_order': False,
+# 'shape': (1000, 32), }". numpy parses it with ast.literal_eval, whose AST constructor is not
+# thread-safe (cpython gh-106905: "SystemError: AST constructor recursion depth mismatch" when
+# tf.data's reader threads parse headers at once), so the fixed format numpy writes is parsed
+# here with a regular expression instead. Anything else (structured dtypes, objects) is refused.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_ENTRY = re.compile(r"\s*'(descr|fortran_order|shape)'\s*:\s*('[^']*'|True|False|\([0-9,\s]*\))\s*,?")
+
+
+def _parse_header_text(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of an ``.npy`` header dict, without ``ast``; ValueError if unsupported."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")):
+        raise ValueError(f"unsupported .npy header {text.strip()!r}")
+    entries, position, inner = {}, 0, body[1:-1]
+    while inner[position:].strip():
+        match = _NPY_ENTRY.match(inner, position)
+        if match is None or match.group(1) in entries:
+            raise ValueError(f"unsupported .npy header {text.strip()!r}")
+        entries[match.group(1)] = match.group(2)
+        position = match.end()
+    if set(entries) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f".npy header {text.strip()!r} lacks descr, fortran_order or shape")
+    dims = [d.strip() for d in entries["shape"][1:-1].split(",")]
+    if dims and dims[-1] == "":
+        dims.pop()  # the trailing comma of a 1-tuple "(1000,)"
+    if len(dims) == 1 and "," not in entries["shape"]:
+        raise ValueError(f".npy header {text.strip()!r}: shape is not a tuple")
+    dtype = np.dtype(entries["descr"][1:-1])
+    if dtype.hasobject:
+        raise ValueError(f".npy header {text.strip()!r}: object arrays are not allowed")
+    return tuple(int(d) for d in dims), entries["fortran_order"] == "True", dtype
+
+
+def _read_exactly(f, size: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"expected {size} bytes, got {len(data)}")
+    return data
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream ``f``, leaving ``f`` at the data.
+
+    Thread-safe replacement for ``np.lib.format.read_array_header_*``: format versions 1-3,
+    no ``ast`` (see ``_NPY_ENTRY``). Raises ValueError or EOFError on a malformed header.
+    """
+    magic = _read_exactly(f, 8)
+    if magic[:6] != _NPY_MAGIC or magic[6] not in (1, 2, 3):
+        raise ValueError(f"not an .npy stream (magic {magic!r})")
+    length_size = 2 if magic[6] == 1 else 4
+    length = int.from_bytes(_read_exactly(f, length_size), "little")
+    encoding = "utf-8" if magic[6] == 3 else "latin1"
+    return _parse_header_text(_read_exactly(f, length).decode(encoding))
+
+
+def read_npy(f) -> np.ndarray:
+    """The array of the ``.npy`` stream ``f`` (thread-safe ``np.lib.format.read_array(f, allow_pickle=False)``)."""
+    shape, fortran_order, dtype = read_npy_header(f)
+    count = math.prod(shape)
+    buffer = bytearray(count * dtype.itemsize)
+    view, filled = memoryview(buffer), 0
+    while filled < len(buffer):
+        got = f.readinto(view[filled:])
+        if not got:
+            raise EOFError(f"array data ends after {filled} of {len(buffer)} bytes")
+        filled += got
+    # A bytearray keeps the array writable, as numpy's reader returns it.
+    return np.frombuffer(buffer, dtype, count).reshape(shape, order="F" if fortran_order else "C")
+
+
 def _read_header(zf: zipfile.ZipFile, member: str):
     """(shape, dtype) of an ``.npy`` member without decompressing its data."""
     with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, _fortran, dtype = read_npy_header(f)
     return shape, dtype
 
 
@@ -267,7 +368,7 @@ def load_episode(path: str | os.PathLike, kind: str = "rollout", keys: Iterable[
             out = {}
             for name in wanted:
                 with zf.open(name + ".npy") as f:
-                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+                    out[name] = read_npy(f)
     except CorruptFileError:
         raise
     except _READ_ERRORS as exc:

@@ -348,6 +348,10 @@ def train(
                         f"the dataset of epoch {epoch} ended after {state['step']} batches, but "
                         f"steps_per_epoch is {steps_per_epoch}"
                     ) from None
+                except Exception as exc:
+                    # Name the step in the one-line report of worldmodels.cli.
+                    exc.add_note(f"{desc} training, epoch {epoch + 1}, step {state['step'] + 1}")
+                    raise
                 state["step"] += 1
                 session["steps_trained"] += 1
                 bar.update(1)
