@@ -16,11 +16,9 @@ import time
 from tqdm import tqdm
 
 import config
-from worldmodels import cli, collect, storage
+from worldmodels import artifacts, cli, collect, storage
 from worldmodels.parallel import parallel_map, resolve_workers
 
-# Fields that define what a rollout *is*: a folder made with other values cannot be extended.
-COMPATIBLE_KEYS = ("data.seed", "data.policy", "data.max_steps")
 
 
 def main(argv=None) -> int:
@@ -30,12 +28,12 @@ def main(argv=None) -> int:
     cfg, args = config.parse_args(__doc__, argv, parser)
     if args.backend:
         cfg = config.apply_overrides(cfg, {"data.backend": args.backend})
-    folder = args.data_dir / "rollouts"
+    folder = artifacts.rollouts_dir(args.data_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
-    saved_path = folder / "config.json"
+    saved_path = folder / artifacts.CONFIG_FILE
     if saved_path.exists():
-        config.check_compatible(config.load_config(saved_path), cfg, COMPATIBLE_KEYS, f"{folder}")
+        config.check_compatible(config.load_config(saved_path), cfg, artifacts.ROLLOUT_KEYS, f"{folder}")
     config.save_config(cfg, folder)
 
     pending, notes = collect.pending_indices(folder, cfg.data.episodes)

@@ -35,13 +35,14 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import config
-from worldmodels import artifacts, datasets, storage
+from worldmodels import artifacts, datasets, metrics, storage
 
 NOT_RUN = "not run"
 # The file each figure of make_all is written to, in the order they are made.
@@ -136,35 +137,42 @@ def _image_grid(rows: list[np.ndarray], labels: list[str], titles: list[str] | N
 # --------------------------------------------------------------------------- V
 
 
-def heldout_frames(data_dir: Path, cfg: config.Config, count: int = 8) -> np.ndarray:
+def heldout_frames(data_dir: Path, cfg: config.Config, count: int = metrics.GRID_FRAMES) -> np.ndarray:
     """``count`` frames spread over the first held-out episode (V's split), uint8 (count, 64, 64, 3)."""
-    paths = storage.list_episodes(Path(data_dir) / artifacts.ROLLOUTS, "rollouts")
+    paths = storage.list_episodes(artifacts.rollouts_dir(data_dir), artifacts.ROLLOUTS)
     train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.split_seed)
-    obs = storage.load_episode((heldout or train)[0], keys=("obs",))["obs"]
-    return obs[np.linspace(0, len(obs) - 1, count).astype(int)]
+    return metrics.grid_frames(heldout or train, count)
 
 
-def reconstruction_figure(data_dir: Path, out: Path, count: int = 8) -> Path:
+def reconstruction_grid(models: Mapping[str, object], frames: np.ndarray, out: Path) -> Path:
+    """``frames`` (top row, uint8) and each V's posterior-mean reconstructions below, labelled with their MSE.
+
+    ``models`` maps a row label to a V (with ``encode``/``decode``); used by README's figure and by
+    ``vae_gan.compare``.
+    """
+    rows, labels = [frames.astype(np.float32) / 255.0], ["held-out frame"]
+    for name, vision in models.items():
+        recon = vision.decode(vision.encode(frames)[0])
+        rows.append(recon)
+        labels.append(f"{name}\nMSE {float(np.mean((recon - rows[0]) ** 2)):.5f}")
+    return _save(_image_grid(rows, labels), out)
+
+
+def reconstruction_figure(data_dir: Path, out: Path, count: int = metrics.GRID_FRAMES) -> Path:
     """Held-out frames (top row) and their reconstructions by every trained V (VAE, VAE-GAN) below."""
     data_dir = Path(data_dir)
-    rows, labels, frames = [], [], None
+    models, frames = {}, None
     for model_name in artifacts.VISION:
         folder = data_dir / artifacts.VISION[model_name][0]
-        if not (folder / "config.json").exists():
+        if not (folder / artifacts.CONFIG_FILE).exists():
             continue
-        cfg = config.load_config(folder / "config.json")
+        cfg = config.load_config(folder / artifacts.CONFIG_FILE)
         if frames is None:
             frames = heldout_frames(data_dir, cfg, count)
-            rows.append(frames.astype(np.float32) / 255.0)
-            labels.append("held-out frame")
-        vision = artifacts.load_vision(data_dir, cfg)
-        recon = vision.decode(vision.encode(frames)[0])
-        mse = float(np.mean((recon - rows[0]) ** 2))
-        rows.append(recon)
-        labels.append(f"{model_name}\nMSE {mse:.5f}")
+        models[model_name] = artifacts.load_vision(data_dir, cfg)
     if frames is None:
-        raise storage.MissingDataError(f"no trained V under {data_dir} (run 02_train_vae.py)")
-    return _save(_image_grid(rows, labels), out)
+        raise storage.MissingDataError(f"no trained V under {data_dir} (run {artifacts.MAKERS[artifacts.VISION['vae'][0]]})")
+    return reconstruction_grid(models, frames, out)
 
 
 # --------------------------------------------------------------------------- M
@@ -327,11 +335,33 @@ def learning_curve_figure(data_dir: Path, out: Path) -> Path:
     return _save(fig, out)
 
 
-def temperature_figure(data_dir: Path, out: Path) -> Path:
-    """Score in the dream and in the real CarRacing (mean +- std) per tau, from ``temperature_study/results.json``."""
-    import study_temperature
+def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> Path:
+    """Score in the dream and in the real CarRacing (mean +- std) per tau of a study's ``rows``.
 
-    path = Path(data_dir) / study_temperature.STUDY_DIR / "results.json"
+    ``real``, the controller trained in the real environment on the same tracks, is drawn as a
+    line with its +- std band (``worldmodels.temperature_study``).
+    """
+    taus = [r["temperature"] for r in rows]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.errorbar(taus, [r["dream_mean"] for r in rows], yerr=[r["dream_std"] for r in rows], fmt="s--", capsize=4,
+                label="score in the dream")
+    ax.errorbar(taus, [r["real_mean"] for r in rows], yerr=[r["real_std"] for r in rows], fmt="o-", capsize=4,
+                label="score in the real CarRacing-v3")
+    if real is not None:
+        ax.axhline(real["real_mean"], color="k", lw=1, label="trained in the real env (+- std)")
+        ax.axhspan(real["real_mean"] - real["real_std"], real["real_mean"] + real["real_std"], color="k", alpha=0.08)
+    ax.set_xlabel("temperature tau")
+    ax.set_ylabel("return (mean +- std)")
+    ax.set_title("C trained in M's dream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, dpi=100)
+
+
+def temperature_figure(data_dir: Path, out: Path) -> Path:
+    """:func:`temperature_plot` of ``temperature_study/results.json``."""
+    path = Path(data_dir) / artifacts.TEMPERATURE_STUDY / "results.json"
     if not path.exists():
         raise storage.MissingDataError(f"no temperature study at {path} (run study_temperature.py)")
     study = storage.read_json(path)
@@ -339,9 +369,7 @@ def temperature_figure(data_dir: Path, out: Path) -> Path:
     keys = ("temperature", "dream_mean", "dream_std", "real_mean", "real_std")
     if not rows or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
         raise storage.CorruptFileError(f"{path} holds no rows with {', '.join(keys)}; rerun study_temperature.py")
-    out = Path(out)
-    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]), study.get("real_trained"))
-    return out
+    return temperature_plot(out, sorted(rows, key=lambda r: r["temperature"]), study.get("real_trained"))
 
 
 def _real_score(folder: Path) -> float | None:
@@ -375,7 +403,7 @@ def driving_animation(data_dir: Path, out: Path, episodes: int = 1, width: int =
     episode with the median score is replayed at full size, downscaled to ``width`` pixels and
     subsampled to at most ``max_frames`` frames played at real speed (a few hundred KB).
     """
-    import evaluate_controller as ec
+    from worldmodels import controller_evaluation as ec
 
     if episodes < 1 or width < 16 or max_frames < 2:
         raise ValueError(f"need episodes >= 1, width >= 16, max_frames >= 2; got {episodes}, {width}, {max_frames}")
@@ -525,14 +553,15 @@ def results_table(data_dir: Path) -> str:
             *_controller_rows(data_dir)]
     lines = ["| stage | held-out result | file |", "| --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    comparison = _metrics(data_dir / "compare" / "comparison.json")
+    comparison = _metrics(data_dir / artifacts.COMPARE / "comparison.json")
     lines += ["", "**VAE vs VAE-GAN** (`compare/comparison.json`): "]
     if comparison is None:
         lines[-1] += f"{NOT_RUN} (python -m vae_gan.compare --data-dir {data_dir})"
     else:
-        from vae_gan.compare import markdown_report
-
-        lines += ["", markdown_report(comparison)]
+        # vae_gan.compare writes comparison.md from comparison.json in the same call; reading it
+        # keeps this module below the comparison (no import of an experiment's report code).
+        report = data_dir / artifacts.COMPARE / "comparison.md"
+        lines += ["", report.read_text() if report.exists() else f"(comparison.md is missing beside {report.parent})"]
     return "\n".join(lines) + "\n"
 
 

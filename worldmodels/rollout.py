@@ -36,6 +36,7 @@ import numpy as np
 
 from models.controller import ACTION_SIZE, controller_actions, num_parameters
 from worldmodels.env import episode_seed, to_env_action
+from worldmodels.metrics import score_summary
 
 # Base seeds of the held-out track streams. Training tracks are drawn from Evolution's rng;
 # the periodic evaluation (used to pick the best mean) and the final, reported evaluation use
@@ -249,8 +250,7 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
     result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions, progress)
     scores = result.returns[0]
     out = {
-        "mean": float(scores.mean()), "std": float(scores.std()),
-        "min": float(scores.min()), "max": float(scores.max()),
+        **score_summary(scores),
         "scores": scores.tolist(), "lengths": result.lengths[0].tolist(), "seeds": seeds.tolist(),
         "steps": int(result.lengths.sum()), "seconds": time.perf_counter() - start,
     }
