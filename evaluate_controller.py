@@ -71,5 +71,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``wm-evaluate`` command of ``pip install -e .``: :func:`main` with one-line user errors."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -20,14 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from worldmodels.env import ENV_ID, BrownianPolicy, episode_seed, make_env  # noqa: E402
+from worldmodels.env import ENV_ID, BrownianPolicy, episode_seed, make_env
 
 
 def main(argv=None) -> int:

@@ -665,5 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``wm-compare`` command of ``pip install -e .``: :func:`main` with one-line user errors."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -590,7 +590,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``wm-figures`` command of ``pip install -e .``: :func:`main` with one-line user errors."""
     from worldmodels import cli
 
     cli.run(main)
+
+
+if __name__ == "__main__":
+    console()
