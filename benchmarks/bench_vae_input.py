@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from worldmodels import collect, datasets, storage  (after the path set-up)  # noqa: E402
+from worldmodels import collect, datasets, storage  # noqa: E402  (after the TensorFlow log level)
 
 SHUFFLE_BUFFER = 1000
 EPISODES_IN_FLIGHT = 4
