@@ -6,7 +6,8 @@
 
 Each episode ``i`` is seeded from ``(data.seed, i)`` and saved atomically as
 ``rollouts/episode_<i>.npz``, so an interrupted run (Ctrl-C, SIGKILL, a terminated
-instance) loses at most the episodes in flight: rerun the same command to finish.
+instance) loses at most the episodes in flight: rerun the same command to finish. One episode
+is recorded by ``worldmodels/collect.py`` (the exploration policy is in ``worldmodels/env.py``).
 """
 
 from __future__ import annotations

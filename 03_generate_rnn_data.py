@@ -5,7 +5,8 @@
 
 Each ``series/episode_<i>.npz`` holds V's posterior (mu, logvar) of every frame with the
 actions, rewards and done flags of ``rollouts/episode_<i>.npz``. Files are written
-atomically; rerunning skips finished episodes, so an interrupted run just continues.
+atomically; rerunning skips finished episodes, so an interrupted run just continues. The
+encoding is ``worldmodels/encode.py``.
 """
 
 from __future__ import annotations
