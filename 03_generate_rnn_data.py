@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     rollout_paths = storage.list_episodes(artifacts.rollouts_dir(args.data_dir), artifacts.ROLLOUTS,
                                           f"Record them first with: python {artifacts.MAKERS[artifacts.ROLLOUTS]}")
     series_dir = artifacts.series_dir(args.data_dir)
-    stage.check_saved_config(series_dir, cfg, artifacts.SERIES_KEYS, log=lambda message: None)
+    stage.check_saved_config(series_dir, cfg, artifacts.SERIES_KEYS)
     print(f"[03] {describe_devices()}")
     vision = artifacts.load_vision(args.data_dir, cfg)
     series_dir.mkdir(parents=True, exist_ok=True)

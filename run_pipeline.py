@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 import config
+from worldmodels import artifacts
 
 REPO = Path(__file__).resolve().parent
 STAGES = [
-    ("01_generate_data.py", "rollouts"),
-    ("02_train_vae.py", "vae"),
-    ("03_generate_rnn_data.py", "series"),
-    ("04_train_rnn.py", "rnn"),
-    ("05_train_controller.py", "controller"),
+    ("01_generate_data.py", artifacts.ROLLOUTS),
+    ("02_train_vae.py", artifacts.VISION["vae"][0]),
+    ("03_generate_rnn_data.py", artifacts.SERIES),
+    ("04_train_rnn.py", artifacts.RNN[0]),
+    ("05_train_controller.py", artifacts.CONTROLLER),
 ]
 
 

@@ -123,10 +123,10 @@ def resolve_run(name: str, path: str | os.PathLike) -> Run:
     if not path.is_dir():
         raise storage.MissingDataError(f"run {name!r}: no folder {path}")
     kinds = {kind: folder for kind, (folder, _file) in artifacts.VISION.items()}
-    if path.name in kinds.values() and (path / "config.json").is_file():
+    if path.name in kinds.values() and (path / artifacts.CONFIG_FILE).is_file():
         v_dirs = [path]
     else:
-        v_dirs = [path / folder for folder in kinds.values() if (path / folder / "config.json").is_file()]
+        v_dirs = [path / folder for folder in kinds.values() if (path / folder / artifacts.CONFIG_FILE).is_file()]
     if not v_dirs:
         raise storage.MissingDataError(
             f"run {name!r}: {path} holds no trained V (neither vae/ nor vae_gan/ with a config.json); "
@@ -136,7 +136,7 @@ def resolve_run(name: str, path: str | os.PathLike) -> Run:
             f"run {name!r}: {path} holds both vae/ and vae_gan/; name the V folder instead, "
             f"e.g. {name}={path / 'vae'} or {name}={path / 'vae_gan'}")
     v_dir = v_dirs[0]
-    cfg = config.load_config(v_dir / "config.json")
+    cfg = config.load_config(v_dir / artifacts.CONFIG_FILE)
     if artifacts.VISION[cfg.vae.model][0] != v_dir.name:
         raise config.ConfigError(f"run {name!r}: {v_dir}/config.json says vae.model={cfg.vae.model!r}, "
                                  f"which does not live in a folder named {v_dir.name!r}")
@@ -164,7 +164,7 @@ def runs_in_data_dir(data_dir: str | os.PathLike) -> list[Run]:
     """Every trained V in one data dir (``vae/`` then ``vae_gan/``), each run named by its kind."""
     data_dir = Path(data_dir)
     runs = [resolve_run(kind, data_dir / folder) for kind, (folder, _file) in artifacts.VISION.items()
-            if (data_dir / folder / "config.json").is_file()]
+            if (data_dir / folder / artifacts.CONFIG_FILE).is_file()]
     if not runs:
         raise storage.MissingDataError(f"no trained V under {data_dir} (neither vae/ nor vae_gan/); "
                                        "train one with: python 02_train_vae.py")
@@ -253,7 +253,7 @@ def evaluation_episodes(runs: Sequence[Run], paths: Sequence[Path]) -> list[Path
 
 def episodes_seen_in_training(run: Run, evaluated: Sequence[Path], paths: Sequence[Path]) -> int:
     """How many evaluated episodes ``run``'s V trained on (its ``split.json``, else its split recomputed)."""
-    split_file = run.v_dir / "split.json"
+    split_file = run.v_dir / artifacts.SPLIT_FILE
     if split_file.is_file():
         train = set(storage.read_json(split_file).get("train", []))
     else:

@@ -53,7 +53,7 @@ FILE_NAMES = {
     "temperature": "temperature.png",
     "driving": "driving.gif",
 }
-_DREAM_DIR = re.compile(r"^controller_dream_t(.+)$")
+_DREAM_DIR = re.compile(rf"^{artifacts.DREAM_CONTROLLER_PREFIX}(.+)$")
 
 
 def _save(fig: Figure, out: Path, dpi: int = 80) -> Path:
@@ -171,7 +171,7 @@ def reconstruction_figure(data_dir: Path, out: Path, count: int = metrics.GRID_F
             frames = heldout_frames(data_dir, cfg, count)
         models[model_name] = artifacts.load_vision(data_dir, cfg)
     if frames is None:
-        raise storage.MissingDataError(f"no trained V under {data_dir} (run {artifacts.MAKERS[artifacts.VISION['vae'][0]]})")
+        raise storage.MissingDataError(f"no trained V under {data_dir} (run 02_train_vae.py)")
     return reconstruction_grid(models, frames, out)
 
 
@@ -223,10 +223,10 @@ def dream_strip_figure(data_dir: Path, out: Path, temperatures=(0.5, 1.15), step
         raise ValueError(f"need steps >= 1, every >= 1 and at least one temperature; got steps={steps}, "
                          f"every={every}, temperatures={temperatures!r}")
     rnn_dir = data_dir / artifacts.RNN[0]
-    if not (rnn_dir / "config.json").exists() or not (rnn_dir / "split.json").exists():
+    if not (rnn_dir / artifacts.CONFIG_FILE).exists() or not (rnn_dir / artifacts.SPLIT_FILE).exists():
         raise storage.MissingDataError(f"no trained M under {rnn_dir} (run 04_train_rnn.py)")
-    cfg = config.load_config(rnn_dir / "config.json")
-    split = storage.read_json(rnn_dir / "split.json")
+    cfg = config.load_config(rnn_dir / artifacts.CONFIG_FILE)
+    split = storage.read_json(rnn_dir / artifacts.SPLIT_FILE)
     names = split.get("heldout") or split.get("train")
     if not names:
         raise storage.CorruptFileError(f"{rnn_dir / 'split.json'} names no episode; rerun 04_train_rnn.py")
@@ -271,7 +271,7 @@ def _read_rows(path: Path) -> list[dict[str, float]]:
 def dream_controller_dirs(data_dir: Path) -> list[tuple[float, Path]]:
     """``[(tau, <data>/controller_dream_t<tau>)]`` for every dream-trained controller folder, by tau."""
     found = []
-    for folder in Path(data_dir).glob("controller_dream_t*"):
+    for folder in Path(data_dir).glob(f"{artifacts.DREAM_CONTROLLER_PREFIX}*"):
         match = _DREAM_DIR.match(folder.name)
         try:
             tau = float(match.group(1))
@@ -292,7 +292,7 @@ def learning_curve_figure(data_dir: Path, out: Path) -> Path:
     A search without ``history.csv`` is left out; at least one must exist.
     """
     data_dir = Path(data_dir)
-    real = data_dir / "controller"
+    real = data_dir / artifacts.CONTROLLER
     real_history = _read_rows(real / "history.csv") if (real / "history.csv").exists() else []
     dreams = [(tau, folder, _read_rows(folder / "history.csv")) for tau, folder in dream_controller_dirs(data_dir)
               if (folder / "history.csv").exists()]
@@ -375,7 +375,7 @@ def temperature_figure(data_dir: Path, out: Path) -> Path:
 def _real_score(folder: Path) -> float | None:
     """The final real score of the controller in ``folder`` (``metrics.json`` "mean"), or None."""
     try:
-        return float(storage.read_json(folder / "metrics.json")["mean"])
+        return float(storage.read_json(folder / artifacts.METRICS_FILE)["mean"])
     except (storage.MissingDataError, KeyError, TypeError, ValueError):
         return None
 
@@ -387,8 +387,8 @@ def best_controller_dir(data_dir: Path) -> Path:
     ``controller.npz``; if none has been scored yet, ``controller/`` comes first.
     """
     data_dir = Path(data_dir)
-    folders = [data_dir / "controller"] + [folder for _, folder in dream_controller_dirs(data_dir)]
-    folders = [f for f in folders if (f / "controller.npz").exists() and (f / "config.json").exists()]
+    folders = [data_dir / artifacts.CONTROLLER] + [folder for _, folder in dream_controller_dirs(data_dir)]
+    folders = [f for f in folders if (f / artifacts.CONTROLLER_FILE).exists() and (f / artifacts.CONFIG_FILE).exists()]
     if not folders:
         raise storage.MissingDataError(f"no trained controller under {data_dir} (run 05_train_controller.py)")
     scored = [(score, f) for f in folders if (score := _real_score(f)) is not None]
@@ -413,9 +413,9 @@ def driving_animation(data_dir: Path, out: Path, episodes: int = 1, width: int =
     data_dir = Path(data_dir)
     folder = best_controller_dir(data_dir)
     # One process is plenty for a few episodes and starts faster than a pool (same results, tested in 05).
-    cfg = config.apply_overrides(config.load_config(folder / "config.json"),
+    cfg = config.apply_overrides(config.load_config(folder / artifacts.CONFIG_FILE),
                                  {"controller.backend": "serial", "controller.workers": 1})
-    params, _ = ec.load_controller(folder / "controller.npz", "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, _ = ec.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     metrics = ec.evaluate_saved(cfg, data_dir, params, episodes, episodes, record_actions=True)
     median = int(np.argsort(metrics["scores"])[(len(metrics["scores"]) - 1) // 2])
     actions = metrics["actions"][median]
@@ -476,7 +476,7 @@ def _count(value) -> str:
 
 def _vision_row(data_dir: Path, model_name: str) -> list[str]:
     folder = artifacts.VISION[model_name][0]
-    m = _metrics(data_dir / folder / "metrics.json")
+    m = _metrics(data_dir / folder / artifacts.METRICS_FILE)
     label = {"vae": "V (VAE)", "vae_gan": "V (VAE-GAN)"}[model_name]
     if m is None:
         return [label, NOT_RUN, f"`{folder}/metrics.json`"]
@@ -488,7 +488,7 @@ def _vision_row(data_dir: Path, model_name: str) -> list[str]:
 
 
 def _rnn_row(data_dir: Path) -> list[str]:
-    m = _metrics(data_dir / "rnn" / "metrics.json")
+    m = _metrics(artifacts.rnn_dir(data_dir) / artifacts.METRICS_FILE)
     if m is None:
         return ["M (MDN-RNN)", NOT_RUN, "`rnn/metrics.json`"]
     base = m.get("baselines", {})
@@ -525,15 +525,15 @@ def _unfinished(folder: Path) -> str:
 
 
 def _controller_rows(data_dir: Path) -> list[list[str]]:
-    m = _metrics(data_dir / "controller" / "metrics.json")
+    m = _metrics(data_dir / artifacts.CONTROLLER / artifacts.METRICS_FILE)
     rows = [["C, trained in the real env",
-             _unfinished(data_dir / "controller") if m is None
+             _unfinished(data_dir / artifacts.CONTROLLER) if m is None
              else f"**{_score(m)}** (generation {m.get('generation', '?')})", "`controller/metrics.json`"]]
     dreams = dream_controller_dirs(data_dir)
     if not dreams:
         rows.append(["C, trained in the dream", NOT_RUN, "`controller_dream_t<tau>/metrics.json`"])
     for tau, folder in dreams:
-        m = _metrics(folder / "metrics.json")
+        m = _metrics(folder / artifacts.METRICS_FILE)
         dream = (m or {}).get("dream") or {}
         text = (_unfinished(folder) if m is None else
                 f"real: **{_score(m)}**; in the dream: {_f(dream.get('mean'), 1)} ± {_f(dream.get('std'), 1)} "

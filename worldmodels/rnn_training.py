@@ -183,7 +183,7 @@ def train_rnn(cfg: config.Config, data_dir, *, checkpoint_every: int | None = No
     done = stage.finished_metrics(run.out, (model_path,), "steps", run.total_steps, run.prints, "M", log)
     if done is not None and reevaluate:
         done = _reevaluate(cfg, data_dir, run)
-        storage.atomic_write_json(run.out / "metrics.json", done)
+        storage.atomic_write_json(run.out / artifacts.METRICS_FILE, done)
     elif done is not None:
         log(f"M is already trained ({done['steps']} steps, {model_path}); nothing to do")
     if done is not None:
@@ -201,7 +201,7 @@ def train_rnn(cfg: config.Config, data_dir, *, checkpoint_every: int | None = No
     start = time.perf_counter()
     result = _train_and_evaluate(cfg, data_dir, run, checkpoint_every)
     # metrics.json is written last: its presence (with enough steps) is what marks the stage complete.
-    storage.atomic_write_json(run.out / "metrics.json", result)
+    storage.atomic_write_json(run.out / artifacts.METRICS_FILE, result)
     log(f"done in {time.perf_counter() - start:.0f} s -> {run.out}")
     print(results_table(result))
     return result
@@ -312,7 +312,7 @@ def _reevaluate(cfg: config.Config, data_dir, run: RnnRun) -> dict:
 
 def compare_with_vision_split(cfg: config.Config, data_dir, heldout_paths) -> None:
     """Say so when M's held-out episodes are not V's (then V has trained on some of them)."""
-    recorded = artifacts.vision_dir(data_dir, cfg) / "split.json"
+    recorded = artifacts.vision_dir(data_dir, cfg) / artifacts.SPLIT_FILE
     if not recorded.is_file():
         log(f"note: {recorded} is missing, so M's held-out set cannot be compared with V's")
         return

@@ -13,23 +13,24 @@ from pathlib import Path
 from typing import Callable
 
 import config
-from worldmodels import datasets, storage
+from worldmodels import artifacts, datasets, storage
 
 
 def check_saved_config(folder: Path, cfg: config.Config, keys, *, required_hint: str | None = None,
-                       log: Callable[[str], None] = print) -> None:
+                       log: Callable[[str], None] | None = None) -> None:
     """Refuse ``folder`` if its ``config.json`` differs from ``cfg`` in ``keys``.
 
-    A missing ``config.json`` is an error naming ``required_hint`` when one is given, otherwise
-    a note through ``log`` (the settings then cannot be checked).
+    A missing ``config.json`` is an error naming ``required_hint`` when one is given, a note
+    through ``log`` when one is given (an input whose settings cannot be checked), and nothing
+    otherwise (an output folder not made yet).
     """
-    saved = Path(folder) / "config.json"
+    saved = Path(folder) / artifacts.CONFIG_FILE
     if saved.is_file():
         config.check_compatible(config.load_config(saved), cfg, keys, str(folder))
     elif required_hint is not None:
         raise storage.MissingDataError(f"{saved} is missing, so the settings that made {folder} are unknown. "
                                        f"{required_hint}")
-    else:
+    elif log is not None:
         log(f"note: {saved} is missing, so its settings cannot be checked")
 
 
@@ -42,7 +43,7 @@ def finished_metrics(out: Path, files, count_key: str, needed: int, prints: dict
     made from other data or settings (another ``prints``) is kept, with a note saying how to
     train it again.
     """
-    metrics_path = out / "metrics.json"
+    metrics_path = out / artifacts.METRICS_FILE
     if not metrics_path.is_file() or not all(Path(f).is_file() for f in files):
         return None
     done = storage.read_json(metrics_path)

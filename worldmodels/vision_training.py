@@ -103,7 +103,7 @@ def train_vision(cfg: config.Config, data_dir, *, checkpoint_every: int | None =
     start = time.perf_counter()
     result = _train_and_evaluate(cfg, data_dir, out, (train_paths, heldout_paths), lengths, prints, checkpoint_every)
     # metrics.json is written last: its presence (with enough epochs) is what marks the stage complete.
-    storage.atomic_write_json(out / "metrics.json", result)
+    storage.atomic_write_json(out / artifacts.METRICS_FILE, result)
     log(f"done in {time.perf_counter() - start:.0f} s: MSE {result['reconstruction_mse']:.5f}, "
         f"PSNR {result['psnr_db']:.2f} dB, KL {result['kl_per_frame']:.2f} nats/frame, "
         f"{result['active_dimensions']}/{cfg.vae.z_size} active dimensions on {result['evaluated_on']} "
