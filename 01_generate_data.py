@@ -6,7 +6,8 @@
 
 Each episode ``i`` is seeded from ``(data.seed, i)`` and saved atomically as
 ``rollouts/episode_<i>.npz``, so an interrupted run (Ctrl-C, SIGKILL, a terminated
-instance) loses at most the episodes in flight: rerun the same command to finish.
+instance) loses at most the episodes in flight: rerun the same command to finish. One episode
+is recorded by ``worldmodels/collect.py`` (the exploration policy is in ``worldmodels/env.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import time
 from tqdm import tqdm
 
 import config
-from worldmodels import cli, collect, storage
+from worldmodels import artifacts, cli, collect, storage
 from worldmodels.parallel import parallel_map, resolve_workers
 
-# Fields that define what a rollout *is*: a folder made with other values cannot be extended.
-COMPATIBLE_KEYS = ("data.seed", "data.policy", "data.max_steps")
 
 
 def main(argv=None) -> int:
@@ -30,12 +29,12 @@ def main(argv=None) -> int:
     cfg, args = config.parse_args(__doc__, argv, parser)
     if args.backend:
         cfg = config.apply_overrides(cfg, {"data.backend": args.backend})
-    folder = args.data_dir / "rollouts"
+    folder = artifacts.rollouts_dir(args.data_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
-    saved_path = folder / "config.json"
+    saved_path = folder / artifacts.CONFIG_FILE
     if saved_path.exists():
-        config.check_compatible(config.load_config(saved_path), cfg, COMPATIBLE_KEYS, f"{folder}")
+        config.check_compatible(config.load_config(saved_path), cfg, artifacts.ROLLOUT_KEYS, f"{folder}")
     config.save_config(cfg, folder)
 
     pending, notes = collect.pending_indices(folder, cfg.data.episodes)

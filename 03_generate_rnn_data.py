@@ -5,7 +5,8 @@
 
 Each ``series/episode_<i>.npz`` holds V's posterior (mu, logvar) of every frame with the
 actions, rewards and done flags of ``rollouts/episode_<i>.npz``. Files are written
-atomically; rerunning skips finished episodes, so an interrupted run just continues.
+atomically; rerunning skips finished episodes, so an interrupted run just continues. The
+encoding is ``worldmodels/encode.py``.
 """
 
 from __future__ import annotations
@@ -15,21 +16,17 @@ import time
 from tqdm import tqdm
 
 import config
-from worldmodels import artifacts, cli, encode, storage
+from worldmodels import artifacts, cli, encode, stage, storage
 from worldmodels.devices import describe_devices
 
-# What a series file's contents depend on: the V that encoded it.
-COMPATIBLE_KEYS = artifacts.VISION_KEYS + ("data.seed", "data.policy", "data.max_steps")
 
 
 def main(argv=None) -> int:
     cfg, args = config.parse_args(__doc__, argv)
-    rollout_paths = storage.list_episodes(args.data_dir / artifacts.ROLLOUTS, "rollouts",
-                                          "Record them first with: python 01_generate_data.py")
-    series_dir = args.data_dir / artifacts.SERIES
-    saved = series_dir / "config.json"
-    if saved.exists():
-        config.check_compatible(config.load_config(saved), cfg, COMPATIBLE_KEYS, f"{series_dir}")
+    rollout_paths = storage.list_episodes(artifacts.rollouts_dir(args.data_dir), artifacts.ROLLOUTS,
+                                          f"Record them first with: python {artifacts.MAKERS[artifacts.ROLLOUTS]}")
+    series_dir = artifacts.series_dir(args.data_dir)
+    stage.check_saved_config(series_dir, cfg, artifacts.SERIES_KEYS)
     print(f"[03] {describe_devices()}")
     vision = artifacts.load_vision(args.data_dir, cfg)
     series_dir.mkdir(parents=True, exist_ok=True)

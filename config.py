@@ -30,6 +30,16 @@ class ConfigError(ValueError):
     """A configuration value, key or preset is invalid; the message says what is allowed."""
 
 
+# The two other user errors live here too, beside ConfigError, so that this module (the bottom of
+# the import graph) can raise them; ``worldmodels.storage`` re-exports them under their usual names.
+class CorruptFileError(ValueError):
+    """A file exists but cannot be used: truncated, corrupt, or of the wrong layout."""
+
+
+class MissingDataError(FileNotFoundError):
+    """A folder or file that a stage needs does not exist or is empty."""
+
+
 def _f(default, doc: str):
     """A dataclass field with a one-line docstring (shown by ``--help-config``)."""
     return field(default=default, metadata={"doc": doc})
@@ -499,10 +509,32 @@ def from_dict(data: dict[str, Any]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def save_config(cfg: Config, folder: str | os.PathLike, name: str = "config.json") -> Path:
-    """Write the resolved config as JSON beside an artifact (atomically)."""
-    from worldmodels.storage import atomic_write_json, read_json
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file, raising :class:`MissingDataError` / :class:`CorruptFileError` with its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from exc
 
+
+def _replace_with_text(path: Path, text: str) -> Path:
+    """Put ``text`` in ``path`` through a ``.<name>.<pid>.tmp`` file and ``os.replace``, so a crash never
+    leaves half a config (``storage.remove_stale_temporaries`` deletes a leftover temporary)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def save_config(cfg: Config, folder: str | os.PathLike, name: str = "config.json") -> Path:
+    """Write the resolved config as JSON beside an artifact (atomically; the layout of ``storage.atomic_write_json``)."""
     path = Path(folder) / name
     # A rerun with the same config leaves the file untouched, so "nothing redone" holds for it too.
     if path.is_file():
@@ -511,15 +543,13 @@ def save_config(cfg: Config, folder: str | os.PathLike, name: str = "config.json
                 return path
         except (ConfigError, ValueError):
             pass  # unreadable or stale: rewrite it
-    return atomic_write_json(path, to_dict(cfg))
+    return _replace_with_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def load_config(path: str | os.PathLike) -> Config:
     """Read a config written by :func:`save_config`."""
-    from worldmodels.storage import read_json
-
     try:
-        return from_dict(read_json(path))
+        return from_dict(read_json(Path(path)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

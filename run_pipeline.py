@@ -77,18 +77,12 @@ class Stage:
     numbers: Callable[[Path, dict | None], str]
 
 
-def _controller_dir(data_dir: Path, cfg: config.Config) -> Path:
-    from worldmodels.controller_training import output_dir
-
-    return output_dir(data_dir, cfg)
-
-
 STAGES = [
-    Stage("01_generate_data.py", lambda d, c: Path(d) / artifacts.ROLLOUTS, _episodes),
+    Stage("01_generate_data.py", lambda d, c: artifacts.rollouts_dir(d), _episodes),
     Stage("02_train_vae.py", artifacts.vision_dir, _vision),
-    Stage("03_generate_rnn_data.py", lambda d, c: Path(d) / artifacts.SERIES, _episodes),
-    Stage("04_train_rnn.py", lambda d, c: Path(d) / artifacts.RNN[0], _memory),
-    Stage("05_train_controller.py", _controller_dir, _controller),
+    Stage("03_generate_rnn_data.py", lambda d, c: artifacts.series_dir(d), _episodes),
+    Stage("04_train_rnn.py", lambda d, c: artifacts.rnn_dir(d), _memory),
+    Stage("05_train_controller.py", artifacts.controller_dir, _controller),
 ]
 
 
@@ -118,7 +112,7 @@ def stage_summary(stage: Stage, data_dir: Path, cfg: config.Config) -> str:
     """``"<key numbers> -> <folder>"`` of a finished stage; a missing or odd file is said, not raised."""
     folder = stage.folder(data_dir, cfg)
     try:
-        metrics_path = folder / "metrics.json"
+        metrics_path = folder / artifacts.METRICS_FILE
         metrics = storage.read_json(metrics_path) if metrics_path.is_file() else None
         numbers = stage.numbers(folder, metrics)
     except (storage.MissingDataError, storage.CorruptFileError, KeyError, TypeError, ValueError) as exc:

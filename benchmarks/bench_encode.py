@@ -11,19 +11,15 @@ files. Target: 03 >= 0.8x the bare call.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from models.vae import ConvVAE  # noqa: E402
-from worldmodels import encode, storage  # noqa: E402
-from worldmodels.collect import record_episode  # noqa: E402
+from models.vae import ConvVAE
+from worldmodels import encode, storage
+from worldmodels.collect import record_episode
 
 
 def main() -> None:

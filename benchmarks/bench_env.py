@@ -11,7 +11,7 @@ alike:
 
 * gymnasium's CarRacing-v3 as shipped, plus the agent's preprocessing (96x96 -> 64x64);
 * ``make_env()``: gymnasium's own drawing minus the ~90% of polygons that lie off screen
-  (``worldmodels.env._render_road_culled``), plus the same preprocessing; its observations
+  (``worldmodels.drawing.render_road_culled``), plus the same preprocessing; its observations
   are checked to be identical to the stock ones;
 * ``make_env(observation="fast")``: the 64x64 observation drawn directly at small size
   (``worldmodels.fast_render``); its mean |difference| from the stock frame is printed;
@@ -28,15 +28,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from worldmodels.collect import record_episode  # noqa: E402
-from worldmodels.env import ENV_ID, BrownianPolicy, episode_seed, make_env, preprocess  # noqa: E402
+from worldmodels.collect import record_episode
+from worldmodels.env import ENV_ID, BrownianPolicy, episode_seed, make_env, preprocess
 
 ROWS = {
     "stock": "gymnasium CarRacing-v3 as shipped",

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from models.controller import num_parameters  # noqa: E402
-from worldmodels.envpool import CarRacingPool  # noqa: E402
-from worldmodels.parallel import resolve_workers  # noqa: E402
+from models.controller import num_parameters
+from worldmodels.envpool import CarRacingPool
+from worldmodels.parallel import resolve_workers
 
 # TensorFlow and the models are imported in main(): the pool's spawned workers re-import this script.
 

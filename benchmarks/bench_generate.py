@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from worldmodels import storage  # noqa: E402
-from worldmodels.env import make_env  # noqa: E402
+from worldmodels import storage
+from worldmodels.env import make_env
 
 
 def bare_frames_per_second(steps: int, max_steps: int) -> float:

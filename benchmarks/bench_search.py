@@ -34,14 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from models.controller import num_parameters  # noqa: E402
-from worldmodels.controller_training import generation_fitness  # noqa: E402
-from worldmodels.env import episode_seed  # noqa: E402
-from worldmodels.envpool import CarRacingPool  # noqa: E402
+from models.controller import num_parameters
+from worldmodels.controller_training import generation_fitness
+from worldmodels.env import episode_seed
+from worldmodels.envpool import CarRacingPool
 
 # TensorFlow and the models are imported in main(): the pool's spawned workers re-import this script.
 

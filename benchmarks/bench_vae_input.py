@@ -34,10 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from worldmodels import collect, datasets, storage  # noqa: E402  (after the path set-up)
+from worldmodels import collect, datasets, storage  # noqa: E402  (after the TensorFlow log level)
 
 SHUFFLE_BUFFER = 1000
 EPISODES_IN_FLIGHT = 4

@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import config  # noqa: E402
-from worldmodels import artifacts, fast_render, storage  # noqa: E402
-from worldmodels.env import BrownianPolicy, episode_seed, make_env, preprocess  # noqa: E402
+import config
+from worldmodels import artifacts, fast_render, storage
+from worldmodels.env import BrownianPolicy, episode_seed, make_env, preprocess
 
 PARITY_SEED_BASE = 17_000  # episode_seed(17000, i): a track stream no stage trains on
 ZOOM_IN_STEPS = 50  # CarRacing zooms in during its first second (50 steps)

@@ -195,18 +195,38 @@ def _check_temperature(temperature):
     return temperature
 
 
-def _noise(shape_gumbel, shape_normal, seed, generator, dtype):
-    """Uniform (0, 1) draws for the Gumbel trick and standard normal draws."""
+def mixture_noise(shape_gumbel, shape_normal, seed=None, generator=None, dtype=tf.float32):
+    """The noise of one mixture draw: uniform (0, 1) ``shape_gumbel`` for the Gumbel trick, standard normal ``shape_normal``.
+
+    ``generator`` (a ``tf.random.Generator``, advanced), else ``seed`` (int (2,), stateless: split
+    into one seed per draw), else the global generator. With a (Z, K) mixture the shapes are
+    (..., Z, K) and (..., Z); :func:`mixture_draw` turns the noise into z.
+    """
     tiny = np.finfo(dtype.as_numpy_dtype).tiny
     if generator is not None:
         return (generator.uniform(shape_gumbel, minval=tiny, maxval=1.0, dtype=dtype),
                 generator.normal(shape_normal, dtype=dtype))
     if seed is None:
         generator = tf.random.get_global_generator()
-        return _noise(shape_gumbel, shape_normal, None, generator, dtype)
+        return mixture_noise(shape_gumbel, shape_normal, None, generator, dtype)
     seed_u, seed_n = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     return (tf.random.stateless_uniform(shape_gumbel, seed=seed_u, minval=tiny, maxval=1.0, dtype=dtype),
             tf.random.stateless_normal(shape_normal, seed=seed_n, dtype=dtype))
+
+
+def mixture_draw(log_pi, mu, log_sigma, tau, uniform, normal):
+    """z (..., Z) from the (..., Z, K) mixture at temperature ``tau`` with the noise of :func:`mixture_noise`.
+
+    The component is the Gumbel-max of ``log_pi / tau`` (``uniform`` (..., Z, K)), then
+    z = mean + sigma * sqrt(tau) * ``normal`` (..., Z). Deterministic given the noise: both
+    :func:`sample_mixture` and the compiled dream step (``worldmodels.dream``) draw through it.
+    """
+    gumbel = -tf.math.log(-tf.math.log(uniform))
+    choice = tf.argmax(log_pi / tau + gumbel, axis=-1)
+    one_hot = tf.one_hot(choice, tf.shape(log_pi)[-1], dtype=log_pi.dtype)
+    mean = tf.reduce_sum(one_hot * mu, axis=-1)
+    sigma = tf.exp(tf.reduce_sum(one_hot * log_sigma, axis=-1))
+    return mean + sigma * tf.sqrt(tau) * normal
 
 
 def sample_mixture(log_pi, mu, log_sigma, temperature=1.0, seed=None, generator=None):
@@ -237,13 +257,8 @@ def sample_mixture(log_pi, mu, log_sigma, temperature=1.0, seed=None, generator=
     tau = tf.cast(_check_temperature(temperature), dtype)
 
     def draw(log_pi, mu, log_sigma, seed):
-        uniform, normal = _noise(tf.shape(log_pi), tf.shape(mu)[:-1], seed, generator, dtype)
-        gumbel = -tf.math.log(-tf.math.log(uniform))
-        choice = tf.argmax(log_pi / tau + gumbel, axis=-1)
-        one_hot = tf.one_hot(choice, tf.shape(log_pi)[-1], dtype=dtype)
-        mean = tf.reduce_sum(one_hot * mu, axis=-1)
-        sigma = tf.exp(tf.reduce_sum(one_hot * log_sigma, axis=-1))
-        return mean + sigma * tf.sqrt(tau) * normal
+        uniform, normal = mixture_noise(tf.shape(log_pi), tf.shape(mu)[:-1], seed, generator, dtype)
+        return mixture_draw(log_pi, mu, log_sigma, tau, uniform, normal)
 
     if seed is None:
         return draw(log_pi, mu, log_sigma, None)

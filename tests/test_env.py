@@ -96,9 +96,9 @@ def test_culled_drawing_gives_exactly_the_stock_environments_pixels_and_rewards(
 
     fast = wenv.make_env(300)
     stock = gym.make(wenv.ENV_ID, continuous=True, max_episode_steps=300)
-    assert fast.unwrapped._render_road.__func__ is wenv._render_road_culled
+    assert fast.unwrapped._render_road.__func__ is wenv.render_road_culled
     assert not hasattr(stock.unwrapped._render_road, "__func__") or \
-        stock.unwrapped._render_road.__func__ is not wenv._render_road_culled
+        stock.unwrapped._render_road.__func__ is not wenv.render_road_culled
     a, _ = fast.reset(seed=seed)
     b, _ = stock.reset(seed=seed)
     np.testing.assert_array_equal(a, b)

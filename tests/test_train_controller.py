@@ -257,7 +257,7 @@ def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trai
 
 
 def test_evaluate_summary_statistics():
-    import evaluate_controller as ec
+    from worldmodels import metrics as ec
 
     scores = np.array([-50.0, 10.0, 20.0, 30.0, 40.0, 900.0, 910.0, 1000.0])
     summary = ec.summarise(scores, resamples=2000)

@@ -18,6 +18,7 @@ import pytest
 import config
 from tests.conftest import REPO, assert_user_error, check_notebook, run_script
 from worldmodels import sequences, storage
+from worldmodels.metrics import informative_comparison
 
 SCRIPT = "04_train_rnn.py"
 SMOKE = config.make_config("smoke")
@@ -251,15 +252,14 @@ def test_artifacts_and_metrics(smoke_rnn):
 
 
 def test_informative_comparison_uses_only_dimensions_with_kl():
-    module = load_script_module()
     base = {"kl_per_dimension": [2.0, 0.01, 0.9],
             "mu_per_dimension": {"persistence": [1.0, -9.0, 3.0], "unconditional": [2.0, -9.0, 4.0]}}
-    got = module.informative_comparison([0.5, 1.4, 2.5], base)
+    got = informative_comparison([0.5, 1.4, 2.5], base)
     assert got["informative_dimensions"] == [0, 2]
     assert got["z_nll_informative"] == pytest.approx(1.5)
     assert got["baselines_informative"] == pytest.approx({"persistence": 2.0, "unconditional": 3.0})
     assert got["beats_baselines_informative"] is True
-    assert module.informative_comparison([0.5, 1.4, 2.5], {**base, "kl_per_dimension": [0, 0, 0]})[
+    assert informative_comparison([0.5, 1.4, 2.5], {**base, "kl_per_dimension": [0, 0, 0]})[
         "z_nll_informative"] is None
 
 
@@ -276,16 +276,6 @@ def test_reevaluate_recomputes_the_metrics_of_a_finished_run(smoke_rnn, tmp_path
     assert np.mean(after["baselines"]["mu_per_dimension"]["persistence"]) == pytest.approx(
         after["baselines"]["mu"]["persistence"], rel=1e-9)
     assert "beats_baselines_informative" in after
-
-
-def load_script_module():
-    """04_train_rnn.py as a module (its name starts with a digit, so it cannot be imported by name)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_rnn_script", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_split_is_vs_split(smoke_rnn):

@@ -70,7 +70,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 import config
-from worldmodels import artifacts, cli, datasets, storage
+from worldmodels import artifacts, cli, datasets, figures, metrics, storage
 
 # TensorFlow and Keras are imported in load_models(), after every check: a bad --run is then
 # reported at once, not after a 5-second import.
@@ -81,7 +81,6 @@ LUMA = np.array([0.299, 0.587, 0.114])
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 NOT_RUN = "not run"
-GRID_FRAMES = 8
 # Numbers aggregated over the runs of one V kind, with the name shown in the tables.
 AGGREGATED = {
     "reconstruction_mse": "MSE", "psnr_db": "PSNR (dB)", "edge_mse": "edge MSE", "sharpness": "sharpness",
@@ -124,10 +123,10 @@ def resolve_run(name: str, path: str | os.PathLike) -> Run:
     if not path.is_dir():
         raise storage.MissingDataError(f"run {name!r}: no folder {path}")
     kinds = {kind: folder for kind, (folder, _file) in artifacts.VISION.items()}
-    if path.name in kinds.values() and (path / "config.json").is_file():
+    if path.name in kinds.values() and (path / artifacts.CONFIG_FILE).is_file():
         v_dirs = [path]
     else:
-        v_dirs = [path / folder for folder in kinds.values() if (path / folder / "config.json").is_file()]
+        v_dirs = [path / folder for folder in kinds.values() if (path / folder / artifacts.CONFIG_FILE).is_file()]
     if not v_dirs:
         raise storage.MissingDataError(
             f"run {name!r}: {path} holds no trained V (neither vae/ nor vae_gan/ with a config.json); "
@@ -137,7 +136,7 @@ def resolve_run(name: str, path: str | os.PathLike) -> Run:
             f"run {name!r}: {path} holds both vae/ and vae_gan/; name the V folder instead, "
             f"e.g. {name}={path / 'vae'} or {name}={path / 'vae_gan'}")
     v_dir = v_dirs[0]
-    cfg = config.load_config(v_dir / "config.json")
+    cfg = config.load_config(v_dir / artifacts.CONFIG_FILE)
     if artifacts.VISION[cfg.vae.model][0] != v_dir.name:
         raise config.ConfigError(f"run {name!r}: {v_dir}/config.json says vae.model={cfg.vae.model!r}, "
                                  f"which does not live in a folder named {v_dir.name!r}")
@@ -165,7 +164,7 @@ def runs_in_data_dir(data_dir: str | os.PathLike) -> list[Run]:
     """Every trained V in one data dir (``vae/`` then ``vae_gan/``), each run named by its kind."""
     data_dir = Path(data_dir)
     runs = [resolve_run(kind, data_dir / folder) for kind, (folder, _file) in artifacts.VISION.items()
-            if (data_dir / folder / "config.json").is_file()]
+            if (data_dir / folder / artifacts.CONFIG_FILE).is_file()]
     if not runs:
         raise storage.MissingDataError(f"no trained V under {data_dir} (neither vae/ nor vae_gan/); "
                                        "train one with: python 02_train_vae.py")
@@ -211,7 +210,7 @@ def check_names(runs: Sequence[Run]) -> list[Run]:
 
 
 def rollout_files(run: Run) -> list[Path]:
-    return storage.list_episodes(run.data_dir / artifacts.ROLLOUTS, "rollouts",
+    return storage.list_episodes(artifacts.rollouts_dir(run.data_dir), artifacts.ROLLOUTS,
                                  hint=f"run {run.name!r} needs the rollouts its V was trained on.")
 
 
@@ -254,7 +253,7 @@ def evaluation_episodes(runs: Sequence[Run], paths: Sequence[Path]) -> list[Path
 
 def episodes_seen_in_training(run: Run, evaluated: Sequence[Path], paths: Sequence[Path]) -> int:
     """How many evaluated episodes ``run``'s V trained on (its ``split.json``, else its split recomputed)."""
-    split_file = run.v_dir / "split.json"
+    split_file = run.v_dir / artifacts.SPLIT_FILE
     if split_file.is_file():
         train = set(storage.read_json(split_file).get("train", []))
     else:
@@ -370,13 +369,13 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
     with metrics ``reconstruction_mse``, ``psnr_db``, ``edge_mse``, ``sharpness``,
     ``laplacian_variance``, ``kl_per_frame``, ``kl_per_dimension``, ``active_dimensions``.
     """
-    from models import vae as vae_lib
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     frames, pixels, edge_pixels, real_lap = 0, 0, 0, 0.0
     digest = hashlib.sha256()
-    sums = {name: {"mse": 0.0, "psnr": 0.0, "edge": 0.0, "lap": 0.0, "kl": 0.0, "mu": []} for name in models}
+    # V's own metrics (as stage 2 reports them) come from metrics.VisionTotals; the sharper ones are summed here.
+    totals = {name: metrics.VisionTotals() for name in models}
+    sums = {name: {"edge": 0.0, "lap": 0.0} for name in models}
     for batch in _batches(paths, batch_size):
         n = len(batch)
         digest.update(np.ascontiguousarray(batch).tobytes())
@@ -387,16 +386,9 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
         for name, model in models.items():
             mu, logvar = model.encode(batch)
             reconstruction = model.decode(mu)
-            pixel = vae_lib.reconstruction_metrics(batch, reconstruction)
-            acc = sums[name]
-            # reconstruction_metrics and kl_per_dimension average over frames, so frame-weighted
-            # sums over the batches give the exact means over all frames.
-            acc["mse"] += pixel["mse"] * n
-            acc["psnr"] += pixel["psnr"] * n
-            acc["edge"] += edge_squared_error(batch, reconstruction, mask)[0]
-            acc["lap"] += float(laplacian_variance(reconstruction).sum())
-            acc["kl"] = acc["kl"] + vae_lib.kl_per_dimension(mu, logvar) * n
-            acc["mu"].append(mu)
+            totals[name].add(batch, reconstruction, mu, logvar)
+            sums[name]["edge"] += edge_squared_error(batch, reconstruction, mask)[0]
+            sums[name]["lap"] += float(laplacian_variance(reconstruction).sum())
         frames += n
         if log is not None and frames % (batch_size * 50) < n:
             log(f"{frames} frames evaluated")
@@ -405,16 +397,16 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
     edge_values = edge_pixels * 3
     results = {}
     for name, acc in sums.items():
-        kl = acc["kl"] / frames
+        vision = totals[name].result()
         results[name] = {
-            "reconstruction_mse": acc["mse"] / frames,
-            "psnr_db": acc["psnr"] / frames,
+            "reconstruction_mse": vision["reconstruction_mse"],
+            "psnr_db": vision["psnr_db"],
             "edge_mse": acc["edge"] / edge_values if edge_values else None,
             "sharpness": acc["lap"] / real_lap if real_lap > 0 else None,
             "laplacian_variance": acc["lap"] / frames,
-            "kl_per_frame": float(kl.sum()),
-            "kl_per_dimension": [float(k) for k in kl],
-            "active_dimensions": vae_lib.active_dimensions(np.concatenate(acc["mu"])),
+            "kl_per_frame": vision["kl_per_frame"],
+            "kl_per_dimension": vision["kl_per_dimension"],
+            "active_dimensions": vision["active_dimensions"],
         }
     return {"frames": frames, "frames_sha256": digest.hexdigest(), "edge_pixel_fraction": edge_pixels / pixels,
             "laplacian_variance_real": real_lap / frames, "runs": results}
@@ -423,14 +415,14 @@ def evaluate_runs(models: Mapping[str, object], paths: Sequence[Path], batch_siz
 def _stage_metrics(run: Run, folder: str, keys: Sequence[str]) -> dict | str:
     """``keys`` of ``<data>/<folder>/metrics.json`` if that stage used this run's V, else ``"not run"``."""
     stage = run.data_dir / folder
-    if not (stage / "metrics.json").is_file() or not (stage / "config.json").is_file():
+    if not (stage / artifacts.METRICS_FILE).is_file() or not (stage / artifacts.CONFIG_FILE).is_file():
         return NOT_RUN
-    used = config.load_config(stage / "config.json")
+    used = config.load_config(stage / artifacts.CONFIG_FILE)
     # In a data dir with both V side by side, M and C belong to the V they were made with only.
     if any(config.get(used, k) != config.get(run.cfg, k) for k in artifacts.VISION_KEYS):
         return NOT_RUN
-    metrics = storage.read_json(stage / "metrics.json")
-    return {k: metrics.get(k) for k in keys}
+    saved = storage.read_json(stage / artifacts.METRICS_FILE)
+    return {k: saved.get(k) for k in keys}
 
 
 def downstream_metrics(run: Run) -> dict:
@@ -449,7 +441,8 @@ def downstream_metrics(run: Run) -> dict:
         rnn["z_nll_sampled_baseline"] = min(sampled.values()) if isinstance(sampled, dict) and sampled else None
     return {
         "rnn": rnn,
-        "controller": _stage_metrics(run, "controller", ("mean", "std", "episodes", "generation", "max_steps")),
+        "controller": _stage_metrics(run, artifacts.CONTROLLER,
+                                     ("mean", "std", "episodes", "generation", "max_steps")),
     }
 
 
@@ -589,34 +582,6 @@ def markdown_report(comparison: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def grid_frames(path: Path, count: int = GRID_FRAMES) -> np.ndarray:
-    """``count`` frames spread over one episode, uint8 (count, 64, 64, 3)."""
-    obs = storage.load_episode(path, keys=("obs",))["obs"]
-    return obs[np.linspace(0, len(obs) - 1, min(count, len(obs))).astype(int)]
-
-
-def reconstruction_figure(models: Mapping[str, object], frames: np.ndarray, out: Path) -> Path:
-    """Save a grid: ``frames`` (top row) and each model's posterior-mean reconstructions below, one row per run."""
-    from matplotlib.figure import Figure
-
-    rows = [("held-out frame", frames.astype(np.float32) / 255.0)]
-    rows += [(name, model.decode(model.encode(frames)[0])) for name, model in models.items()]
-    # A bare Figure (no pyplot) draws with the Agg canvas whatever backend a notebook selected.
-    fig = Figure(figsize=(1.3 * len(frames) + 1.2, 1.35 * len(rows)))
-    axes = fig.subplots(len(rows), len(frames), squeeze=False)
-    for i, (label, images) in enumerate(rows):
-        for j, image in enumerate(images):
-            axes[i, j].imshow(np.clip(image, 0.0, 1.0))
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-        axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    storage.atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=80))
-    return out
-
-
 def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100, max_episodes: int | None = None,
             threshold: float = EDGE_THRESHOLD, log: Callable[[str], None] = print,
             previous: Sequence[str | os.PathLike] = ()) -> dict:
@@ -633,8 +598,9 @@ def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100,
     paths = check_same_rollouts(runs)
     evaluated = evaluation_episodes(runs, paths)[:max_episodes]
     datasets.check_episodes(evaluated)
-    out = Path(out) if out is not None else runs[0].data_dir / "compare"
-    log(f"[compare] {len(runs)} run(s) on {len(evaluated)} held-out episode(s) of {runs[0].data_dir / 'rollouts'}")
+    out = Path(out) if out is not None else runs[0].data_dir / artifacts.COMPARE
+    log(f"[compare] {len(runs)} run(s) on {len(evaluated)} held-out episode(s) of "
+        f"{artifacts.rollouts_dir(runs[0].data_dir)}")
     models = load_models(runs)
     measured = evaluate_runs(models, evaluated, batch_size, threshold, log=lambda m: log(f"[compare] {m}"))
     measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -666,7 +632,7 @@ def compare(runs: Sequence[Run], out: Path | None = None, batch_size: int = 100,
     markdown = markdown_report(comparison)
     storage.atomic_write_json(out / "comparison.json", comparison)
     storage.atomic_write_text(out / "comparison.md", markdown)
-    reconstruction_figure(models, grid_frames(evaluated[0]), out / "reconstructions.png")
+    figures.reconstruction_grid(models, metrics.grid_frames(evaluated[0]), out / "reconstructions.png")
     return {**comparison, "markdown": markdown, "out": str(out)}
 
 
@@ -699,5 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``wm-compare`` command of ``pip install -e .``: :func:`main` with one-line user errors."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -12,15 +12,70 @@ from pathlib import Path
 import config
 from worldmodels.storage import MissingDataError
 
+# --------------------------------------------------------------------------- folder and file names
+# Every artifact's folder and file names are spelled here only; everything else uses these.
+
 ROLLOUTS = "rollouts"
 SERIES = "series"
 # The folder and file of each V; which one is used is ``vae.model``.
 VISION = {"vae": ("vae", "vae.keras"), "vae_gan": ("vae_gan", "vae_gan.keras")}
 RNN = ("rnn", "rnn.keras")
+CONTROLLER = "controller"
+# Dream-trained controllers live beside the real-trained one, one folder per temperature.
+DREAM_CONTROLLER_PREFIX = "controller_dream_t"
+CONTROLLER_FILE = "controller.npz"
+TEMPERATURE_STUDY = "temperature_study"
+COMPARE = "compare"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+SPLIT_FILE = "split.json"
 
-# Config fields an artifact's consumers depend on.
+# The command that makes each folder (named in "make it first with" errors and by run_pipeline.py).
+MAKERS = {
+    ROLLOUTS: "01_generate_data.py",
+    VISION["vae"][0]: "02_train_vae.py",
+    VISION["vae_gan"][0]: "02_train_vae.py --set vae.model=vae_gan",
+    SERIES: "03_generate_rnn_data.py",
+    RNN[0]: "04_train_rnn.py",
+    CONTROLLER: "05_train_controller.py",
+}
+
+# --------------------------------------------------------------------------- compatible keys
+# The config fields that define an artifact: a stage refuses to extend or consume one made with
+# other values of these.
+
+# What defines a rollout folder: the episodes a command records.
+ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps")
+# What V's consumers depend on.
 VISION_KEYS = ("vae.model", "vae.z_size")
+# What defines V for stage 2 itself: a V folder made with other values is not continued.
+VAE_KEYS = VISION_KEYS + ("vae.kl_tolerance",)
+# What a series file's contents depend on: the V that encoded it and the rollouts it encoded.
+SERIES_KEYS = VISION_KEYS + ROLLOUT_KEYS
 RNN_KEYS = VISION_KEYS + ("rnn.hidden_units", "rnn.num_mixtures", "rnn.reward_head", "rnn.done_head")
+# What defines a controller search: a controller folder made with other values is not continued.
+CONTROLLER_KEYS = RNN_KEYS + (
+    "controller.env", "controller.population", "controller.rollouts_per_member", "controller.sigma_init",
+    "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
+    "controller.patience", "controller.racing", "controller.z_input", "env.observation",
+)
+DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
+
+
+def controller_keys(cfg: config.Config) -> tuple[str, ...]:
+    """:data:`CONTROLLER_KEYS`, plus :data:`DREAM_KEYS` for a search in the dream."""
+    return CONTROLLER_KEYS + (DREAM_KEYS if cfg.controller.env == "dream" else ())
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def rollouts_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / ROLLOUTS
+
+
+def series_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / SERIES
 
 
 def vision_dir(data_dir: Path, cfg: config.Config) -> Path:
@@ -32,14 +87,43 @@ def vision_path(data_dir: Path, cfg: config.Config) -> Path:
     return Path(data_dir) / folder / name
 
 
+def weights_path(model_path: Path) -> Path:
+    """``vae.keras`` -> ``vae.weights.h5`` beside it (V saves both)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.replace(".keras", ".weights.h5"))
+
+
+def rnn_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / RNN[0]
+
+
 def rnn_path(data_dir: Path) -> Path:
     return Path(data_dir) / RNN[0] / RNN[1]
+
+
+def dream_controller_dir(data_dir: Path, temperature: float) -> Path:
+    """``<data>/controller_dream_t<tau:g>``: 1.15 -> ``t1.15``, 1.0 -> ``t1``."""
+    return Path(data_dir) / f"{DREAM_CONTROLLER_PREFIX}{temperature:g}"
+
+
+def controller_dir(data_dir: Path, cfg: config.Config) -> Path:
+    """``<data>/controller`` (real) or ``<data>/controller_dream_t<tau:g>`` (dream)."""
+    if cfg.controller.env == "dream":
+        return dream_controller_dir(data_dir, cfg.dream.temperature)
+    return Path(data_dir) / CONTROLLER
+
+
+def require_models(data_dir: Path, cfg: config.Config) -> None:
+    """Fail at once, before any slow import, if V (of ``vae.model``) or M is missing, naming the command."""
+    for path, folder in ((vision_path(data_dir, cfg), VISION[cfg.vae.model][0]), (rnn_path(data_dir), RNN[0])):
+        if not path.exists():
+            raise MissingDataError(f"no trained model at {path}; make it first with: python {MAKERS[folder]}")
 
 
 def _check_artifact(path: Path, cfg: config.Config, keys, what: str, command: str) -> None:
     if not path.exists():
         raise MissingDataError(f"no {what} at {path}; make it first with: {command}")
-    saved = path.parent / "config.json"
+    saved = path.parent / CONFIG_FILE
     if not saved.exists():
         raise MissingDataError(f"{what} at {path} has no config.json beside it; remake it with: {command}")
     config.check_compatible(config.load_config(saved), cfg, keys, f"{what} at {path}")
@@ -54,8 +138,7 @@ def load_vision(data_dir: Path, cfg: config.Config):
     if cfg.vae.model == "vae_gan":
         import vae_gan.model  # noqa: F401  (registers the VAE-GAN)
     path = vision_path(data_dir, cfg)
-    script = "02_train_vae.py" + (" --set vae.model=vae_gan" if cfg.vae.model == "vae_gan" else "")
-    _check_artifact(path, cfg, VISION_KEYS, f"V ({cfg.vae.model})", f"python {script}")
+    _check_artifact(path, cfg, VISION_KEYS, f"V ({cfg.vae.model})", f"python {MAKERS[VISION[cfg.vae.model][0]]}")
     return keras.models.load_model(path, compile=False)
 
 
@@ -66,5 +149,5 @@ def load_rnn(data_dir: Path, cfg: config.Config):
     import models.mdn_rnn  # noqa: F401  (registers MDNRNN for deserialisation)
 
     path = rnn_path(data_dir)
-    _check_artifact(path, cfg, RNN_KEYS, "M (MDN-RNN)", "python 04_train_rnn.py")
+    _check_artifact(path, cfg, RNN_KEYS, "M (MDN-RNN)", f"python {MAKERS[RNN[0]]}")
     return keras.models.load_model(path, compile=False)

@@ -71,31 +71,24 @@ from models.controller import num_parameters
 from worldmodels import artifacts, envpool, rollout, storage
 from worldmodels.evolution import Evolution
 
-# What defines a search: a controller folder made with other values is not continued.
-COMPATIBLE_KEYS = artifacts.RNN_KEYS + (
-    "controller.env", "controller.population", "controller.rollouts_per_member", "controller.sigma_init",
-    "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
-    "controller.patience", "controller.racing", "controller.z_input",
-)
-DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
+COMPATIBLE_KEYS = artifacts.CONTROLLER_KEYS
+DREAM_KEYS = artifacts.DREAM_KEYS
 EVAL_NAME = "eval.csv"
 # env_steps and seconds: what the evaluation cost (nan in rows of older files).
 EVAL_FIELDS = ("generation", "mean", "std", "env_steps", "seconds")
 DREAM_EVAL_FIELDS = EVAL_FIELDS[:3] + ("dream_mean", "dream_std") + EVAL_FIELDS[3:]
-CONTROLLER_NAME = "controller.npz"
-METRICS_NAME = "metrics.json"
+CONTROLLER_NAME = artifacts.CONTROLLER_FILE
+METRICS_NAME = artifacts.METRICS_FILE
 DEFAULT_MAX_CONCURRENT = 256
 
 
 def output_dir(data_dir, cfg: config.Config) -> Path:
     """``<data>/controller`` (real) or ``<data>/controller_dream_t<tau:g>`` (dream)."""
-    if cfg.controller.env == "dream":
-        return Path(data_dir) / f"controller_dream_t{cfg.dream.temperature:g}"
-    return Path(data_dir) / "controller"
+    return artifacts.controller_dir(data_dir, cfg)
 
 
 def compatible_keys(cfg: config.Config) -> tuple[str, ...]:
-    return COMPATIBLE_KEYS + (DREAM_KEYS if cfg.controller.env == "dream" else ())
+    return artifacts.controller_keys(cfg)
 
 
 def training_tracks(rng: np.random.Generator, count: int, exclude: np.ndarray) -> np.ndarray:
@@ -250,14 +243,10 @@ def final_metrics_done(path, generation: int, episodes: int, max_steps: int) -> 
 
 def check_inputs(data_dir, cfg: config.Config) -> None:
     """Fail before the slow imports if V, M (or, for the dream, the latent series) are missing."""
-    needed = [(artifacts.vision_path(data_dir, cfg), "python 02_train_vae.py"),
-              (artifacts.rnn_path(data_dir), "python 04_train_rnn.py")]
-    for path, command in needed:
-        if not path.exists():
-            raise storage.MissingDataError(f"no trained model at {path}; make it first with: {command}")
+    artifacts.require_models(data_dir, cfg)
     if cfg.controller.env == "dream":
         storage.list_episodes(Path(data_dir) / artifacts.SERIES, "latent series",
-                              "The dream starts from them; make them with: python 03_generate_rnn_data.py")
+                              f"The dream starts from them; make them with: python {artifacts.MAKERS[artifacts.SERIES]}")
 
 
 # --------------------------------------------------------------------------- one generation's fitness
@@ -402,7 +391,7 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
     envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
     check_inputs(data_dir, cfg)
     out = output_dir(data_dir, cfg)
-    saved = out / "config.json"
+    saved = out / artifacts.CONFIG_FILE
     if saved.exists():
         config.check_compatible(config.load_config(saved), cfg, compatible_keys(cfg), str(out))
     c = cfg.controller

@@ -79,7 +79,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from models.controller import ACTION_SIZE
-from models.mdn_rnn import _noise  # the exact noise of sample_mixture's per-row (seed (B, 2)) mode
+from models.mdn_rnn import mixture_draw, mixture_noise  # sample_mixture's noise and draw, per row
 from worldmodels import storage
 from worldmodels.env import ACTION_HIGH, ACTION_LOW
 
@@ -208,7 +208,7 @@ def _build_step(model):
     zeros_if_absent = {"reward": model.reward_head, "done_prob": model.done_head}
 
     def noise(seed):
-        uniform, normal = _noise(tf.constant([z_size, k]), tf.constant([z_size]), seed, None, tf.float32)
+        uniform, normal = mixture_noise(tf.constant([z_size, k]), tf.constant([z_size]), seed, None, tf.float32)
         done_seed = tf.stack([seed[0], -2 - seed[1]])
         return uniform, normal, tf.random.stateless_uniform((), seed=done_seed)
 
@@ -223,13 +223,8 @@ def _build_step(model):
         uniform, normal, done_uniform = tf.map_fn(
             noise, seeds, fn_output_signature=(spec(z_size, k), spec(z_size), spec()))
         uniform, normal, done_uniform = (tf.gather(x, inverse) for x in (uniform, normal, done_uniform))
-        # The draw of sample_mixture, written out because its noise comes from the gather above.
-        gumbel = -tf.math.log(-tf.math.log(uniform))
-        choice = tf.argmax(out["log_pi"] / tau + gumbel, axis=-1)
-        one_hot = tf.one_hot(choice, k, dtype=tf.float32)
-        mean = tf.reduce_sum(one_hot * out["mu"], axis=-1)
-        sigma = tf.exp(tf.reduce_sum(one_hot * out["log_sigma"], axis=-1))
-        z_next = mean + sigma * tf.sqrt(tau) * normal
+        # sample_mixture's draw, called on its own because the noise comes from the gather above.
+        z_next = mixture_draw(out["log_pi"], out["mu"], out["log_sigma"], tau, uniform, normal)
         h_new, c_new = out["state"]
         extra = [out[name] if present else tf.zeros_like(done_uniform) for name, present in zeros_if_absent.items()]
         return z_next, h_new, c_new, extra[0], extra[1], done_uniform

@@ -36,7 +36,7 @@ import numpy as np
 
 from config import ConfigError
 from worldmodels.env import FRAME_SIZE, check_observation, make_env, preprocess, set_observation
-from worldmodels.parallel import BACKENDS, resolve_workers
+from worldmodels.parallel import BACKENDS, RAY_MISSING, init_ray, resolve_workers
 
 FRAME_SHAPE = (FRAME_SIZE, FRAME_SIZE, 3)
 MAX_SEED = 2**32  # gymnasium seeds are non-negative integers below this
@@ -200,23 +200,7 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise BackendUnavailableError(
-            "backend 'ray' needs Ray, which is not installed: pip install 'ray[default]' "
-            "(or use backend 'process')"
-        )
-
-
-def _import_ray(address: str):
-    try:
-        import ray
-    except ImportError:
-        raise BackendUnavailableError(
-            "backend 'ray' needs Ray, which is not installed: pip install 'ray[default]' "
-            "(or use backend 'process')"
-        ) from None
-    if not ray.is_initialized():
-        ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
-    return ray
+        raise BackendUnavailableError(RAY_MISSING)
 
 
 # --------------------------------------------------------------------------- the pool
@@ -265,7 +249,7 @@ class CarRacingPool:
                 for runner in self._runners:  # wait until every worker has built its envs
                     runner.fetch()
             else:
-                ray = _import_ray(ray_address)
+                ray = init_ray(ray_address, missing=BackendUnavailableError)
                 actor_class = ray.remote(num_cpus=1)(EnvSlice)
                 self._runners = [_RayRunner(n, self.max_steps, ray, actor_class) for n in sizes]
         except BaseException:

@@ -1,7 +1,7 @@
 """The agent's 64x64 CarRacing observation drawn directly at small size (``observation="fast"``).
 
 CarRacing draws every step on a 1000 x 800 surface, flips it, shrinks it to 96 x 96 with
-pygame's area-averaging ``smoothscale``, and :func:`worldmodels.env.preprocess` then crops
+pygame's area-averaging ``smoothscale``, and :func:`worldmodels.drawing.preprocess` then crops
 rows 0..83 (the dashboard is below) and shrinks them to 64 x 64 with Pillow's bilinear filter.
 Drawing the large surface is ~95% of a step. :func:`render_observation` draws the same scene
 from the same world state: the field, the grass squares and the road tiles (with their current
@@ -9,7 +9,7 @@ colours) with the same colours and in the same order, and the car through gymnas
 ``Car.draw``, under the same camera (position, angle, zoom, including the first second's
 zoom-in). It draws only the 1000 x 700 window region that survives the crop, on a canvas
 ``DOWNSCALE`` times smaller per side, and passes it through the same two filters (area shrink
-to 96 x 84, then :func:`~worldmodels.env.preprocess`'s bilinear shrink to 64 x 64). So the
+to 96 x 84, then :func:`~worldmodels.drawing.preprocess`'s bilinear shrink to 64 x 64). So the
 only difference left is where polygon edges fall on the coarser grid: a fraction of one
 64-pixel, measured by ``benchmarks/parity_fast_obs.py`` and bounded in tests/test_fast_render.py.
 
@@ -30,7 +30,7 @@ from gymnasium import spaces  # noqa: E402
 from gymnasium.envs.box2d.car_racing import PLAYFIELD, SCALE, STATE_W, WINDOW_H, WINDOW_W, ZOOM, CarRacing  # noqa: E402
 from pygame import gfxdraw  # noqa: E402
 
-from worldmodels.env import CROP_ROWS, FRAME_SIZE, grass_polygons, preprocess, road_vertices, world_to_pixels  # noqa: E402
+from worldmodels.drawing import CROP_ROWS, FRAME_SIZE, grass_polygons, preprocess, road_vertices, world_to_pixels  # noqa: E402
 
 # Chosen by measurement (a prototype of this renderer over 150 states of 2 tracks, mean |difference|
 # from the stock frame in levels, drawing time per frame on the shared 2-core machine): DOWNSCALE

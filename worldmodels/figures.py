@@ -35,13 +35,14 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import config
-from worldmodels import artifacts, datasets, storage
+from worldmodels import artifacts, datasets, metrics, storage
 
 NOT_RUN = "not run"
 # The file each figure of make_all is written to, in the order they are made.
@@ -52,7 +53,7 @@ FILE_NAMES = {
     "temperature": "temperature.png",
     "driving": "driving.gif",
 }
-_DREAM_DIR = re.compile(r"^controller_dream_t(.+)$")
+_DREAM_DIR = re.compile(rf"^{artifacts.DREAM_CONTROLLER_PREFIX}(.+)$")
 
 
 def _save(fig: Figure, out: Path, dpi: int = 80) -> Path:
@@ -136,35 +137,42 @@ def _image_grid(rows: list[np.ndarray], labels: list[str], titles: list[str] | N
 # --------------------------------------------------------------------------- V
 
 
-def heldout_frames(data_dir: Path, cfg: config.Config, count: int = 8) -> np.ndarray:
+def heldout_frames(data_dir: Path, cfg: config.Config, count: int = metrics.GRID_FRAMES) -> np.ndarray:
     """``count`` frames spread over the first held-out episode (V's split), uint8 (count, 64, 64, 3)."""
-    paths = storage.list_episodes(Path(data_dir) / artifacts.ROLLOUTS, "rollouts")
+    paths = storage.list_episodes(artifacts.rollouts_dir(data_dir), artifacts.ROLLOUTS)
     train, heldout = datasets.split_episodes(paths, cfg.vae.heldout_fraction, cfg.vae.split_seed)
-    obs = storage.load_episode((heldout or train)[0], keys=("obs",))["obs"]
-    return obs[np.linspace(0, len(obs) - 1, count).astype(int)]
+    return metrics.grid_frames(heldout or train, count)
 
 
-def reconstruction_figure(data_dir: Path, out: Path, count: int = 8) -> Path:
+def reconstruction_grid(models: Mapping[str, object], frames: np.ndarray, out: Path) -> Path:
+    """``frames`` (top row, uint8) and each V's posterior-mean reconstructions below, labelled with their MSE.
+
+    ``models`` maps a row label to a V (with ``encode``/``decode``); used by README's figure and by
+    ``vae_gan.compare``.
+    """
+    rows, labels = [frames.astype(np.float32) / 255.0], ["held-out frame"]
+    for name, vision in models.items():
+        recon = vision.decode(vision.encode(frames)[0])
+        rows.append(recon)
+        labels.append(f"{name}\nMSE {float(np.mean((recon - rows[0]) ** 2)):.5f}")
+    return _save(_image_grid(rows, labels), out)
+
+
+def reconstruction_figure(data_dir: Path, out: Path, count: int = metrics.GRID_FRAMES) -> Path:
     """Held-out frames (top row) and their reconstructions by every trained V (VAE, VAE-GAN) below."""
     data_dir = Path(data_dir)
-    rows, labels, frames = [], [], None
+    models, frames = {}, None
     for model_name in artifacts.VISION:
         folder = data_dir / artifacts.VISION[model_name][0]
-        if not (folder / "config.json").exists():
+        if not (folder / artifacts.CONFIG_FILE).exists():
             continue
-        cfg = config.load_config(folder / "config.json")
+        cfg = config.load_config(folder / artifacts.CONFIG_FILE)
         if frames is None:
             frames = heldout_frames(data_dir, cfg, count)
-            rows.append(frames.astype(np.float32) / 255.0)
-            labels.append("held-out frame")
-        vision = artifacts.load_vision(data_dir, cfg)
-        recon = vision.decode(vision.encode(frames)[0])
-        mse = float(np.mean((recon - rows[0]) ** 2))
-        rows.append(recon)
-        labels.append(f"{model_name}\nMSE {mse:.5f}")
+        models[model_name] = artifacts.load_vision(data_dir, cfg)
     if frames is None:
         raise storage.MissingDataError(f"no trained V under {data_dir} (run 02_train_vae.py)")
-    return _save(_image_grid(rows, labels), out)
+    return reconstruction_grid(models, frames, out)
 
 
 # --------------------------------------------------------------------------- M
@@ -215,10 +223,10 @@ def dream_strip_figure(data_dir: Path, out: Path, temperatures=(0.5, 1.15), step
         raise ValueError(f"need steps >= 1, every >= 1 and at least one temperature; got steps={steps}, "
                          f"every={every}, temperatures={temperatures!r}")
     rnn_dir = data_dir / artifacts.RNN[0]
-    if not (rnn_dir / "config.json").exists() or not (rnn_dir / "split.json").exists():
+    if not (rnn_dir / artifacts.CONFIG_FILE).exists() or not (rnn_dir / artifacts.SPLIT_FILE).exists():
         raise storage.MissingDataError(f"no trained M under {rnn_dir} (run 04_train_rnn.py)")
-    cfg = config.load_config(rnn_dir / "config.json")
-    split = storage.read_json(rnn_dir / "split.json")
+    cfg = config.load_config(rnn_dir / artifacts.CONFIG_FILE)
+    split = storage.read_json(rnn_dir / artifacts.SPLIT_FILE)
     names = split.get("heldout") or split.get("train")
     if not names:
         raise storage.CorruptFileError(f"{rnn_dir / 'split.json'} names no episode; rerun 04_train_rnn.py")
@@ -263,7 +271,7 @@ def _read_rows(path: Path) -> list[dict[str, float]]:
 def dream_controller_dirs(data_dir: Path) -> list[tuple[float, Path]]:
     """``[(tau, <data>/controller_dream_t<tau>)]`` for every dream-trained controller folder, by tau."""
     found = []
-    for folder in Path(data_dir).glob("controller_dream_t*"):
+    for folder in Path(data_dir).glob(f"{artifacts.DREAM_CONTROLLER_PREFIX}*"):
         match = _DREAM_DIR.match(folder.name)
         try:
             tau = float(match.group(1))
@@ -284,7 +292,7 @@ def learning_curve_figure(data_dir: Path, out: Path) -> Path:
     A search without ``history.csv`` is left out; at least one must exist.
     """
     data_dir = Path(data_dir)
-    real = data_dir / "controller"
+    real = data_dir / artifacts.CONTROLLER
     real_history = _read_rows(real / "history.csv") if (real / "history.csv").exists() else []
     dreams = [(tau, folder, _read_rows(folder / "history.csv")) for tau, folder in dream_controller_dirs(data_dir)
               if (folder / "history.csv").exists()]
@@ -327,11 +335,33 @@ def learning_curve_figure(data_dir: Path, out: Path) -> Path:
     return _save(fig, out)
 
 
-def temperature_figure(data_dir: Path, out: Path) -> Path:
-    """Score in the dream and in the real CarRacing (mean +- std) per tau, from ``temperature_study/results.json``."""
-    import study_temperature
+def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> Path:
+    """Score in the dream and in the real CarRacing (mean +- std) per tau of a study's ``rows``.
 
-    path = Path(data_dir) / study_temperature.STUDY_DIR / "results.json"
+    ``real``, the controller trained in the real environment on the same tracks, is drawn as a
+    line with its +- std band (``worldmodels.temperature_study``).
+    """
+    taus = [r["temperature"] for r in rows]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.errorbar(taus, [r["dream_mean"] for r in rows], yerr=[r["dream_std"] for r in rows], fmt="s--", capsize=4,
+                label="score in the dream")
+    ax.errorbar(taus, [r["real_mean"] for r in rows], yerr=[r["real_std"] for r in rows], fmt="o-", capsize=4,
+                label="score in the real CarRacing-v3")
+    if real is not None:
+        ax.axhline(real["real_mean"], color="k", lw=1, label="trained in the real env (+- std)")
+        ax.axhspan(real["real_mean"] - real["real_std"], real["real_mean"] + real["real_std"], color="k", alpha=0.08)
+    ax.set_xlabel("temperature tau")
+    ax.set_ylabel("return (mean +- std)")
+    ax.set_title("C trained in M's dream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, dpi=100)
+
+
+def temperature_figure(data_dir: Path, out: Path) -> Path:
+    """:func:`temperature_plot` of ``temperature_study/results.json``."""
+    path = Path(data_dir) / artifacts.TEMPERATURE_STUDY / "results.json"
     if not path.exists():
         raise storage.MissingDataError(f"no temperature study at {path} (run study_temperature.py)")
     study = storage.read_json(path)
@@ -339,15 +369,13 @@ def temperature_figure(data_dir: Path, out: Path) -> Path:
     keys = ("temperature", "dream_mean", "dream_std", "real_mean", "real_std")
     if not rows or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
         raise storage.CorruptFileError(f"{path} holds no rows with {', '.join(keys)}; rerun study_temperature.py")
-    out = Path(out)
-    study_temperature.plot(out, sorted(rows, key=lambda r: r["temperature"]), study.get("real_trained"))
-    return out
+    return temperature_plot(out, sorted(rows, key=lambda r: r["temperature"]), study.get("real_trained"))
 
 
 def _real_score(folder: Path) -> float | None:
     """The final real score of the controller in ``folder`` (``metrics.json`` "mean"), or None."""
     try:
-        return float(storage.read_json(folder / "metrics.json")["mean"])
+        return float(storage.read_json(folder / artifacts.METRICS_FILE)["mean"])
     except (storage.MissingDataError, KeyError, TypeError, ValueError):
         return None
 
@@ -359,8 +387,8 @@ def best_controller_dir(data_dir: Path) -> Path:
     ``controller.npz``; if none has been scored yet, ``controller/`` comes first.
     """
     data_dir = Path(data_dir)
-    folders = [data_dir / "controller"] + [folder for _, folder in dream_controller_dirs(data_dir)]
-    folders = [f for f in folders if (f / "controller.npz").exists() and (f / "config.json").exists()]
+    folders = [data_dir / artifacts.CONTROLLER] + [folder for _, folder in dream_controller_dirs(data_dir)]
+    folders = [f for f in folders if (f / artifacts.CONTROLLER_FILE).exists() and (f / artifacts.CONFIG_FILE).exists()]
     if not folders:
         raise storage.MissingDataError(f"no trained controller under {data_dir} (run 05_train_controller.py)")
     scored = [(score, f) for f in folders if (score := _real_score(f)) is not None]
@@ -375,7 +403,7 @@ def driving_animation(data_dir: Path, out: Path, episodes: int = 1, width: int =
     episode with the median score is replayed at full size, downscaled to ``width`` pixels and
     subsampled to at most ``max_frames`` frames played at real speed (a few hundred KB).
     """
-    import evaluate_controller as ec
+    from worldmodels import controller_evaluation as ec
 
     if episodes < 1 or width < 16 or max_frames < 2:
         raise ValueError(f"need episodes >= 1, width >= 16, max_frames >= 2; got {episodes}, {width}, {max_frames}")
@@ -385,9 +413,9 @@ def driving_animation(data_dir: Path, out: Path, episodes: int = 1, width: int =
     data_dir = Path(data_dir)
     folder = best_controller_dir(data_dir)
     # One process is plenty for a few episodes and starts faster than a pool (same results, tested in 05).
-    cfg = config.apply_overrides(config.load_config(folder / "config.json"),
+    cfg = config.apply_overrides(config.load_config(folder / artifacts.CONFIG_FILE),
                                  {"controller.backend": "serial", "controller.workers": 1})
-    params, _ = ec.load_controller(folder / "controller.npz", "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, _ = ec.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     metrics = ec.evaluate_saved(cfg, data_dir, params, episodes, episodes, record_actions=True)
     median = int(np.argsort(metrics["scores"])[(len(metrics["scores"]) - 1) // 2])
     actions = metrics["actions"][median]
@@ -448,7 +476,7 @@ def _count(value) -> str:
 
 def _vision_row(data_dir: Path, model_name: str) -> list[str]:
     folder = artifacts.VISION[model_name][0]
-    m = _metrics(data_dir / folder / "metrics.json")
+    m = _metrics(data_dir / folder / artifacts.METRICS_FILE)
     label = {"vae": "V (VAE)", "vae_gan": "V (VAE-GAN)"}[model_name]
     if m is None:
         return [label, NOT_RUN, f"`{folder}/metrics.json`"]
@@ -460,7 +488,7 @@ def _vision_row(data_dir: Path, model_name: str) -> list[str]:
 
 
 def _rnn_row(data_dir: Path) -> list[str]:
-    m = _metrics(data_dir / "rnn" / "metrics.json")
+    m = _metrics(artifacts.rnn_dir(data_dir) / artifacts.METRICS_FILE)
     if m is None:
         return ["M (MDN-RNN)", NOT_RUN, "`rnn/metrics.json`"]
     base = m.get("baselines", {})
@@ -497,15 +525,15 @@ def _unfinished(folder: Path) -> str:
 
 
 def _controller_rows(data_dir: Path) -> list[list[str]]:
-    m = _metrics(data_dir / "controller" / "metrics.json")
+    m = _metrics(data_dir / artifacts.CONTROLLER / artifacts.METRICS_FILE)
     rows = [["C, trained in the real env",
-             _unfinished(data_dir / "controller") if m is None
+             _unfinished(data_dir / artifacts.CONTROLLER) if m is None
              else f"**{_score(m)}** (generation {m.get('generation', '?')})", "`controller/metrics.json`"]]
     dreams = dream_controller_dirs(data_dir)
     if not dreams:
         rows.append(["C, trained in the dream", NOT_RUN, "`controller_dream_t<tau>/metrics.json`"])
     for tau, folder in dreams:
-        m = _metrics(folder / "metrics.json")
+        m = _metrics(folder / artifacts.METRICS_FILE)
         dream = (m or {}).get("dream") or {}
         text = (_unfinished(folder) if m is None else
                 f"real: **{_score(m)}**; in the dream: {_f(dream.get('mean'), 1)} ± {_f(dream.get('std'), 1)} "
@@ -525,14 +553,15 @@ def results_table(data_dir: Path) -> str:
             *_controller_rows(data_dir)]
     lines = ["| stage | held-out result | file |", "| --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    comparison = _metrics(data_dir / "compare" / "comparison.json")
+    comparison = _metrics(data_dir / artifacts.COMPARE / "comparison.json")
     lines += ["", "**VAE vs VAE-GAN** (`compare/comparison.json`): "]
     if comparison is None:
         lines[-1] += f"{NOT_RUN} (python -m vae_gan.compare --data-dir {data_dir})"
     else:
-        from vae_gan.compare import markdown_report
-
-        lines += ["", markdown_report(comparison)]
+        # vae_gan.compare writes comparison.md from comparison.json in the same call; reading it
+        # keeps this module below the comparison (no import of an experiment's report code).
+        report = data_dir / artifacts.COMPARE / "comparison.md"
+        lines += ["", report.read_text() if report.exists() else f"(comparison.md is missing beside {report.parent})"]
     return "\n".join(lines) + "\n"
 
 
@@ -561,7 +590,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``wm-figures`` command of ``pip install -e .``: :func:`main` with one-line user errors."""
     from worldmodels import cli
 
     cli.run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -49,13 +49,27 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], backend: str = "proce
         yield from _ray_map(fn, items, ray_address)
 
 
-def _ray_map(fn, items, address):
+RAY_MISSING = "backend 'ray' needs Ray, which is not installed: pip install 'ray[default]' (or use backend 'process')"
+
+
+def init_ray(address: str, missing: type[Exception] = RuntimeError):
+    """The ``ray`` module, connected to the cluster at ``address`` ('' = a local one) once per process.
+
+    Every Ray user of this package (``parallel_map`` here, ``envpool.CarRacingPool``) starts Ray
+    through this function, so the options are set in one place. Raises ``missing(RAY_MISSING)``
+    when Ray is not installed.
+    """
     try:
         import ray
     except ImportError:
-        raise RuntimeError("backend 'ray' needs Ray: pip install 'ray[default]'") from None
+        raise missing(RAY_MISSING) from None
     if not ray.is_initialized():
         ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+def _ray_map(fn, items, address):
+    ray = init_ray(address)
     remote = ray.remote(fn)
     pending = [remote.remote(item) for item in items]
     while pending:

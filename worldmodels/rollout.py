@@ -40,6 +40,7 @@ import numpy as np
 
 from models.controller import ACTION_SIZE, controller_actions, num_parameters
 from worldmodels.env import episode_seed, to_env_action
+from worldmodels.metrics import score_summary
 
 # Base seeds of the held-out track streams. Training tracks are drawn from Evolution's rng;
 # the periodic evaluation (used to pick the best mean) and the final, reported evaluation use
@@ -102,6 +103,15 @@ def _check_run(world, params, seeds, max_steps, max_concurrent, patience):
     return params, seeds, capacity
 
 
+def _out_of_patience(idle, reward, running, lengths, patience: int, max_steps: int):
+    """``(idle, give_up)`` after a step of a wave of B episodes: ``idle`` (B,) counts the steps since
+    each episode's last positive reward; ``give_up`` (B,) marks the ``running`` episodes (not
+    ended by the world in this very step, which keep their own ending and return) that have now
+    gone ``patience`` steps without one and still have steps left before ``max_steps``."""
+    idle = np.where(np.asarray(reward) > 0, 0, idle + 1)
+    return idle, running & (idle >= int(patience)) & (lengths < int(max_steps))
+
+
 def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
                  record_actions: bool = False, progress: str | None = None, patience: int | None = None) -> Rollouts:
     """Run P controllers on K tracks each in ``world`` and return every episode's return.
@@ -117,13 +127,10 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         progress: if given, show a progress bar with this title over the P * K * max_steps
             agent steps (a 100-track evaluation in the real environment takes minutes on a
             CPU); an episode that ends early adds its unused steps, so the bar ends at 100%.
-        patience: training only (None for every evaluation). If given, an episode that has
-            gone ``patience`` steps without a positive reward (in CarRacing: without a new
-            tile) stops there, and each of its ``max_steps - length`` remaining steps is
-            booked at ``STEP_PENALTY`` (-0.1, what a step without a tile earns), so its
-            return is what it would have scored had it driven on without reaching a tile
-            (and without leaving the playfield). A car that has stopped making progress
-            costs no more simulator time.
+        patience: training only (None for every evaluation). If given, an episode that has gone
+            ``patience`` steps without a positive reward (in CarRacing: a new tile) stops, and each
+            of its ``max_steps - length`` remaining steps is booked at ``STEP_PENALTY`` (-0.1, what
+            a step without a tile earns): the return of driving on without a tile (or a crash).
 
     Returns:
         :class:`Rollouts` with returns (P, K), lengths (P, K), the actions if asked for and
@@ -166,14 +173,12 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
                     actions[i].append(row)
             ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
             if patience is not None:
-                idle = np.where(np.asarray(reward) > 0, 0, idle + 1)
-                # An episode the world ends in this very step keeps its own ending (and return).
-                give_up = active & ~ended & (idle >= int(patience)) & (lengths[start:stop] < int(max_steps))
-                if give_up.any():
-                    index_up = start + np.flatnonzero(give_up)
-                    returns[index_up] += STEP_PENALTY * (int(max_steps) - lengths[index_up])
-                    stopped[index_up] = True
-                    ended = ended | give_up
+                idle, give_up = _out_of_patience(idle, reward, active & ~ended, lengths[start:stop], patience,
+                                                 max_steps)
+                index_up = start + np.flatnonzero(give_up)
+                returns[index_up] += STEP_PENALTY * (int(max_steps) - lengths[index_up])
+                stopped[index_up] = True
+                ended = ended | give_up
             if bar is not None:  # this step, plus the steps that episodes ending now will not take
                 bar.update(int(active.sum()) + int((int(max_steps) - lengths[index[ended[active]]]).sum()))
             active &= ~ended
@@ -308,8 +313,7 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
     result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions, progress)
     scores = result.returns[0]
     out = {
-        "mean": float(scores.mean()), "std": float(scores.std()),
-        "min": float(scores.min()), "max": float(scores.max()),
+        **score_summary(scores),
         "scores": scores.tolist(), "lengths": result.lengths[0].tolist(), "seeds": seeds.tolist(),
         "steps": int(result.lengths.sum()), "seconds": time.perf_counter() - start,
     }

@@ -37,18 +37,14 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+# Defined in config (the bottom of the import graph, which needs them too) and used by every stage as
+# storage.CorruptFileError, storage.MissingDataError and storage.read_json.
+from config import CorruptFileError, MissingDataError, read_json  # noqa: F401
+
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 EPISODE_SUFFIX = ".npz"
-
-
-class CorruptFileError(ValueError):
-    """A file exists but cannot be used: truncated, corrupt, or of the wrong layout."""
-
-
-class MissingDataError(FileNotFoundError):
-    """A folder or file that a stage needs does not exist or is empty."""
 
 
 class EpisodeReadError(RuntimeError):
@@ -134,17 +130,6 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON file, raising :class:`MissingDataError` / :class:`CorruptFileError` with its name."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingDataError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from exc
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compresslevel: int = 1) -> Path:

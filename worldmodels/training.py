@@ -29,6 +29,7 @@ truncated backup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -267,6 +268,35 @@ def train(
         ConfigError: the checkpoint belongs to another model, data set or ``steps_per_epoch``.
         ValueError: bad arguments, or a dataset with fewer than ``steps_per_epoch`` batches.
     """
+    _check_arguments(model, steps_per_epoch, epochs, checkpoint_every_steps)
+    checkpoint_dir = Path(checkpoint_dir)
+    state = _restore(model, checkpoint_dir, _json_roundtrip(dict(fingerprint or {})), steps_per_epoch, epochs)
+    run = _Run(model, make_dataset, steps_per_epoch, epochs, checkpoint_dir, on_epoch_end, checkpoint_every_steps,
+               checkpoint_every_seconds, samples_per_step, desc, state)
+
+    if state["epoch_end_pending"] is not None:
+        log(f"finishing the end of epoch {state['epoch_end_pending'] + 1} (interrupted after its checkpoint)")
+        run.finish_epoch(state["epoch_end_pending"])
+    if state["epoch"] >= epochs:
+        log(f"training is complete: {state['epoch']} of {epochs} epochs done ({checkpoint_dir / CHECKPOINT_NAME})")
+        return state
+
+    _start_session(run, log)
+    model.make_train_function()
+    run.last_save_time, run.last_save_step = time.monotonic(), state["step"]
+    for epoch in range(state["epoch"], epochs):
+        logs = _train_epoch(run, epoch)
+        state["history"].append({"epoch": epoch + 1, **_float_logs(logs)})
+        state.update(epoch=epoch + 1, step=0, epoch_end_pending=epoch)
+        run.save()
+        run.last_save_time, run.last_save_step = time.monotonic(), 0
+        run.finish_epoch(epoch)
+        log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.5g}" for k, v in state["history"][epoch].items()
+                                                       if k != "epoch"))
+    return state
+
+
+def _check_arguments(model, steps_per_epoch, epochs, checkpoint_every_steps) -> None:
     for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -274,15 +304,15 @@ def train(
         raise ValueError(f"checkpoint_every_steps must be >= 1 or None, got {checkpoint_every_steps}")
     if getattr(model, "optimizer", None) is None:
         raise ValueError("train() needs a compiled model: call model.compile(optimizer=...) first")
-    checkpoint_dir = Path(checkpoint_dir)
+
+
+def _restore(model, checkpoint_dir: Path, fingerprint: dict, steps_per_epoch: int, epochs: int) -> dict:
+    """The training state of ``checkpoint_dir`` with the model's variables restored, or a fresh one."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_model_temporaries(checkpoint_dir)
-    fingerprint = _json_roundtrip(dict(fingerprint or {}))
-    strategy = model.distribute_strategy
-
     # Optimizer variables (Adam's moments) exist only once the optimizer is built; build them
     # before loading so that they are restored rather than created fresh on the first step.
-    with strategy.scope():
+    with model.distribute_strategy.scope():
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
     state = load_checkpoint(model, checkpoint_dir)
@@ -293,91 +323,112 @@ def train(
     else:
         _check_resumable(state, fingerprint, steps_per_epoch, checkpoint_dir)
     state["epochs"] = int(epochs)
-
-    def save():
-        state["iterations"] = int(model.optimizer.iterations.numpy())
-        save_checkpoint(model, checkpoint_dir, state)
-
-    def finish_epoch(epoch):
-        extra = on_epoch_end(epoch, dict(state["history"][epoch])) if on_epoch_end else None
-        state["history"][epoch].update(_float_logs(extra or {}))
-        state["epoch_end_pending"] = None
-        save()
-
-    if state["epoch_end_pending"] is not None:
-        log(f"finishing the end of epoch {state['epoch_end_pending'] + 1} (interrupted after its checkpoint)")
-        finish_epoch(state["epoch_end_pending"])
-    if state["epoch"] >= epochs:
-        log(f"training is complete: {state['epoch']} of {epochs} epochs done ({checkpoint_dir / CHECKPOINT_NAME})")
-        return state
-
-    session = {"start_epoch": state["epoch"], "start_step": state["step"],
-               "start_iterations": int(model.optimizer.iterations.numpy()), "steps_trained": 0,
-               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    state["sessions"].append(session)
-    if state["step"] or state["epoch"]:
-        log(f"resuming at epoch {state['epoch'] + 1}/{epochs}, step {state['step']}/{steps_per_epoch} "
-            f"from {checkpoint_dir / CHECKPOINT_NAME}")
-    else:
-        log(f"starting: {epochs} epoch(s) of {steps_per_epoch} steps; checkpoints in {checkpoint_dir}")
-
-    model.make_train_function()
-    last_save_time, last_save_step = time.monotonic(), state["step"]
-    for epoch in range(state["epoch"], epochs):
-        if state["step"] == 0:
-            # A resumed epoch keeps the running means restored from the checkpoint.
-            model.reset_metrics()
-        dataset = make_dataset(epoch)
-        if not isinstance(dataset, tf.data.Dataset):
-            raise ValueError(f"make_dataset must return a tf.data.Dataset, got {type(dataset).__name__}")
-        # tf.data skips without handing the batches to Python: reading them costs far less
-        # than training on them, and it reproduces the shuffle state exactly.
-        dataset = dataset.skip(state["step"]).take(steps_per_epoch - state["step"])
-        if strategy.num_replicas_in_sync > 1:
-            dataset = strategy.experimental_distribute_dataset(dataset)
-        iterator = iter(dataset)
-        logs = {}
-        start, start_step = time.monotonic(), state["step"]
-        with tqdm(total=steps_per_epoch, initial=state["step"], desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                  unit="batch", dynamic_ncols=True, mininterval=1.0) as bar:
-            while state["step"] < steps_per_epoch:
-                try:
-                    logs = model.train_function(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    raise ValueError(
-                        f"the dataset of epoch {epoch} ended after {state['step']} batches, but "
-                        f"steps_per_epoch is {steps_per_epoch}"
-                    ) from None
-                except Exception as exc:
-                    # Name the step in the one-line report of worldmodels.cli.
-                    exc.add_note(f"{desc} training, epoch {epoch + 1}, step {state['step'] + 1}")
-                    raise
-                state["step"] += 1
-                session["steps_trained"] += 1
-                bar.update(1)
-                if bar.n % 10 == 0 or state["step"] == steps_per_epoch:
-                    # Reading the loss waits for the device, so do it only now and then.
-                    postfix = {k: f"{v:.4g}" for k, v in _float_logs(logs).items()}
-                    if samples_per_step:
-                        rate = (state["step"] - start_step) * samples_per_step / max(time.monotonic() - start, 1e-9)
-                        postfix["frames/s"] = f"{rate:.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-                steps_due = checkpoint_every_steps is not None \
-                    and state["step"] - last_save_step >= checkpoint_every_steps
-                time_due = checkpoint_every_seconds is not None \
-                    and time.monotonic() - last_save_time >= checkpoint_every_seconds
-                # The last step of an epoch is saved just below, with the epoch marked done.
-                if (steps_due or time_due) and state["step"] < steps_per_epoch:
-                    save()
-                    last_save_time, last_save_step = time.monotonic(), state["step"]
-        state["history"].append({"epoch": epoch + 1, **_float_logs(logs)})
-        state.update(epoch=epoch + 1, step=0, epoch_end_pending=epoch)
-        save()
-        last_save_time, last_save_step = time.monotonic(), 0
-        finish_epoch(epoch)
-        log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.5g}" for k, v in state["history"][epoch].items()
-                                                       if k != "epoch"))
     return state
+
+
+@dataclasses.dataclass
+class _Run:
+    """One session of :func:`train`: its arguments, the state it advances and when it last saved."""
+
+    model: Any
+    make_dataset: Callable[[int], tf.data.Dataset]
+    steps_per_epoch: int
+    epochs: int
+    checkpoint_dir: Path
+    on_epoch_end: Callable | None
+    checkpoint_every_steps: int | None
+    checkpoint_every_seconds: float | None
+    samples_per_step: int | None
+    desc: str
+    state: dict
+    session: dict = dataclasses.field(default_factory=dict)
+    last_save_time: float = 0.0
+    last_save_step: int = 0
+
+    def save(self) -> None:
+        self.state["iterations"] = int(self.model.optimizer.iterations.numpy())
+        save_checkpoint(self.model, self.checkpoint_dir, self.state)
+
+    def finish_epoch(self, epoch: int) -> None:
+        extra = self.on_epoch_end(epoch, dict(self.state["history"][epoch])) if self.on_epoch_end else None
+        self.state["history"][epoch].update(_float_logs(extra or {}))
+        self.state["epoch_end_pending"] = None
+        self.save()
+
+    def checkpoint_due(self) -> bool:
+        """A mid-epoch checkpoint is due (the last step of an epoch is saved with the epoch marked done)."""
+        steps_due = self.checkpoint_every_steps is not None \
+            and self.state["step"] - self.last_save_step >= self.checkpoint_every_steps
+        time_due = self.checkpoint_every_seconds is not None \
+            and time.monotonic() - self.last_save_time >= self.checkpoint_every_seconds
+        return (steps_due or time_due) and self.state["step"] < self.steps_per_epoch
+
+
+def _start_session(run: _Run, log: Callable[[str], None]) -> None:
+    """Record where this session starts (``state["sessions"]``) and say whether it starts or resumes."""
+    state = run.state
+    run.session = {"start_epoch": state["epoch"], "start_step": state["step"],
+                   "start_iterations": int(run.model.optimizer.iterations.numpy()), "steps_trained": 0,
+                   "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    state["sessions"].append(run.session)
+    if state["step"] or state["epoch"]:
+        log(f"resuming at epoch {state['epoch'] + 1}/{run.epochs}, step {state['step']}/{run.steps_per_epoch} "
+            f"from {run.checkpoint_dir / CHECKPOINT_NAME}")
+    else:
+        log(f"starting: {run.epochs} epoch(s) of {run.steps_per_epoch} steps; checkpoints in {run.checkpoint_dir}")
+
+
+def _epoch_iterator(run: _Run, epoch: int):
+    """An iterator over the batches of ``epoch`` still to train (those before ``state["step"]`` skipped)."""
+    dataset = run.make_dataset(epoch)
+    if not isinstance(dataset, tf.data.Dataset):
+        raise ValueError(f"make_dataset must return a tf.data.Dataset, got {type(dataset).__name__}")
+    # tf.data skips without handing the batches to Python: reading them costs far less
+    # than training on them, and it reproduces the shuffle state exactly.
+    dataset = dataset.skip(run.state["step"]).take(run.steps_per_epoch - run.state["step"])
+    strategy = run.model.distribute_strategy
+    if strategy.num_replicas_in_sync > 1:
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    return iter(dataset)
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """Train the rest of ``epoch``, checkpointing mid-epoch when due; the epoch's last train logs."""
+    state, model = run.state, run.model
+    if state["step"] == 0:
+        # A resumed epoch keeps the running means restored from the checkpoint.
+        model.reset_metrics()
+    iterator = _epoch_iterator(run, epoch)
+    logs = {}
+    start, start_step = time.monotonic(), state["step"]
+    with tqdm(total=run.steps_per_epoch, initial=state["step"], desc=f"{run.desc} epoch {epoch + 1}/{run.epochs}",
+              unit="batch", dynamic_ncols=True, mininterval=1.0) as bar:
+        while state["step"] < run.steps_per_epoch:
+            try:
+                logs = model.train_function(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise ValueError(
+                    f"the dataset of epoch {epoch} ended after {state['step']} batches, but "
+                    f"steps_per_epoch is {run.steps_per_epoch}"
+                ) from None
+            except Exception as exc:
+                # Name the step in the one-line report of worldmodels.cli.
+                exc.add_note(f"{run.desc} training, epoch {epoch + 1}, step {state['step'] + 1}")
+                raise
+            state["step"] += 1
+            run.session["steps_trained"] += 1
+            bar.update(1)
+            if bar.n % 10 == 0 or state["step"] == run.steps_per_epoch:
+                # Reading the loss waits for the device, so do it only now and then.
+                postfix = {k: f"{v:.4g}" for k, v in _float_logs(logs).items()}
+                if run.samples_per_step:
+                    rate = (state["step"] - start_step) * run.samples_per_step / max(time.monotonic() - start, 1e-9)
+                    postfix["frames/s"] = f"{rate:.0f}"
+                bar.set_postfix(postfix, refresh=False)
+            if run.checkpoint_due():
+                run.save()
+                run.last_save_time, run.last_save_step = time.monotonic(), state["step"]
+    return logs
 
 
 def _check_resumable(state, fingerprint, steps_per_epoch, checkpoint_dir):

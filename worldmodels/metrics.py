@@ -1,0 +1,210 @@
+"""Held-out metrics of V, M and C, in one place for the stages, ``vae_gan.compare``, figures and notebooks.
+
+* V: :class:`VisionTotals` accumulates reconstruction MSE, PSNR, KL per dimension and active
+  dimensions over batches (exact frame-weighted means); :func:`vision_metrics` streams a V
+  over every frame of some episodes with it (stage 2's ``metrics.json``), and
+  ``vae_gan.compare`` feeds it the batches it scores for its own sharper metrics too.
+  :func:`grid_frames` picks the frames every reconstruction grid shows.
+* M: :func:`rnn_baselines` fits the two baselines of ``models.mdn_rnn.baseline_nlls`` on the
+  training series and scores them on the evaluated ones; :func:`informative_comparison`
+  compares M with them on the latent dimensions V uses (stage 4's ``metrics.json``).
+* C: :func:`score_summary` is the mean, standard deviation, minimum and maximum of a
+  controller's returns on held-out tracks (``rollout.evaluate``, so every controller ``metrics.json``).
+
+Only numpy is imported at module level; models are imported where used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from worldmodels import sequences, storage
+
+# Frames shown by a reconstruction grid (TensorBoard, README's figure, the comparison's figure).
+GRID_FRAMES = 8
+
+# The baselines are fitted on at most this many training episodes (evenly spread): per-dimension
+# means and variances are exact to a fraction of a percent long before, and memory stays bounded.
+# The evaluated episodes are scored in chunks of this many.
+BASELINE_EPISODES = 200
+
+# A latent dimension is "informative" when V's posterior differs from the prior by more than this
+# on average (KL in nats, on the training series). With the free-bits floor V puts its
+# information in a few dimensions; on the others mu is nearly constant while the posterior is
+# nearly the prior, which hands a baseline fitted on mu an easy win that says nothing about M.
+INFORMATIVE_KL = 0.5
+
+
+# --------------------------------------------------------------------------- V
+
+
+def grid_frames(paths: Path | Sequence[Path], count: int = GRID_FRAMES) -> np.ndarray:
+    """``count`` frames spread evenly over one episode (the first of ``paths``), uint8 (count, 64, 64, 3)."""
+    path = paths if isinstance(paths, (str, Path)) else paths[0]
+    obs = storage.load_episode(path, keys=("obs",))["obs"]
+    return obs[np.linspace(0, len(obs) - 1, min(count, len(obs))).astype(int)]
+
+
+class VisionTotals:
+    """V's metrics over a stream of batches: feed :meth:`add`, read :meth:`result`.
+
+    Memory: the posterior means mu (N, Z) of every frame (for the active dimensions), nothing else.
+    """
+
+    def __init__(self):
+        self.frames, self.mse, self.psnr, self.kl, self.mus = 0, 0.0, 0.0, 0.0, []
+
+    def add(self, originals, reconstructions, mu, logvar) -> None:
+        """One batch: uint8 ``originals`` (B, 64, 64, 3), ``reconstructions`` in [0, 1], mu and logvar (B, Z)."""
+        from models import vae as vae_lib
+
+        n = len(originals)
+        pixel = vae_lib.reconstruction_metrics(originals, reconstructions)
+        # Both helpers average over frames, so frame-weighted means of the batches are exact.
+        self.mse += pixel["mse"] * n
+        self.psnr += pixel["psnr"] * n
+        self.kl = self.kl + vae_lib.kl_per_dimension(mu, logvar) * n
+        self.mus.append(mu)
+        self.frames += n
+
+    def result(self) -> dict:
+        """``reconstruction_mse``, ``psnr_db`` (posterior-mean reconstructions), ``kl_per_frame`` and
+        ``kl_per_dimension`` (nats), ``active_dimensions`` (``models.vae`` helpers)."""
+        from models import vae as vae_lib
+
+        if self.frames == 0:
+            raise storage.MissingDataError("the evaluated episodes hold no frames")
+        kl = self.kl / self.frames
+        return {
+            "reconstruction_mse": self.mse / self.frames,
+            "psnr_db": self.psnr / self.frames,
+            "kl_per_frame": float(kl.sum()),
+            "kl_per_dimension": [float(k) for k in kl],
+            "active_dimensions": vae_lib.active_dimensions(np.concatenate(self.mus)),
+        }
+
+
+def vision_metrics(model, paths, batch_size: int) -> dict:
+    """V's metrics (:meth:`VisionTotals.result`) on every frame of ``paths``, streamed in batches.
+
+    ``model`` has ``encoder`` and ``decoder`` (ConvVAE or VAE-GAN); memory: a batch, plus mu (N, Z).
+    """
+    from models import vae as vae_lib
+    from worldmodels import datasets
+
+    totals = VisionTotals()
+    for batch in datasets.frame_dataset(paths, batch_size, shuffle=False):
+        batch = batch.numpy()
+        mu, logvar = model.encoder(vae_lib.to_float_frames(batch), training=False)
+        reconstruction = model.decoder(mu, training=False).numpy()
+        totals.add(batch, reconstruction, mu.numpy(), logvar.numpy())
+    return totals.result()
+
+
+# --------------------------------------------------------------------------- M
+
+
+def rnn_baselines(train_paths, eval_paths, seed: int) -> dict:
+    """``models.mdn_rnn.baseline_nlls`` on ``eval_paths`` for z = mu and for sampled z, and a reward baseline.
+
+    ``{"mu": {"persistence", "unconditional"}, "sampled": {...}, "mu_per_dimension": {...},
+    "sampled_per_dimension": {...}, "kl_per_dimension", "reward_mse_of_train_mean",
+    "fitted_on_episodes"}``. Sampled z use the noise of ``sequences.latent_noise(seed, name)``,
+    the same draws as ``sequences.evaluate_model(..., sample_seed=seed)``. Fitted on at most
+    BASELINE_EPISODES training episodes; the evaluated episodes are scored in chunks whose
+    means are weighted by their number of transitions (exactly the mean over all of them).
+    ``kl_per_dimension`` is V's mean KL per latent dimension on the fitted training episodes.
+    """
+    from models.mdn_rnn import baseline_nlls
+    from models.vae import kl_per_dimension
+
+    keys = ("mu", "logvar", "reward")
+    picks = np.unique(np.linspace(0, len(train_paths) - 1, min(BASELINE_EPISODES, len(train_paths))).astype(int))
+    fit_paths = [train_paths[i] for i in picks]
+    fit = [storage.load_episode(p, "series", keys=keys) for p in fit_paths]
+    train_z = {"mu": [f["mu"] for f in fit],
+               "sampled": [sequences.sampled_latents(f, seed, p.name) for f, p in zip(fit, fit_paths)]}
+    kl = kl_per_dimension(np.concatenate([f["mu"] for f in fit]), np.concatenate([f["logvar"] for f in fit]))
+    reward_mean = float(np.mean(np.concatenate([f["reward"] for f in fit])))
+    totals = {kind: {"persistence": 0.0, "unconditional": 0.0} for kind in train_z}
+    transitions, reward_error, steps = 0, 0.0, 0
+    for start in range(0, len(eval_paths), BASELINE_EPISODES):
+        chunk_paths = eval_paths[start:start + BASELINE_EPISODES]
+        chunk = [storage.load_episode(p, "series", keys=keys) for p in chunk_paths]
+        reward = np.concatenate([c["reward"] for c in chunk]).astype(np.float64)
+        reward_error += float(np.sum(np.square(reward - reward_mean)))
+        steps += len(reward)
+        count = sum(len(c["mu"]) - 1 for c in chunk)
+        if not count:
+            continue
+        eval_z = {"mu": [c["mu"] for c in chunk],
+                  "sampled": [sequences.sampled_latents(c, seed, p.name) for c, p in zip(chunk, chunk_paths)]}
+        for kind in totals:
+            for name, value in baseline_nlls(train_z[kind], eval_z[kind], per_dimension=True).items():
+                totals[kind][name] = totals[kind][name] + value * count
+        transitions += count
+    per_dimension = {kind: {name: total / transitions for name, total in values.items()}
+                     for kind, values in totals.items()}
+    return {
+        **{kind: {name: float(np.mean(v)) for name, v in values.items()} for kind, values in per_dimension.items()},
+        **{f"{kind}_per_dimension": {name: [float(x) for x in v] for name, v in values.items()}
+           for kind, values in per_dimension.items()},
+        "kl_per_dimension": [float(x) for x in kl],
+        "fitted_on_episodes": len(fit_paths),
+        "reward_mse_of_train_mean": reward_error / steps,
+    }
+
+
+def informative_comparison(z_nll_per_dimension, base: dict) -> dict:
+    """M and the z = mu baselines on the informative latent dimensions only (see INFORMATIVE_KL)."""
+    dims = [i for i, k in enumerate(base["kl_per_dimension"]) if k > INFORMATIVE_KL]
+    if not dims:
+        return {"informative_dimensions": [], "z_nll_informative": None, "baselines_informative": None,
+                "beats_baselines_informative": None}
+    ours = float(np.mean([z_nll_per_dimension[i] for i in dims]))
+    theirs = {name: float(np.mean([values[i] for i in dims])) for name, values in base["mu_per_dimension"].items()}
+    return {"informative_dimensions": dims, "z_nll_informative": ours, "baselines_informative": theirs,
+            "beats_baselines_informative": bool(ours < min(theirs.values()))}
+
+
+# --------------------------------------------------------------------------- C
+
+
+def score_summary(scores) -> dict:
+    """``{"mean", "std", "min", "max"}`` of a controller's returns ``scores`` (E,) on held-out tracks (population std)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"scores must have shape (E,) with E >= 1, got {scores.shape}")
+    return {"mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max())}
+
+
+BOOTSTRAP_RESAMPLES = 10_000  # resamples of the IQM's bootstrap interval
+
+def interquartile_mean(scores) -> float:
+    """The mean of the middle half of ``scores`` (E,): a quarter of the sorted values cut at each end."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    cut = len(ordered) // 4
+    return float(ordered[cut:len(ordered) - cut].mean())
+
+
+def summarise(scores, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """mean, std, standard error, IQM and its 95% percentile-bootstrap interval of per-track returns (E,).
+
+    The bootstrap resamples the tracks with replacement ``resamples`` times from a fixed ``seed``,
+    so the interval is reproducible.
+    """
+    scores = np.asarray(scores, np.float64)
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no scores to summarise")
+    samples = np.sort(scores[np.random.default_rng(seed).integers(0, n, size=(resamples, n))], axis=1)
+    cut = n // 4
+    iqms = samples[:, cut:n - cut].mean(axis=1)
+    low, high = np.percentile(iqms, [2.5, 97.5])
+    return {"mean": float(scores.mean()), "std": float(scores.std()), "sem": float(scores.std(ddof=1) / np.sqrt(n))
+            if n > 1 else 0.0, "iqm": interquartile_mean(scores), "iqm_ci95": [float(low), float(high)],
+            "bootstrap_resamples": resamples}
