@@ -1,4 +1,4 @@
-"""Stage 1: record random-policy rollouts of CarRacing-v3 into ``<data-dir>/rollouts/``.
+"""Stage 1: record rollouts of the exploration policies of CarRacing-v3 into ``<data-dir>/rollouts/``.
 
     python 01_generate_data.py --preset small            # 200 episodes, all cores
     python 01_generate_data.py --set data.episodes=50 --set data.workers=2
@@ -20,7 +20,7 @@ from worldmodels import cli, collect, storage
 from worldmodels.parallel import parallel_map, resolve_workers
 
 # Fields that define what a rollout *is*: a folder made with other values cannot be extended.
-COMPATIBLE_KEYS = ("data.seed", "data.policy", "data.max_steps")
+COMPATIBLE_KEYS = ("data.seed", "data.policy", "data.max_steps", "data.expert_noise")
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     print(f"[01] {folder}: {done} of {cfg.data.episodes} episodes already complete; recording {len(pending)} "
           f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}'")
     jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
-                               cfg.data.compresslevel) for i in pending]
+                               cfg.data.compresslevel, cfg.data.expert_noise) for i in pending]
     frames, peak_mb, start = 0, 0.0, time.perf_counter()
     with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
         for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):

@@ -14,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 from worldmodels import storage
-from worldmodels.env import POLICIES, episode_seed, make_env, preprocess
+from worldmodels.env import episode_seed, make_env, preprocess
+from worldmodels.policies import POLICIES, episode_policy
 
 
 @dataclass(frozen=True)
 class EpisodeJob:
-    """Everything a worker needs to record one episode (picklable, so it crosses processes)."""
+    """Everything a worker needs to record one episode (picklable, so it crosses processes).
+
+    ``policy`` is ``data.policy`` as configured (a name or a mix); the worker picks the
+    episode's own policy from it with :func:`worldmodels.policies.episode_policy`.
+    """
 
     index: int
     folder: str
@@ -28,6 +34,7 @@ class EpisodeJob:
     max_steps: int
     policy: str
     compresslevel: int = 1
+    expert_noise: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,21 @@ class EpisodeResult:
     peak_rss_mb: float
 
 
-def record_episode(max_steps: int, policy: str, seed: int) -> dict[str, np.ndarray]:
-    """Run one episode and return the arrays of a rollout file (see ``worldmodels.storage``).
+def record_episode(max_steps: int, policy: str, seed: int, data: config.DataConfig | None = None) -> dict[str, np.ndarray]:
+    """Run one episode of ``policy`` (one name) and return the arrays of a rollout file (see ``worldmodels.storage``).
 
     The env is reset with ``seed`` and the policy draws from ``default_rng(seed)``, so the
-    recorded ``seed`` alone reproduces the episode.
+    recorded ``seed`` and ``policy`` alone reproduce the episode. ``data`` supplies the
+    policies' own settings (the expert's noise); by default the config's defaults.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     env = make_env(max_steps)
-    act = POLICIES[policy](np.random.default_rng(seed))
     obs_list, actions, rewards, terminated, truncated = [], [], [], [], []
     try:
         obs, _ = env.reset(seed=seed)
+        # Built after the reset, because the expert reads the track the reset has just made.
+        act = POLICIES[policy](np.random.default_rng(seed), env.unwrapped, data or config.DataConfig())
         while True:
             action = act()
             obs_list.append(preprocess(obs))
@@ -70,6 +79,7 @@ def record_episode(max_steps: int, policy: str, seed: int) -> dict[str, np.ndarr
         "terminated": np.asarray(terminated, dtype=bool),
         "truncated": np.asarray(truncated, dtype=bool),
         "seed": np.int64(seed),
+        "policy": np.str_(policy),
     }
 
 
@@ -77,7 +87,9 @@ def run_job(job: EpisodeJob) -> EpisodeResult:
     """Record episode ``job.index`` and save it atomically (worker entry point)."""
     start = time.perf_counter()
     seed = episode_seed(job.base_seed, job.index)
-    arrays = record_episode(job.max_steps, job.policy, seed)
+    policy = episode_policy(job.policy, job.base_seed, job.index)
+    data = config.DataConfig(expert_noise=job.expert_noise)
+    arrays = record_episode(job.max_steps, policy, seed, data)
     storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
     # ru_maxrss is in KiB on Linux: the benchmark checks it does not grow with the episode count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
