@@ -37,14 +37,17 @@ class ExpertPolicy:
     """A pure-pursuit driver on CarRacing's centre line, with correlated noise and lapses.
 
     Steering aims the car at the centre-line point a speed-dependent distance ahead of the
-    nearest one (pure pursuit); the throttle holds a target speed that drops before sharp
-    bends (the heading change of the centre line over the next tiles). With ``noise=0`` it is
-    deterministic and drives clean laps.
+    nearest one (pure pursuit); the throttle holds a target speed low enough to take every bend
+    of the next tiles (see :meth:`_safe_speed`). On the grass it drives slowly and it lets go
+    of the gas when the car spins, so it finds its way back to the road. With ``noise=0`` it is
+    deterministic and drives clean laps (all 20 tracks of ``benchmarks/bench_expert.py``).
 
-    ``noise`` scales three disturbances, all drawn from ``rng``:
+    ``noise`` scales three disturbances, all drawn from ``rng``; each episode draws its own
+    level uniformly between 0 and ``noise``:
 
-    * an Ornstein-Uhlenbeck steering offset (correlation time ~20 steps), so the car weaves
-      and, in bends, runs onto the grass and comes back;
+    * an Ornstein-Uhlenbeck offset of the aim point across the road (correlation time ~50
+      steps, 4 units at level 1; the road is 13.3 wide), so the car weaves and, in bends, runs
+      onto the grass and comes back;
     * an Ornstein-Uhlenbeck factor on the target speed (correlation time ~100 steps), so it
       sometimes enters a bend too fast and leaves the road;
     * lapses: with a small chance per step the driver stops looking at the road for an
@@ -60,14 +63,23 @@ class ExpertPolicy:
     speed_max = 100.0       # target speed on a straight, units/s
     speed_min = 20.0        # target speed in the sharpest bend
     bend_tiles = 30         # tiles ahead whose bends set the target speed
-    grip = 60.0             # lateral acceleration the driver allows itself in a bend, units/s^2
-    braking = 40.0          # deceleration it counts on before a bend, units/s^2
+    grip = 120.0            # lateral acceleration the driver allows itself in a bend, units/s^2
+    braking = 60.0          # deceleration it counts on before a bend, units/s^2
     gas_gain = 0.1          # gas per unit/s below the target speed
     brake_gain = 0.05       # brake per unit/s above the target speed (plus a margin)
-    steer_theta, steer_sigma = 0.05, 0.06
+    road_half_width = 6.67  # CarRacing's TRACK_WIDTH: centre line to road edge
+    # Beyond this distance from the nearest centre-line point the car is on the grass (a wide
+    # line through a bend takes it ~9 units out, its wheels still on the road and kerb).
+    grass_distance = 10.0
+    grass_speed, grass_gas = 25.0, 0.3  # target speed and gas limit on the grass
+    # The car spins when it turns faster than ``spin_rate + speed / spin_radius`` (rad/s): on a
+    # circle much tighter than its wheels' smallest (~8 units), which steering alone never gives.
+    spin_rate, spin_radius = 1.0, 4.0
+    aim_theta, aim_sigma = 0.02, 0.8  # the aim's drift: stationary std 4 units at noise 1
     speed_theta, speed_sigma = 0.01, 0.03
-    lapse_rate = 0.004      # chance per step of a lapse, at noise 1
-    lapse_steps = 60.0      # mean length of a lapse in steps
+    lapse_rate = 0.002      # chance per step of a lapse, at noise 1
+    lapse_steps = 40.0      # mean length of a lapse in steps
+    long_lapse_share, long_lapse_steps = 0.3, 200.0  # how many lapses are long, and their mean length
 
     def __init__(self, rng: np.random.Generator, car_racing, noise: float = 1.0):
         if noise < 0:
@@ -75,13 +87,17 @@ class ExpertPolicy:
         track = np.asarray(car_racing.track, dtype=np.float64)
         if track.ndim != 2 or track.shape[1] != 4 or len(track) < self.bend_tiles + 2:
             raise ValueError("the expert needs a reset CarRacing env whose track is (alpha, beta, x, y) per tile")
-        self.rng, self.env, self.noise = rng, car_racing, float(noise)
+        self.rng, self.env = rng, car_racing
+        # Each episode drives at its own noise level, from clean laps to a messy drive, so a data
+        # set holds finished laps as well as excursions and crashes.
+        self.noise = float(noise) * rng.uniform() if noise > 0 else 0.0
         self.points = track[:, 2:4]
         # The unwrapped heading of the centre line, so differences across the +-pi seam stay small.
         self.heading = np.unwrap(track[:, 1])
+        self.normals = np.stack([np.cos(track[:, 1]), np.sin(track[:, 1])], axis=1)
         self.spacing = float(np.mean(np.linalg.norm(np.diff(self.points, axis=0), axis=1)))
         self.tile = None
-        self.steer_offset = 0.0
+        self.aim_offset = 0.0
         self.last_steer = 0.0
         self.speed_factor = 0.0
         self.lapse_left = 0
@@ -99,7 +115,7 @@ class ExpertPolicy:
         if self.tile is not None:
             window = (self.tile + np.arange(-5, 40)) % n
             d = np.linalg.norm(self.points[window] - position, axis=1)
-            if d.min() < 20.0:
+            if d.min() < 60.0:
                 return int(window[np.argmin(d)])
         return int(np.argmin(np.linalg.norm(self.points - position, axis=1)))
 
@@ -133,9 +149,13 @@ class ExpertPolicy:
             return self.lapse_action.copy()
 
         # Pure pursuit: aim at the centre-line point a look-ahead arc length beyond the nearest
-        # one. Off the road the car then joins the road at an angle instead of circling a point.
-        lookahead = self.lookahead_min + self.lookahead_per_speed * speed
-        target = self.points[(self.tile + max(1, round(lookahead / self.spacing))) % len(self.points)]
+        # one. Off the road the look-ahead grows with the distance to the road, so the car joins
+        # it at a shallow angle instead of crossing it and weaving from side to side.
+        off_road = float(np.linalg.norm(self.points[self.tile] - position))
+        lookahead = self.lookahead_min + self.lookahead_per_speed * speed + 2.0 * max(0.0, off_road - self.road_half_width)
+        target_tile = (self.tile + max(1, round(lookahead / self.spacing))) % len(self.points)
+        # The noisy driver aims beside the centre line, along the road's normal (cos beta, sin beta).
+        target = self.points[target_tile] + self.aim_offset * self.normals[target_tile]
         # The car's forward vector is its body's +y axis: (-sin a, cos a) in the world.
         dx, dy = target - position
         error = math.atan2(dy, dx) - (hull.angle + math.pi / 2)
@@ -147,14 +167,26 @@ class ExpertPolicy:
         if abs(error) > 2.5 and self.last_steer != 0.0:
             error = math.copysign(abs(error), -self.last_steer)
         wheel = math.atan2(2.0 * self.wheelbase * math.sin(error), lookahead)
-        steer = float(np.clip(-wheel / 0.4 + self.steer_offset, -1, 1))
+        if abs(error) > math.pi / 2:
+            # Pure pursuit's sin(error) vanishes for a target straight behind: turn at full lock.
+            wheel = math.copysign(0.4, error)
+        steer = float(np.clip(-wheel / 0.4, -1, 1))
         self.last_steer = steer
 
         target_speed = float(np.clip(self._safe_speed(self.tile), self.speed_min, self.speed_max))
         target_speed *= math.exp(self.speed_factor)
+        if off_road > self.grass_distance:
+            # The grass grips at 60% of the road: the rear wheels spin under much gas, and the car with them.
+            target_speed = min(target_speed, self.grass_speed)
         # Full gas with the wheels turned hard only spins the car on the grass.
         gas = self.gas_gain * (target_speed - speed) * max(0.1, math.cos(error))
+        if off_road > self.grass_distance:
+            gas = min(gas, self.grass_gas)
         brake = self.brake_gain * (speed - target_speed - 5.0)
+        # A car that spins (after a lapse, or too fast on the grass) keeps spinning under gas:
+        # let go of the gas and brake gently until it turns slowly enough to steer again.
+        if abs(hull.angularVelocity) > self.spin_rate + speed / self.spin_radius:
+            gas, brake = 0.0, 0.3
         # Brake below 0.9: from 0.9 on CarRacing locks the wheels.
         return np.array([steer, np.clip(gas, 0, 1), np.clip(brake, 0, 0.8)], dtype=np.float32)
 
@@ -163,13 +195,16 @@ class ExpertPolicy:
         if self.noise == 0.0:
             return
         z = self.rng.standard_normal(2)
-        self.steer_offset += -self.steer_theta * self.steer_offset + self.noise * self.steer_sigma * z[0]
+        self.aim_offset += -self.aim_theta * self.aim_offset + self.noise * self.aim_sigma * z[0]
         self.speed_factor += -self.speed_theta * self.speed_factor + self.noise * self.speed_sigma * z[1]
         start_lapse = self.rng.random() < self.lapse_rate * self.noise
         if self.lapse_left == 0 and start_lapse:
-            self.lapse_left = 1 + int(self.rng.exponential(self.lapse_steps))
-            steer = np.clip(0.3 * self.rng.standard_normal(), -1, 1)
-            self.lapse_action = np.array([steer, self.rng.uniform(0.2, 1.0), 0.0], dtype=np.float32)
+            # A lapse holds the wheel nearly straight at moderate gas (more spins the car on the
+            # grass); a long one (a share ``long_lapse_share``) can carry it off the playfield.
+            mean = self.long_lapse_steps if self.rng.random() < self.long_lapse_share else self.lapse_steps
+            self.lapse_left = 1 + int(self.rng.exponential(mean))
+            steer = np.clip(0.15 * self.rng.standard_normal(), -1, 1)
+            self.lapse_action = np.array([steer, self.rng.uniform(0.2, 0.6), 0.0], dtype=np.float32)
 
 
 def _blind(policy_class):
