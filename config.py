@@ -37,7 +37,7 @@ def _f(default, doc: str):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Stage 1: random-policy rollouts of CarRacing-v3 (``01_generate_data.py``)."""
+    """Stage 1: rollouts of CarRacing-v3 by the exploration policies (``01_generate_data.py``)."""
 
     episodes: int = _f(10_000, "number of rollouts to record (paper: 10,000)")
     max_steps: int = _f(1000, "time limit of an episode in environment steps (CarRacing-v3 default: 1000)")
