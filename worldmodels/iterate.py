@@ -27,6 +27,9 @@ in ``<data>/iterations/iter_<iii>/``:
 Resumable after SIGKILL anywhere: every step skips what is complete (the stages' own resume
 logic: episode files are atomic, M and the search resume from their checkpoints, a finished run
 is a no-op) and the row is appended last, so a rerun of the same command reaches the same rows.
+A collection or encoding cut short is redone whole (saving only the missing files), because V's
+and M's float results depend on the batch size in the last bit: an episode is reproduced
+exactly only in the batches it first ran in.
 An iteration's folder is never written by a later one; a larger ``iterate.iterations`` continues.
 
 The row's M metrics are those of the M the collecting controller was trained in (the previous
@@ -175,6 +178,7 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
     folder = iteration_dir(data_dir, iteration) / artifacts.ROLLOUTS
     first = iteration * EPISODE_BLOCK
     pending, notes = collect.pending_indices(folder, cfg.iterate.episodes, first)
+    pending = set(pending)
     for note in notes:
         log(note)
     config.save_config(cfg, folder)
@@ -183,18 +187,22 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
         storage.atomic_write_json(folder / POLICY_FILE, names)
     if not pending:
         return 0
-    index_of = {episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, index): index for index in pending}
-    if len(index_of) != len(pending):
+    # Every episode of the iteration is driven again, the complete ones unsaved: V's and M's float results
+    # depend on the batch size in the last bit, so an episode is reproducible only in the same waves.
+    index_of = {episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, first + j): first + j
+                for j in range(cfg.iterate.episodes)}
+    if len(index_of) != cfg.iterate.episodes:
         raise ValueError("two collection episodes drew the same track seed; change iterate.seed")
 
     def save(arrays):
         index = index_of[int(arrays["seed"])]
-        storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", cfg.data.compresslevel)
+        if index in pending:
+            storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", cfg.data.compresslevel)
 
     c = cfg.controller
-    log(f"iteration {iteration}: collecting {len(pending)} episode(s) with the controller plus noise of std "
-        f"{cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    with envpool.CarRacingPool(min(len(pending), controller_training.DEFAULT_MAX_CONCURRENT), cfg.data.max_steps,
+    log(f"iteration {iteration}: collecting {len(pending)} of {len(index_of)} episode(s) with the controller plus "
+        f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
+    with envpool.CarRacingPool(min(len(index_of), controller_training.DEFAULT_MAX_CONCURRENT), cfg.data.max_steps,
                                c.backend, c.workers, c.ray_address, observation=cfg.env.observation) as pool:
         world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, c.z_input), cfg.iterate.action_noise)
         rollout.run_episodes(world, np.asarray(params)[None], np.array(list(index_of), np.int64)[None],
@@ -206,7 +214,12 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
 
 
 def encode_episodes(cfg: config.Config, iteration: int, data_dir, vae) -> int:
-    """Encode the iteration's rollouts that have no series yet (stage 3's code); returns how many."""
+    """Encode the iteration's rollouts (stage 3's code) unless every one has its series; returns how many were missing.
+
+    All of them are encoded again when one is missing, so that V sees the same batches as in an
+    uninterrupted run (its float results depend on the batch in the last bit) and a resumed
+    iteration writes the same series.
+    """
     folder = iteration_dir(data_dir, iteration)
     paths = storage.list_episodes(folder / artifacts.ROLLOUTS, artifacts.ROLLOUTS)
     series_dir = artifacts.series_dir(folder)
@@ -214,8 +227,9 @@ def encode_episodes(cfg: config.Config, iteration: int, data_dir, vae) -> int:
     series_dir.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, series_dir)
     pending = encode.pending_episodes(paths, series_dir)
-    for _ in encode.encode_rollouts(vae, pending, series_dir, cfg.rnn.encode_batch_size):
-        pass
+    if pending:
+        for _ in encode.encode_rollouts(vae, paths, series_dir, cfg.rnn.encode_batch_size):
+            pass
     return len(pending)
 
 
