@@ -181,3 +181,26 @@ def test_action_noise_is_per_episode_correlated_and_in_the_action_box():
     assert lag1 > 0.7  # temporally correlated (OU with theta 0.1: ~0.9), unlike independent noise
     with pytest.raises(ValueError, match="action noise"):
         noisy_actions([1], -0.1)
+
+
+def test_reward_error_on_tile_steps_is_measured_on_those_steps_only(reference):
+    """``reward_mse_tiles`` (the row's ``m_reward_mse_tiles_new``) equals the squared error of M's reward
+    prediction on the steps with a positive reward, computed here over whole episodes at once."""
+    import config
+    from worldmodels import artifacts, sequences, storage
+
+    data = reference[0]
+    cfg = config.make_config("smoke")
+    model = artifacts.load_rnn(data / "iterations" / "iter_001", cfg)
+    paths = sorted((data / "iterations" / "iter_002" / "series").glob("episode_*.npz"))
+    errors = []
+    for path in paths:
+        series = storage.load_episode(path, "series")
+        out = model(np.concatenate([series["mu"], series["action"]], axis=-1)[None], training=False)
+        tiles = series["reward"] > 0
+        errors.append(np.square(out["reward"].numpy()[0] - series["reward"])[tiles])
+    want = np.concatenate(errors)
+    assert len(want) > 0, "the collected episodes should hold tile rewards"
+    got = sequences.evaluate_model(model, paths, 100, batch_size=3)  # one window per episode, from M's zero state
+    np.testing.assert_allclose(got["reward_mse_tiles"], want.mean(), rtol=1e-4)
+    assert got["reward_mse_tiles"] > got["reward_mse"]  # a tile's +3 is what M misses, not the -0.1
