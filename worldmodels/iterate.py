@@ -63,6 +63,9 @@ CONTROLLER = "controller"
 EPISODE_BLOCK = 1_000_000
 # Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET).
 COLLECT_SEED_OFFSET = 3 * 10**6
+# Episodes collected at once: each holds its frames in memory until it ends (12 KB a frame, 1000 frames
+# an episode), so 32 at once need ~400 MB; the waves are the same in every run, so resuming stays exact.
+COLLECT_CONCURRENT = 32
 # Mixed into an episode's track seed to seed its action noise, a stream apart from the z noise.
 ACTION_NOISE_KEY = 0xAC7109
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
@@ -202,7 +205,7 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
     c = cfg.controller
     log(f"iteration {iteration}: collecting {len(pending)} of {len(index_of)} episode(s) with the controller plus "
         f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    with envpool.CarRacingPool(min(len(index_of), controller_training.DEFAULT_MAX_CONCURRENT), cfg.data.max_steps,
+    with envpool.CarRacingPool(min(len(index_of), COLLECT_CONCURRENT), cfg.data.max_steps,
                                c.backend, c.workers, c.ray_address, observation=cfg.env.observation) as pool:
         world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, c.z_input), cfg.iterate.action_noise)
         rollout.run_episodes(world, np.asarray(params)[None], np.array(list(index_of), np.int64)[None],
