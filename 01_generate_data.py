@@ -1,4 +1,4 @@
-"""Stage 1: record random-policy rollouts of CarRacing-v3 into ``<data-dir>/rollouts/``.
+"""Stage 1: record rollouts of the exploration policies of CarRacing-v3 into ``<data-dir>/rollouts/``.
 
     python 01_generate_data.py --preset small            # 200 episodes, all cores
     python 01_generate_data.py --set data.episodes=50 --set data.workers=2
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
           f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}', "
           f"{cfg.env.observation} observation")
     jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
-                               cfg.data.compresslevel, cfg.env.observation) for i in pending]
+                               cfg.data.compresslevel, observation=cfg.env.observation,
+                               expert_noise=cfg.data.expert_noise) for i in pending]
     frames, peak_mb, start = 0, 0.0, time.perf_counter()
     with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
         for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):

@@ -47,11 +47,15 @@ def _f(default, doc: str):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Stage 1: random-policy rollouts of CarRacing-v3 (``01_generate_data.py``)."""
+    """Stage 1: rollouts of CarRacing-v3 by the exploration policies (``01_generate_data.py``)."""
 
     episodes: int = _f(10_000, "number of rollouts to record (paper: 10,000)")
     max_steps: int = _f(1000, "time limit of an episode in environment steps (CarRacing-v3 default: 1000)")
-    policy: str = _f("brownian", "exploration policy: 'brownian' (temporally correlated random actions) or 'uniform'")
+    policy: str = _f("brownian", "exploration policy, or a mix such as 'expert:0.5,brownian:0.5' (one policy per "
+                                 "episode, chosen from (seed, episode)): 'brownian' (temporally correlated random "
+                                 "actions), 'uniform', or 'expert' (a noisy pure-pursuit driver)")
+    expert_noise: float = _f(1.0, "noise scale of the 'expert' policy: steering and speed noise and lapses "
+                                  "(0 = clean laps, 1 = default: leaves the road and recovers)")
     seed: int = _f(0, "base seed; episode i is reproducible from (seed, i)")
     workers: int = _f(0, "parallel worker processes; 0 means one per CPU core")
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
@@ -370,7 +374,6 @@ def _field_types(cls) -> dict[str, Any]:
 
 # Fields whose value must be one of a fixed set.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.policy": ("brownian", "uniform"),
     "data.backend": ("serial", "process", "ray"),
     "env.observation": ("stock", "fast"),
     "vae.model": ("vae", "vae_gan"),
@@ -381,8 +384,46 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The policies of stage 1 (``worldmodels.policies.POLICIES`` builds them; a test keeps the two in step).
+POLICY_NAMES = ("brownian", "uniform", "expert")
+
+
+def parse_policy_mix(spec: str) -> tuple[tuple[str, float], ...]:
+    """``data.policy`` as ``((name, fraction), ...)``: 'expert' -> (('expert', 1.0),).
+
+    A mix is comma-separated ``name:fraction`` items, each name once, fractions in (0, 1]
+    summing to 1.
+    """
+    items = [item.strip() for item in spec.split(",")]
+    if len(items) == 1 and ":" not in items[0]:
+        items = [f"{items[0]}:1"]
+    mix = []
+    for item in items:
+        name, colon, fraction = item.partition(":")
+        name = name.strip()
+        if name not in POLICY_NAMES:
+            raise ConfigError(f"data.policy={spec!r}: unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}, "
+                              "or mix them as e.g. 'expert:0.5,brownian:0.5'")
+        try:
+            value = float(fraction) if colon else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"data.policy={spec!r}: {item!r} needs a fraction in (0, 1] after the colon, "
+                              "as in 'expert:0.5,brownian:0.5'")
+        mix.append((name, value))
+    names = [name for name, _ in mix]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.policy={spec!r} names a policy twice")
+    total = sum(value for _, value in mix)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"data.policy={spec!r}: the fractions sum to {total:g}, not 1")
+    return tuple(mix)
+
+
 def _validate(cfg: Config) -> None:
     """Reject values that parse but make no sense, with a message that says what is allowed."""
+    parse_policy_mix(cfg.data.policy)
     for key, choices in CHOICES.items():
         value = get(cfg, key)
         if value not in choices:
@@ -401,7 +442,7 @@ def _validate(cfg: Config) -> None:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
-        "data.workers", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
+        "data.workers", "data.expert_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
     ]

@@ -33,60 +33,12 @@ import sys
 from pathlib import Path
 
 import config
-from worldmodels import artifacts, cli, envpool, rollout, storage
-from worldmodels.controller_evaluation import (WHICH, evaluate_params, load_controller, replay_frames,
+from worldmodels import artifacts, cli, rollout, storage
+from worldmodels.controller_evaluation import (WHICH, evaluate_params, load_agent, replay_frames,
                                                video_writer_check, write_track_csv, write_video)
 from worldmodels.metrics import summarise
 
 # TensorFlow is imported when the models are loaded, after the checks (see 05_train_controller.py).
-
-def resolve_config(args, parser, folder: Path) -> config.Config:
-    """The controller's saved config with the explicit ``--set`` applied (each change a warning);
-    an explicit ``--preset`` that differs from the saved one is an error. No saved config: as given."""
-    try:
-        overrides = config.parse_set_arguments(args.overrides)
-        saved_path = folder / "config.json"
-        if not saved_path.exists():
-            return config.make_config(args.preset or config.DEFAULT_PRESET, overrides)
-        saved = config.load_config(saved_path)
-        if args.preset is not None and args.preset != saved.preset:
-            raise config.ConfigError(f"--preset {args.preset} disagrees with {saved_path} (preset {saved.preset}); "
-                                     "the controller's own config is used: drop --preset")
-        # Scores are measured on gymnasium's stock pixels whatever a search trained on (env.observation
-        # of a fast-trained controller is 'fast'); only an explicit --set env.observation asks otherwise.
-        cfg = config.apply_overrides(config.apply_overrides(saved, {"env.observation": "stock"}), overrides)
-    except config.ConfigError as exc:
-        parser.error(str(exc))
-    changed = [f"{key}={config.get(cfg, key)!r} (trained with {config.get(saved, key)!r})" for key in overrides
-               if config.get(cfg, key) != config.get(saved, key)]
-    if changed:
-        print(f"[eval] warning: evaluating with settings other than the controller's: {', '.join(changed)}",
-              file=sys.stderr)
-    return cfg
-
-
-def load_agent(args, parser):
-    """``(cfg, V, M, params, description, folder, generation)`` of ``--pretrained`` or of a controller
-    under ``--data-dir``."""
-    if args.pretrained:
-        from worldmodels import pretrained
-
-        cfg, vae, rnn, params, info = pretrained.load(args.pretrained)
-        where = pretrained.folder(args.pretrained)
-        cfg = resolve_config(args, parser, where)
-        return cfg, vae, rnn, params, f"pretrained agent {where}", where, info["generation"]
-    path = args.controller or args.data_dir / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
-    cfg = resolve_config(args, parser, path.parent)
-    if cfg.env.observation != "stock" and args.replace_metrics:
-        raise config.ConfigError(f"{path.parent / artifacts.METRICS_FILE} holds the reported score, always measured on the "
-                                 f"stock observation; write a score on env.observation={cfg.env.observation} "
-                                 "elsewhere (drop --replace-metrics, or --output PATH)")
-    envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
-    artifacts.require_models(args.data_dir, cfg)
-    params, info = load_controller(path, args.which, cfg.vae.z_size, cfg.rnn.hidden_units)
-    vae, rnn = rollout.load_world_models(args.data_dir, cfg)
-    return cfg, vae, rnn, params, f"{path} ({args.which})", path.parent, info.get("generation")
-
 
 def main(argv=None) -> int:
     parser = config.make_parser(__doc__)
@@ -116,22 +68,24 @@ def main(argv=None) -> int:
         parser.error("give --output or --replace-metrics, not both")
     if args.video:
         video_writer_check(args.video)
-    cfg, vae, rnn, params, description, folder, generation = load_agent(args, parser)
-    c = cfg.controller
+    agent = load_agent(args.data_dir, args.preset, args.overrides, pretrained_name=args.pretrained,
+                       controller_path=args.controller, which=args.which, replace_metrics=args.replace_metrics)
+    cfg, folder, c = agent.cfg, agent.folder, agent.cfg.controller
     episodes = c.final_eval_episodes if args.episodes is None else args.episodes
     base = rollout.FINAL_EVAL_SEED_OFFSET + c.seed if args.track_seed is None else args.track_seed
     seeds = rollout.heldout_seeds(base, episodes, offset=0)
     output = (folder / artifacts.METRICS_FILE if args.replace_metrics
               else args.output or folder / f"evaluation_s{base}_n{episodes}.json")
 
-    print(f"[eval] {description}, generation {generation}, on {episodes} tracks (episode_seed({base}, i)) of "
+    print(f"[eval] {agent.description}, generation {agent.generation}, on {episodes} tracks (episode_seed({base}, i)) of "
           f"<= {c.max_steps} steps, z: {c.z_input}, {cfg.env.observation} observation")
-    metrics = evaluate_params(cfg, vae, rnn, params, seeds, args.max_concurrent, bool(args.video))
+    metrics = evaluate_params(cfg, agent.vae, agent.rnn, agent.params, seeds, args.max_concurrent, bool(args.video))
     actions = metrics.pop("actions", None)
     metrics.update(summarise(metrics["scores"]))
     metrics.update(episodes=episodes, track_seed=base, seed_stream=f"episode_seed({base}, i)", max_steps=c.max_steps,
-                   z_input=c.z_input, observation=cfg.env.observation, preset=cfg.preset, agent=description, which=args.which,
-                   generation=generation, command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
+                   z_input=c.z_input, observation=cfg.env.observation, preset=cfg.preset, agent=agent.description,
+                   which=args.which, generation=agent.generation,
+                   command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
     if args.video:
         replayed = {}
         count = write_video(replay_frames(metrics["seeds"][0], actions[0], c.max_steps, replayed), args.video)

@@ -112,7 +112,7 @@ def record_rates(episodes: int, steps: int) -> None:
     for episode in range(episodes):
         for observation in seconds:
             start = time.perf_counter()
-            recorded = record_episode(steps, "brownian", episode_seed(1, episode), observation)
+            recorded = record_episode(steps, "brownian", episode_seed(1, episode), observation=observation)
             seconds[observation] += time.perf_counter() - start
             frames[observation] += len(recorded["action"])
     rate = {key: frames[key] / seconds[key] for key in seconds}

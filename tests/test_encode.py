@@ -44,6 +44,7 @@ def test_series_match_a_direct_encoding(data_with_vision):
         np.testing.assert_array_equal(s["action"], r["action"])
         np.testing.assert_array_equal(s["reward"], r["reward"])
         np.testing.assert_array_equal(s["done"], r["terminated"])
+        assert s["policy"] == r["policy"] == "brownian"
         assert s["mu"].shape == (len(r["obs"]), 32)
     assert (data_with_vision / "series" / "config.json").exists()
 
@@ -90,3 +91,19 @@ def test_corrupt_rollout_is_named(data_with_vision):
     proc = run_script("03_generate_rnn_data.py", data_dir=data_with_vision, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "episode_000001.npz" in proc.stderr and "truncated or corrupt" in proc.stderr
+
+
+def test_policy_tags_survive_encoding_and_untagged_rollouts_still_encode(data_with_vision):
+    """Each series keeps its rollout's policy tag; rollouts recorded before tags existed still
+    load and encode, and their series simply carry no tag."""
+    paths = storage.list_episodes(data_with_vision / "rollouts")
+    tagged = storage.load_episode(paths[0])
+    storage.save_episode(paths[0], {**tagged, "policy": np.str_("expert")})
+    old = storage.load_episode(paths[1])
+    storage.save_episode(paths[1], {k: v for k, v in old.items() if k != "policy"})
+    assert "policy" not in storage.load_episode(paths[1])
+    run_script("03_generate_rnn_data.py", data_dir=data_with_vision)
+    series = [storage.load_episode(p, "series") for p in storage.list_episodes(data_with_vision / "series")]
+    assert series[0]["policy"] == "expert"
+    assert "policy" not in series[1]
+    assert series[2]["policy"] == "brownian"

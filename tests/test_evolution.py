@@ -209,7 +209,6 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path, change):
 
 SCRIPT = """
 import sys, time
-sys.path[:0] = [{repo!r}, {tests!r}]
 from test_evolution import POPSIZE, N, noisy_quadratic
 from worldmodels.evolution import Evolution
 
@@ -229,12 +228,15 @@ def completed_generations(folder):
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     generations = 24
     script = tmp_path / "evolve.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests")))
+    script.write_text(SCRIPT)
     folder = tmp_path / "killed"
     command = [sys.executable, str(script), str(folder), str(generations)]
+    # The script imports the project and this test module from the repository, as pytest does.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")])}
 
     for kill_after in (3, 9):  # killed twice, each time after at least `kill_after` generations
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + 60
         while completed_generations(folder) < kill_after:
             assert process.poll() is None, process.stderr.read().decode()
@@ -245,7 +247,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         assert process.returncode == -signal.SIGKILL
         assert kill_after <= completed_generations(folder) < generations
 
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert finished.returncode == 0, finished.stderr
 
     resumed = Evolution(N, folder, popsize=POPSIZE, seed=3)

@@ -9,7 +9,9 @@ import time
 import numpy as np
 
 from tests.conftest import REPO, run_script
-from worldmodels import storage
+from worldmodels import policies, storage
+from worldmodels.collect import record_episode
+from worldmodels.env import episode_seed
 
 
 def test_smoke_rollouts_are_valid(smoke_rollouts):
@@ -71,3 +73,31 @@ def test_incompatible_rerun_is_refused(smoke_rollouts):
     proc = run_script("01_generate_data.py", "--set", "data.max_steps=80", data_dir=smoke_rollouts, check=False)
     assert proc.returncode == 2
     assert "incompatible config" in proc.stderr and "data.max_steps" in proc.stderr
+
+
+def test_each_episode_records_its_policy(smoke_rollouts):
+    for path in storage.list_episodes(smoke_rollouts / "rollouts"):
+        assert storage.load_episode(path, keys=("policy",))["policy"] == "brownian"
+
+
+def test_a_policy_mix_gives_each_episode_the_policy_of_its_index(tmp_path):
+    spec = "expert:0.5,brownian:0.5"
+    run_script("01_generate_data.py", "--set", f"data.policy={spec}", "--set", "data.episodes=4",
+               "--set", "data.max_steps=30", data_dir=tmp_path)
+    tags = [str(storage.load_episode(p, keys=("policy",))["policy"]) for p in storage.list_episodes(tmp_path / "rollouts")]
+    assert tags == [policies.episode_policy(spec, 0, i) for i in range(4)]
+    assert set(tags) == {"expert", "brownian"}
+    # An episode is the one its policy records on its own (seed and policy reproduce it).
+    i = tags.index("expert")
+    alone = record_episode(30, "expert", episode_seed(0, i))
+    stored = storage.load_episode(tmp_path / "rollouts" / storage.episode_name(i))
+    for key in alone:
+        np.testing.assert_array_equal(stored[key], alone[key])
+
+
+def test_a_bad_policy_mix_is_refused_before_recording(tmp_path):
+    proc = run_script("01_generate_data.py", "--set", "data.policy=expert:0.5,brownian:0.4", data_dir=tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.policy" in proc.stderr and "sum to 0.9, not 1" in proc.stderr
+    assert not (tmp_path / "rollouts").exists()

@@ -1,6 +1,5 @@
 """run_pipeline.py: its help, --help-config, $WORLDMODELS_DATA, a failed stage, and the closing summary."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,11 +10,9 @@ from worldmodels import storage
 
 
 def pipeline_module():
-    spec = importlib.util.spec_from_file_location("run_pipeline", REPO / "run_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("run_pipeline", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from worldmodels import pipeline
+
+    return pipeline
 
 
 def run_pipeline(*args, env_changes=None, timeout=300):

@@ -45,7 +45,7 @@ MAKERS = {
 # other values of these.
 
 # What defines a rollout folder: the episodes a command records.
-ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps")
+ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps", "data.expert_noise")
 # What V's consumers depend on.
 VISION_KEYS = ("vae.model", "vae.z_size")
 # What defines V for stage 2 itself: a V folder made with other values is not continued.

@@ -14,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 from worldmodels import storage
-from worldmodels.env import POLICIES, episode_seed, make_env, preprocess
+from worldmodels.env import episode_seed, make_env, preprocess
+from worldmodels.policies import POLICIES, episode_policy
 
 
 @dataclass(frozen=True)
 class EpisodeJob:
-    """Everything a worker needs to record one episode (picklable, so it crosses processes)."""
+    """Everything a worker needs to record one episode (picklable, so it crosses processes).
+
+    ``policy`` is ``data.policy`` as configured (a name or a mix); the worker picks the
+    episode's own policy from it with :func:`worldmodels.policies.episode_policy`.
+    """
 
     index: int
     folder: str
@@ -29,6 +35,7 @@ class EpisodeJob:
     policy: str
     compresslevel: int = 1
     observation: str = "stock"
+    expert_noise: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,20 +46,23 @@ class EpisodeResult:
     peak_rss_mb: float
 
 
-def record_episode(max_steps: int, policy: str, seed: int, observation: str = "stock") -> dict[str, np.ndarray]:
-    """Run one episode and return the arrays of a rollout file (see ``worldmodels.storage``).
+def record_episode(max_steps: int, policy: str, seed: int, data: config.DataConfig | None = None,
+                   observation: str = "stock") -> dict[str, np.ndarray]:
+    """Run one episode of ``policy`` (one name) and return the arrays of a rollout file (see ``worldmodels.storage``).
 
     The env is reset with ``seed`` and the policy draws from ``default_rng(seed)``, so the
-    recorded ``seed`` alone reproduces the episode. ``observation`` is ``make_env``'s ("stock"
-    or "fast"); the actions and rewards do not depend on it.
+    recorded ``seed`` and ``policy`` alone reproduce the episode. ``data`` supplies the
+    policies' own settings (the expert's noise); by default the config's defaults.
+    ``observation`` is ``make_env``'s ("stock" or "fast"); the actions and rewards do not depend on it.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     env = make_env(max_steps, observation=observation)
-    act = POLICIES[policy](np.random.default_rng(seed))
     obs_list, actions, rewards, terminated, truncated = [], [], [], [], []
     try:
         obs, _ = env.reset(seed=seed)
+        # Built after the reset, because the expert reads the track the reset has just made.
+        act = POLICIES[policy](np.random.default_rng(seed), env.unwrapped, data or config.DataConfig())
         while True:
             action = act()
             obs_list.append(preprocess(obs))
@@ -72,6 +82,7 @@ def record_episode(max_steps: int, policy: str, seed: int, observation: str = "s
         "terminated": np.asarray(terminated, dtype=bool),
         "truncated": np.asarray(truncated, dtype=bool),
         "seed": np.int64(seed),
+        "policy": np.str_(policy),
     }
 
 
@@ -79,12 +90,14 @@ def run_job(job: EpisodeJob) -> EpisodeResult:
     """Record episode ``job.index`` and save it atomically (worker entry point)."""
     start = time.perf_counter()
     seed = episode_seed(job.base_seed, job.index)
+    policy = episode_policy(job.policy, job.base_seed, job.index)
+    data = config.DataConfig(expert_noise=job.expert_noise)
     try:
-        arrays = record_episode(job.max_steps, job.policy, seed, job.observation)
+        arrays = record_episode(job.max_steps, policy, seed, data, job.observation)
         storage.save_episode(Path(job.folder) / storage.episode_name(job.index), arrays, "rollout", job.compresslevel)
     except Exception as exc:
         # The note survives the trip back from a worker process and names the episode in cli's one-line error.
-        exc.add_note(f"episode {job.index} (seed {seed})")
+        exc.add_note(f"episode {job.index} (seed {seed}, policy {policy})")
         raise
     # ru_maxrss is in KiB on Linux: the benchmark checks it does not grow with the episode count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -12,6 +12,8 @@ an evaluated episode at full resolution into a ``.gif`` (or ``.mp4`` with ``imag
 from __future__ import annotations
 
 import contextlib
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,70 @@ def evaluate_saved(cfg, data_dir: Path, params: np.ndarray, episodes: int, max_c
     with real_world(cfg, vae, rnn, min(episodes, max_concurrent)) as world:
         return rollout.final_evaluation(world, params, cfg, episodes, max_concurrent, record_actions,
                                         progress="held-out tracks")
+
+
+def resolve_config(folder: Path, preset: str | None, set_arguments) -> config.Config:
+    """The config of the controller in ``folder``: its saved ``config.json`` with the explicit ``--set``
+    arguments applied (each change a warning on stderr) and ``env.observation`` back to 'stock' unless set.
+
+    An explicit ``preset`` (None: not given) that differs from the saved one is a ConfigError.
+    With no saved config: ``preset`` (or the default) and the ``--set`` arguments.
+    """
+    overrides = config.parse_set_arguments(set_arguments)
+    saved_path = folder / artifacts.CONFIG_FILE
+    if not saved_path.exists():
+        return config.make_config(preset or config.DEFAULT_PRESET, overrides)
+    saved = config.load_config(saved_path)
+    if preset is not None and preset != saved.preset:
+        raise config.ConfigError(f"--preset {preset} disagrees with {saved_path} (preset {saved.preset}); "
+                                 "the controller's own config is used: drop --preset")
+    # Scores are measured on gymnasium's stock pixels whatever the search trained on (the saved
+    # env.observation of a fast-trained controller is 'fast'); only an explicit --set asks otherwise.
+    cfg = config.apply_overrides(config.apply_overrides(saved, {"env.observation": "stock"}), overrides)
+    changed = [f"{key}={config.get(cfg, key)!r} (trained with {config.get(saved, key)!r})" for key in overrides
+               if config.get(cfg, key) != config.get(saved, key)]
+    if changed:
+        print(f"[eval] warning: evaluating with settings other than the controller's: {', '.join(changed)}",
+              file=sys.stderr)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A controller ready to score: its config, V, M, parameters (N,), and where it came from."""
+
+    cfg: config.Config
+    vae: object
+    rnn: object
+    params: np.ndarray
+    description: str
+    folder: Path
+    generation: int | None
+
+
+def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_name: str | None = None,
+               controller_path: Path | None = None, which: str = "params", replace_metrics: bool = False) -> Agent:
+    """The agent of ``pretrained/<pretrained_name>/`` (SHA-256 checked) or the controller ``which`` of
+    ``controller_path`` (default ``<data_dir>/controller/controller.npz``) with V and M of ``data_dir``.
+
+    ``replace_metrics``: the score will replace the controller folder's ``metrics.json``, which is
+    only allowed on the stock observation (a ConfigError otherwise, before any slow work).
+    """
+    if pretrained_name:
+        from worldmodels import pretrained
+
+        _, vae, rnn, params, info = pretrained.load(pretrained_name)
+        where = pretrained.folder(pretrained_name)
+        return Agent(resolve_config(where, preset, set_arguments), vae, rnn, params, f"pretrained agent {where}",
+                     where, info["generation"])
+    path = controller_path or Path(data_dir) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
+    cfg = resolve_config(path.parent, preset, set_arguments)
+    if cfg.env.observation != "stock" and replace_metrics:
+        raise config.ConfigError(f"{path.parent / artifacts.METRICS_FILE} holds the reported score, always measured "
+                                 f"on the stock observation; write a score on env.observation={cfg.env.observation} "
+                                 "elsewhere (drop --replace-metrics, or --output PATH)")
+    envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
+    artifacts.require_models(data_dir, cfg)
+    params, info = load_controller(path, which, cfg.vae.z_size, cfg.rnn.hidden_units)
+    vae, rnn = rollout.load_world_models(data_dir, cfg)
+    return Agent(cfg, vae, rnn, params, f"{path} ({which})", path.parent, info.get("generation"))

@@ -21,8 +21,9 @@ def series_from_rollout(rollout: dict[str, np.ndarray], mu: np.ndarray, logvar: 
 
     ``done`` is CarRacing's ``terminated`` (left the playfield or finished the lap), not the
     time-limit truncation: the dream has its own step limit and M should not learn a clock.
+    The policy tag of the episode is passed on when the rollout has one.
     """
-    return {
+    series = {
         "mu": mu.astype(np.float32),
         "logvar": logvar.astype(np.float32),
         "action": rollout["action"],
@@ -30,6 +31,9 @@ def series_from_rollout(rollout: dict[str, np.ndarray], mu: np.ndarray, logvar: 
         "done": rollout["terminated"],
         "seed": rollout["seed"],
     }
+    if "policy" in rollout:
+        series["policy"] = rollout["policy"]
+    return series
 
 
 def pending_episodes(rollout_paths: list[Path], series_dir: Path) -> list[Path]:
@@ -49,7 +53,7 @@ def pending_episodes(rollout_paths: list[Path], series_dir: Path) -> list[Path]:
 def _read(path: Path) -> dict[str, np.ndarray]:
     # Runs on a reader thread: storage.reading makes any failure name the file.
     with storage.reading(path):
-        return storage.load_episode(path, "rollout", keys=["obs", "action", "reward", "terminated", "seed"])
+        return storage.load_episode(path, "rollout", keys=["obs", "action", "reward", "terminated", "seed", "policy"])
 
 
 def read_ahead(paths: list[Path], depth: int = 2) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:

@@ -132,9 +132,6 @@ class UniformPolicy:
         return self.rng.uniform(ACTION_LOW, ACTION_HIGH).astype(np.float32)
 
 
-POLICIES = {"brownian": BrownianPolicy, "uniform": UniformPolicy}
-
-
 def episode_seed(base_seed: int, index: int) -> int:
     """The seed of episode ``index``: a well-mixed function of (base_seed, index), < 2**31."""
     return int(np.random.SeedSequence([base_seed, index]).generate_state(1)[0] >> 1)

@@ -16,6 +16,8 @@ On disk (see DESIGN.md):
   that action.
 * ``series/<episode>.npz`` - ``mu``, ``logvar`` float32 (T, Z), ``action`` float32 (T, 3),
   ``reward`` float32 (T,), ``done`` bool (T,), ``seed`` int64 ().
+* Both may hold ``policy`` str (), the policy that drove the episode; files written before
+  it was recorded lack it and stay valid (``OPTIONAL_SCHEMA``).
 
 Reading validates keys, dtypes, shapes and lengths and turns every low-level failure
 (truncated zip, bad CRC, missing array) into :class:`CorruptFileError` naming the file.
@@ -182,6 +184,12 @@ SERIES_SCHEMA: dict[str, tuple[np.dtype, tuple]] = {
     "seed": (np.dtype(np.int64), ()),
 }
 SCHEMAS = {"rollout": ROLLOUT_SCHEMA, "series": SERIES_SCHEMA}
+# Arrays a file of either kind may hold. Files written before they existed stay valid: a
+# missing optional array is simply left out of what :func:`load_episode` returns. ``policy``
+# names the policy that drove the episode (``worldmodels.policies``), a 0-d unicode string.
+OPTIONAL_SCHEMA: dict[str, tuple[np.dtype, tuple]] = {
+    "policy": (np.dtype(np.str_), ()),
+}
 
 
 def episode_name(index: int) -> str:
@@ -215,7 +223,9 @@ def list_episodes(folder: str | os.PathLike, what: str = "episodes", hint: str =
 
 def _check_schema_shape(path, name, dtype, shape, schema, sizes):
     want_dtype, want_shape = schema[name]
-    if dtype != want_dtype:
+    # A string dtype of size 0 in a schema stands for strings of any length.
+    any_length = want_dtype.itemsize == 0 and dtype.kind == want_dtype.kind
+    if dtype != want_dtype and not any_length:
         raise CorruptFileError(f"{path}: array {name!r} has dtype {dtype}, expected {want_dtype}")
     if len(shape) != len(want_shape):
         raise CorruptFileError(f"{path}: array {name!r} has shape {shape}, expected {_shape_text(want_shape)}")
@@ -329,11 +339,12 @@ def load_episode(path: str | os.PathLike, kind: str = "rollout", keys: Iterable[
     """Load and validate an episode file of ``kind`` ('rollout' or 'series').
 
     ``keys`` limits which arrays are decompressed (the others are still checked from their
-    headers, so a file with inconsistent lengths is rejected either way). Raises
-    :class:`CorruptFileError` naming the file and the problem, never a bare zip/zlib error.
+    headers, so a file with inconsistent lengths is rejected either way); optional arrays
+    (``OPTIONAL_SCHEMA``) the file lacks are left out. Raises :class:`CorruptFileError`
+    naming the file and the problem, never a bare zip/zlib error.
     """
     path = Path(path)
-    schema = SCHEMAS[kind]
+    schema = {**SCHEMAS[kind], **OPTIONAL_SCHEMA}
     wanted = list(schema) if keys is None else list(keys)
     unknown = [k for k in wanted if k not in schema]
     if unknown:
@@ -343,15 +354,16 @@ def load_episode(path: str | os.PathLike, kind: str = "rollout", keys: Iterable[
     try:
         with zipfile.ZipFile(path) as zf:
             members = {name[:-4] for name in zf.namelist() if name.endswith(".npy")}
-            missing = [name for name in schema if name not in members]
+            missing = [name for name in SCHEMAS[kind] if name not in members]
             if missing:
                 raise CorruptFileError(f"{path}: not a {kind} file, missing arrays {missing}")
+            present = [name for name in schema if name in members]
             sizes: dict[str, int] = {}
-            for name in schema:
+            for name in present:
                 shape, dtype = _read_header(zf, name + ".npy")
                 _check_schema_shape(path, name, dtype, shape, schema, sizes)
             out = {}
-            for name in wanted:
+            for name in (name for name in wanted if name in members):
                 with zf.open(name + ".npy") as f:
                     out[name] = read_npy(f)
     except CorruptFileError:
@@ -374,13 +386,14 @@ def check_episode(path: str | os.PathLike, kind: str = "rollout") -> bool:
 
 def save_episode(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], kind: str = "rollout",
                  compresslevel: int = 1) -> Path:
-    """Validate ``arrays`` against the ``kind`` schema, then save them atomically."""
-    schema = SCHEMAS[kind]
+    """Validate ``arrays`` against the ``kind`` schema (plus any optional arrays), then save them atomically."""
+    schema = {**SCHEMAS[kind], **OPTIONAL_SCHEMA}
     extra = set(arrays) - set(schema)
-    missing = set(schema) - set(arrays)
+    missing = set(SCHEMAS[kind]) - set(arrays)
     if extra or missing:
-        raise ValueError(f"{kind} arrays must be exactly {list(schema)}; missing {sorted(missing)}, extra {sorted(extra)}")
-    converted = {name: np.asarray(arrays[name]) for name in schema}
+        raise ValueError(f"{kind} arrays must be exactly {list(SCHEMAS[kind])} (optionally {list(OPTIONAL_SCHEMA)}); "
+                         f"missing {sorted(missing)}, extra {sorted(extra)}")
+    converted = {name: np.asarray(arrays[name]) for name in schema if name in arrays}
     sizes: dict[str, int] = {}
     for name, value in converted.items():
         _check_schema_shape(path, name, value.dtype, value.shape, schema, sizes)
