@@ -37,6 +37,8 @@ def without_seconds(rows: list[dict]) -> list[dict]:
 
 
 def test_two_iterations_end_to_end(reference):
+    from worldmodels import storage
+
     data, _, second = reference
     rows = read_csv(data / "iterations" / "iterations.csv")
     assert [row["iteration"] for row in rows] == ["1", "2"]
@@ -51,10 +53,11 @@ def test_two_iterations_end_to_end(reference):
         assert metrics["episodes"] == 2 and metrics["observation"] == "stock"
         assert math.isfinite(float(row["m_z_nll_new"]))
         assert row["episodes_by_policy"] == f"brownian:3;controller:{2 * i}"
-        assert load_json(folder / "rollouts" / "policies.json") == {
-            f"episode_{i * 1_000_000 + j:06d}.npz": "controller" for j in range(2)}
-        assert sorted(p.name for p in (folder / "series").glob("episode_*.npz")) == \
-            sorted(p.name for p in (folder / "rollouts").glob("episode_*.npz"))
+        names = [f"episode_{i * 1_000_000 + j:06d}.npz" for j in range(2)]
+        for kind, where in (("rollout", "rollouts"), ("series", "series")):  # the tag survives encoding
+            assert sorted(p.name for p in (folder / where).glob("episode_*.npz")) == names
+            for name in names:
+                assert storage.load_episode(folder / where / name, kind, keys=("policy",))["policy"] == "controller"
         # M of iteration i trained on stage 3's series and every iteration's so far.
         split = load_json(folder / "rnn" / "split.json")
         assert len(split["train"]) + len(split["heldout"]) == 3 + 2 * i

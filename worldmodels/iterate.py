@@ -11,8 +11,8 @@ in ``<data>/iterations/iter_<iii>/``:
    starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``
    (:class:`NoisyWorld`), seen through V and the previous iteration's M exactly as in stage 5
    (:class:`~worldmodels.rollout.RealWorld`), recorded in stage 1's layout (:class:`RecordingPool`,
-   ``storage.save_episode``) on ``env.observation`` frames, the policy of every episode in
-   ``policies.json`` ("controller"). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
+   ``storage.save_episode``) on ``env.observation`` frames, each file tagged with the policy
+   "controller" (stage 1's ``policy`` array, which encoding passes on). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
    every name is unique over all folders (M's held-out split is decided by the name).
 2. ``series/``: the episodes encoded by V (``worldmodels.encode``, stage 3's code).
 3. ``rnn/``: M fine-tuned from the previous iteration's M (iteration 1: ``<data>/rnn/``) for
@@ -56,7 +56,6 @@ from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_see
 
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
-POLICY_FILE = "policies.json"
 CONTROLLER_POLICY = "controller"
 CONTROLLER = "controller"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
@@ -173,7 +172,7 @@ def _rollout_arrays(episode: dict) -> dict[str, np.ndarray]:
     return {"obs": np.stack(episode["obs"]), "action": np.asarray(episode["action"], np.float32),
             "reward": np.asarray(episode["reward"], np.float32),
             "terminated": np.asarray(episode["terminated"], bool), "truncated": np.asarray(episode["truncated"], bool),
-            "seed": np.int64(episode["seed"])}
+            "seed": np.int64(episode["seed"]), "policy": np.str_(CONTROLLER_POLICY)}
 
 
 def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> int:
@@ -185,9 +184,6 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
     for note in notes:
         log(note)
     config.save_config(cfg, folder)
-    names = {storage.episode_name(first + j): CONTROLLER_POLICY for j in range(cfg.iterate.episodes)}
-    if not (folder / POLICY_FILE).is_file():
-        storage.atomic_write_json(folder / POLICY_FILE, names)
     if not pending:
         return 0
     # Every episode of the iteration is driven again, the complete ones unsaved: V's and M's float results
@@ -319,16 +315,16 @@ def _series_steps(folder: Path) -> int:
     return int(sum(sequences.check_series(storage.list_episodes(folder, artifacts.SERIES))))
 
 
-def policy_counts(cfg: config.Config, data_dir, iteration: int) -> str:
-    """Episodes M has been trained on by policy, e.g. ``brownian:200;controller:128``. Stage 1's policy is
-    the one in ``<data>/rollouts/config.json`` (``unknown`` without it); the iterations' from ``policies.json``."""
+def policy_counts(data_dir, iteration: int) -> str:
+    """Episodes M has been trained on by policy, e.g. ``brownian:200;controller:128``: the ``policy`` tag of
+    every series file of stage 3 and of iterations 1..``iteration`` (``untagged`` for files made before tags)."""
     counts = collections.Counter()
-    saved = artifacts.rollouts_dir(data_dir) / artifacts.CONFIG_FILE
-    policy = config.load_config(saved).data.policy if saved.is_file() else "unknown"
-    counts[policy] += len(storage.list_episodes(artifacts.series_dir(data_dir), artifacts.SERIES))
-    for j in range(1, iteration + 1):
-        tags = storage.read_json(iteration_dir(data_dir, j) / artifacts.ROLLOUTS / POLICY_FILE)
-        counts.update(tags.values())
+    folders = [artifacts.series_dir(data_dir)] + [artifacts.series_dir(iteration_dir(data_dir, j))
+                                                   for j in range(1, iteration + 1)]
+    for folder in folders:
+        for path in storage.list_episodes(folder, artifacts.SERIES):
+            tag = storage.load_episode(path, "series", keys=("policy",)).get("policy")
+            counts["untagged" if tag is None else str(tag)] += 1
     return ";".join(f"{name}:{count}" for name, count in sorted(counts.items()))
 
 
@@ -355,7 +351,7 @@ def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None
     return {
         "iteration": iteration, "collect_steps": collect_steps, "eval_steps": eval_steps,
         "real_env_steps": before + collect_steps + eval_steps,
-        "episodes_by_policy": policy_counts(cfg, data_dir, iteration),
+        "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
         "exploit_gap": dream - real, "seconds": seconds,
