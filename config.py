@@ -163,6 +163,19 @@ class DreamConfig:
 
 
 @dataclass(frozen=True)
+class IterateConfig:
+    """The iterative procedure of the seed report: collect with C, refit M, retrain C in the dream (``06_iterate.py``)."""
+
+    iterations: int = _f(10, "iterations to run (a larger value continues a finished run)")
+    episodes: int = _f(64, "real episodes collected per iteration with the current controller plus noise")
+    action_noise: float = _f(0.1, "std of the temporally correlated noise added to the controller's actions while collecting")
+    rnn_steps: int = _f(1000, "training steps of each iteration's fine-tune of M on all data so far")
+    generations: int = _f(200, "CMA-ES generations in the dream per iteration, starting from the previous controller")
+    eval_episodes: int = _f(100, "held-out real tracks on which each iteration's controller is scored")
+    seed: int = _f(0, "seed of the collection tracks and the action noise of every iteration")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration; ``preset`` records which preset it started from."""
 
@@ -174,9 +187,10 @@ class Config:
     rnn: RNNConfig = field(default_factory=RNNConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     dream: DreamConfig = field(default_factory=DreamConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
-SECTIONS = ("data", "env", "vae", "vae_gan", "rnn", "controller", "dream")
+SECTIONS = ("data", "env", "vae", "vae_gan", "rnn", "controller", "dream", "iterate")
 
 # Presets override data volume, epochs and generations only; the networks are always the paper's.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -271,6 +285,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dream.max_steps": 60,
         "dream.skip_initial_frames": 5,
         "dream.batch_size": 8,
+        "iterate.iterations": 2,
+        "iterate.episodes": 2,
+        "iterate.rnn_steps": 2,
+        "iterate.generations": 2,
+        "iterate.eval_episodes": 2,
     },
 }
 
@@ -416,7 +435,8 @@ def _validate(cfg: Config) -> None:
         "rnn.encode_batch_size", "controller.population", "controller.rollouts_per_member",
         "controller.generations", "controller.max_steps", "controller.eval_every",
         "controller.eval_episodes", "controller.final_eval_episodes", "dream.max_steps",
-        "dream.batch_size",
+        "dream.batch_size", "iterate.iterations", "iterate.episodes", "iterate.rnn_steps", "iterate.generations",
+        "iterate.eval_episodes",
     ]
     for key in positive:
         if get(cfg, key) <= 0:
@@ -424,7 +444,7 @@ def _validate(cfg: Config) -> None:
     non_negative = [
         "data.workers", "data.expert_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
-        "vae_gan.equilibrium_margin", "controller.patience",
+        "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:

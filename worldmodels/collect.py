@@ -104,8 +104,11 @@ def run_job(job: EpisodeJob) -> EpisodeResult:
     return EpisodeResult(job.index, len(arrays["action"]), time.perf_counter() - start, peak)
 
 
-def pending_indices(folder: str | Path, episodes: int) -> tuple[list[int], list[str]]:
-    """Which of episodes 0..episodes-1 still have to be recorded, and notes on what was cleaned.
+def pending_indices(folder: str | Path, episodes: int, first: int = 0) -> tuple[list[int], list[str]]:
+    """Which of episodes first..first+episodes-1 still have to be recorded, and notes on what was cleaned.
+
+    ``first`` lets a folder number its episodes after another's (the iterations of ``worldmodels.iterate``),
+    so that every episode file name is unique across folders, as the held-out split needs.
 
     Complete episodes (final name, readable, consistent) are kept. Temporary files of a killed
     run and unreadable episode files are deleted so they are recorded again.
@@ -117,7 +120,7 @@ def pending_indices(folder: str | Path, episodes: int) -> tuple[list[int], list[
     if removed:
         notes.append(f"removed {removed} partial file(s) left by an interrupted run")
     pending = []
-    for index in range(episodes):
+    for index in range(first, first + episodes):
         path = folder / storage.episode_name(index)
         if path.exists() and not storage.check_episode(path, "rollout"):
             notes.append(f"{path.name} was unreadable; recording it again")

@@ -369,7 +369,8 @@ class Search:
 
 
 def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-                     final_eval: bool = True, command: str = "", models=None, prefix: str = "[05]") -> dict:
+                     final_eval: bool = True, command: str = "", models=None, prefix: str = "[05]",
+                     out: Path | None = None, x0: np.ndarray | None = None) -> dict:
     """Run (or resume, or do nothing if complete) the search of ``cfg`` in ``output_dir(data_dir, cfg)``.
 
     Args:
@@ -380,6 +381,8 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
         command: the command line recorded in ``metrics.json``.
         models: (V, M) already loaded, to skip loading them (e.g. once for a whole study).
         prefix: how log lines start.
+        out: the output folder (default ``output_dir(data_dir, cfg)``; the iterations write their own).
+        x0: the CMA-ES starting mean (N,) of a new search (default zeros; ignored when resuming).
 
     Returns:
         ``{"out": Path, "generation": int, "evals": {generation: row}, "metrics": dict or None,
@@ -390,14 +393,14 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
         raise ValueError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
     envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
     check_inputs(data_dir, cfg)
-    out = output_dir(data_dir, cfg)
+    out = output_dir(data_dir, cfg) if out is None else Path(out)
     saved = out / artifacts.CONFIG_FILE
     if saved.exists():
         config.check_compatible(config.load_config(saved), cfg, compatible_keys(cfg), str(out))
     c = cfg.controller
     num_params = num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)
     evolution = Evolution(num_params, out, popsize=c.population, sigma0=c.sigma_init, seed=c.seed,
-                          weight_decay=c.weight_decay)
+                          weight_decay=c.weight_decay, x0=x0)
     config.save_config(cfg, out)
     search = Search(cfg, out, evolution, read_evals(out / EVAL_NAME), read_best(out / CONTROLLER_NAME, num_params),
                     prefix, max_concurrent=max_concurrent)

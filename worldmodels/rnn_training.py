@@ -153,13 +153,19 @@ def results_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def prepare_run(cfg: config.Config, data_dir) -> RnnRun:
-    """Check the series and any earlier ``rnn/`` against ``cfg``, split and count them: the :class:`RnnRun`."""
+def prepare_run(cfg: config.Config, data_dir, series_dirs=None, out=None) -> RnnRun:
+    """Check the series and any earlier ``rnn/`` against ``cfg``, split and count them: the :class:`RnnRun`.
+
+    ``series_dirs`` (default ``[<data>/series]``) are the folders M trains on, ``out`` (default
+    ``<data>/rnn``) where it goes; the iterations of ``worldmodels.iterate`` give their own.
+    """
     check_learning_rates(cfg)
-    series_dir = artifacts.series_dir(data_dir)
-    out = artifacts.rnn_dir(data_dir)
-    paths = storage.list_episodes(series_dir, artifacts.SERIES, hint=SERIES_HINT)
-    stage.check_saved_config(series_dir, cfg, artifacts.VISION_KEYS, required_hint=SERIES_HINT)
+    series_dirs = [artifacts.series_dir(data_dir)] if series_dirs is None else [Path(d) for d in series_dirs]
+    out = artifacts.rnn_dir(data_dir) if out is None else Path(out)
+    paths = []
+    for series_dir in series_dirs:
+        paths += storage.list_episodes(series_dir, artifacts.SERIES, hint=SERIES_HINT)
+        stage.check_saved_config(series_dir, cfg, artifacts.VISION_KEYS, required_hint=SERIES_HINT)
     stage.check_saved_config(out, cfg, artifacts.RNN_KEYS)
     train_paths, heldout_paths = split(cfg, paths)
     # Every file is checked (headers only) before training, so a bad one stops the run now, not hours later.
@@ -171,18 +177,20 @@ def prepare_run(cfg: config.Config, data_dir) -> RnnRun:
 
 
 def train_rnn(cfg: config.Config, data_dir, *, checkpoint_every: int | None = None,
-              reevaluate: bool = False) -> dict:
+              reevaluate: bool = False, series_dirs=None, out=None, init_path=None) -> dict:
     """Train M from ``<data_dir>/series`` (resuming if a checkpoint exists); return its ``metrics.json``.
 
     A finished run returns its metrics without training; with ``reevaluate`` it recomputes them
     from the saved M first (after a change of the metrics). Raises ``storage.MissingDataError``
     without series and ``config.ConfigError`` for series or an ``rnn/`` made with an incompatible config.
+    ``series_dirs`` and ``out`` are :func:`prepare_run`'s; ``init_path``, an ``rnn.keras`` whose
+    weights a new run starts from (a fine-tune; a resumed run starts from its checkpoint).
     """
-    run = prepare_run(cfg, data_dir)
-    model_path = artifacts.rnn_path(data_dir)
+    run = prepare_run(cfg, data_dir, series_dirs, out)
+    model_path = run.out / artifacts.RNN[1]
     done = stage.finished_metrics(run.out, (model_path,), "steps", run.total_steps, run.prints, "M", log)
     if done is not None and reevaluate:
-        done = _reevaluate(cfg, data_dir, run)
+        done = _reevaluate(cfg, run)
         storage.atomic_write_json(run.out / artifacts.METRICS_FILE, done)
     elif done is not None:
         log(f"M is already trained ({done['steps']} steps, {model_path}); nothing to do")
@@ -190,16 +198,16 @@ def train_rnn(cfg: config.Config, data_dir, *, checkpoint_every: int | None = No
         print(results_table(done))
         return done
 
-    series_dir = artifacts.series_dir(data_dir)
-    log(f"{len(run.lengths)} series in {series_dir}: {len(run.train_paths)} episodes for training "
+    where = artifacts.series_dir(data_dir) if series_dirs is None else f"{len(series_dirs)} folders"
+    log(f"{len(run.lengths)} series in {where}: {len(run.train_paths)} episodes for training "
         f"({run.train_windows} windows of {cfg.rnn.sequence_length} transitions), {len(run.heldout_paths)} held out; "
         f"{run.plan[1]} epoch(s) of {run.plan[0]} steps of {cfg.rnn.batch_size} windows")
-    if run.heldout_paths:
+    if run.heldout_paths and series_dirs is None:  # other folders' episodes are in neither of V's sets
         compare_with_vision_split(cfg, data_dir, run.heldout_paths)
     stage.prepare_output(run.out, cfg, cfg.rnn.heldout_fraction, run.train_paths, run.heldout_paths)
 
     start = time.perf_counter()
-    result = _train_and_evaluate(cfg, data_dir, run, checkpoint_every)
+    result = _train_and_evaluate(cfg, run, checkpoint_every, init_path)
     # metrics.json is written last: its presence (with enough steps) is what marks the stage complete.
     storage.atomic_write_json(run.out / artifacts.METRICS_FILE, result)
     log(f"done in {time.perf_counter() - start:.0f} s -> {run.out}")
@@ -207,8 +215,9 @@ def train_rnn(cfg: config.Config, data_dir, *, checkpoint_every: int | None = No
     return result
 
 
-def _train_and_evaluate(cfg: config.Config, data_dir, run: RnnRun, checkpoint_every) -> dict:
-    """Train M (resuming if a checkpoint exists), save it, and return the metrics of metrics.json."""
+def _train_and_evaluate(cfg: config.Config, run: RnnRun, checkpoint_every, init_path=None) -> dict:
+    """Train M (resuming if a checkpoint exists; else from ``init_path``'s weights if given), save it,
+    and return the metrics of metrics.json."""
     import keras
 
     from worldmodels import training
@@ -226,6 +235,10 @@ def _train_and_evaluate(cfg: config.Config, data_dir, run: RnnRun, checkpoint_ev
     # session of a run must see the same batches for the resume to be exact.
     keras.utils.set_random_seed(cfg.rnn.seed)
     model = build_model(cfg, run.total_steps)
+    if init_path is not None:
+        import models.mdn_rnn  # noqa: F401  (registers MDNRNN for deserialisation)
+
+        model.set_weights(keras.models.load_model(init_path, compile=False).get_weights())
     length, batch_size = cfg.rnn.sequence_length, cfg.rnn.batch_size
     writers = training.summary_writers(run.out)
     eval_windows = sequences.count_windows([run.lengths[p] for p in run.eval_paths], length)
@@ -251,7 +264,7 @@ def _train_and_evaluate(cfg: config.Config, data_dir, run: RnnRun, checkpoint_ev
         steps_per_epoch, epochs, run.out,
         on_epoch_end=on_epoch_end, checkpoint_every=checkpoint_every, prints=run.prints,
         samples_per_step=batch_size, desc="M", log=log)
-    training.atomic_save_model(model, artifacts.rnn_path(data_dir))
+    training.atomic_save_model(model, run.out / artifacts.RNN[1])
     return evaluate(cfg, model, state, run)
 
 
@@ -299,7 +312,7 @@ def evaluate(cfg: config.Config, model, state: dict, run: RnnRun) -> dict:
     return result
 
 
-def _reevaluate(cfg: config.Config, data_dir, run: RnnRun) -> dict:
+def _reevaluate(cfg: config.Config, run: RnnRun) -> dict:
     """metrics.json recomputed from the saved M and its training state (after a change of the metrics)."""
     from worldmodels import training
 
@@ -307,7 +320,8 @@ def _reevaluate(cfg: config.Config, data_dir, run: RnnRun) -> dict:
     if state is None:
         raise storage.MissingDataError("M's training state is missing, so it cannot be re-evaluated; "
                                        f"delete {run.out} and train it again")
-    return evaluate(cfg, artifacts.load_rnn(data_dir, cfg), state, run)
+    # run.out is always a folder named rnn/ inside a data dir (or an iteration's folder, laid out alike).
+    return evaluate(cfg, artifacts.load_rnn(run.out.parent, cfg), state, run)
 
 
 def compare_with_vision_split(cfg: config.Config, data_dir, heldout_paths) -> None:

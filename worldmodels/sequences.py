@@ -333,8 +333,9 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
 
     Returns:
         ``z_nll`` (mean NLL in nats per z dimension per transition), ``z_nll_per_dimension``
-        (list of Z), ``transitions``, ``steps``; with a reward head ``reward_mse``; with a
-        done head ``done_accuracy`` (threshold 0.5), ``done_auc`` (``None`` without both
+        (list of Z), ``transitions``, ``steps``; with a reward head ``reward_mse`` and
+        ``reward_mse_tiles`` (on the steps with a positive reward, CarRacing's new tiles; ``None``
+        without any); with a done head ``done_accuracy`` (threshold 0.5), ``done_auc`` (``None`` without both
         classes), ``done_positives``.
     """
     import tensorflow as tf
@@ -345,6 +346,7 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
     noise: dict[str, np.ndarray] = {}
     nll_sum, transitions = 0.0, 0
     reward_error, done_labels, done_scores, steps = 0.0, [], [], 0
+    tile_error, tile_steps = 0.0, 0
     for batch in sequence_dataset(paths, sequence_length, batch_size, shuffle=False):
         mask = batch["mask"].numpy() > 0
         z = np.array(batch["mu"])
@@ -369,7 +371,10 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
         own[:, 0] &= starts == 0
         steps += int(own.sum())
         if "reward" in out:
-            reward_error += float(np.square(out["reward"].numpy() - batch["reward"].numpy())[own].sum())
+            squared = np.square(out["reward"].numpy() - batch["reward"].numpy())
+            tiles = own & (batch["reward"].numpy() > 0)
+            reward_error += float(squared[own].sum())
+            tile_error, tile_steps = tile_error + float(squared[tiles].sum()), tile_steps + int(tiles.sum())
         if "done" in out:
             done_scores.append(tf.sigmoid(out["done"]).numpy()[own])
             done_labels.append(batch["done"].numpy()[own] > 0.5)
@@ -380,6 +385,7 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
               "transitions": transitions, "steps": steps}
     if model.reward_head:
         result["reward_mse"] = reward_error / steps
+        result["reward_mse_tiles"] = tile_error / tile_steps if tile_steps else None
     if model.done_head:
         labels, scores = np.concatenate(done_labels), np.concatenate(done_scores)
         result["done_accuracy"] = float(np.mean((scores > 0.5) == labels))

@@ -1,0 +1,209 @@
+"""06_iterate.py: the iterative procedure end to end on smoke data, its files, its resume and its checks."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import (REPO, assert_user_error, data_dir_with, load_npz, read_csv, run_script,
+                            run_until_then_kill)
+
+SCRIPT = "06_iterate.py"
+STAGES = ("rollouts", "vae", "series", "rnn")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (a rewrite with equal bytes changes the time)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(smoke_rnn, tmp_path_factory):
+    """A data dir after iteration 1 alone (with a snapshot of its folder), then iteration 2 in a second call."""
+    data = data_dir_with(smoke_rnn, tmp_path_factory.mktemp("iterate_reference"), *STAGES)
+    run_script(SCRIPT, "--set", "iterate.iterations=1", data_dir=data)
+    first = snapshot(data / "iterations" / "iter_001")
+    second = run_script(SCRIPT, data_dir=data)
+    return data, first, second
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_two_iterations_end_to_end(reference):
+    from worldmodels import storage
+
+    data, _, second = reference
+    rows = read_csv(data / "iterations" / "iterations.csv")
+    assert [row["iteration"] for row in rows] == ["1", "2"]
+    assert "iteration 2: real score" in second.stdout
+    steps = [int(row["real_env_steps"]) for row in rows]
+    assert steps[0] > 0 and steps[1] == steps[0] + int(rows[1]["collect_steps"]) + int(rows[1]["eval_steps"])
+    for i, row in enumerate(rows, start=1):
+        folder = data / "iterations" / f"iter_{i:03d}"
+        metrics = load_json(folder / "controller" / "metrics.json")
+        assert float(row["real_score"]) == metrics["mean"] and float(row["dream_score"]) == metrics["dream"]["mean"]
+        assert math.isclose(float(row["exploit_gap"]), metrics["dream"]["mean"] - metrics["mean"])
+        assert metrics["episodes"] == 2 and metrics["observation"] == "stock"
+        assert math.isfinite(float(row["m_z_nll_new"]))
+        assert row["episodes_by_policy"] == f"brownian:3;controller:{2 * i}"
+        names = [f"episode_{i * 1_000_000 + j:06d}.npz" for j in range(2)]
+        for kind, where in (("rollout", "rollouts"), ("series", "series")):  # the tag survives encoding
+            assert sorted(p.name for p in (folder / where).glob("episode_*.npz")) == names
+            for name in names:
+                assert storage.load_episode(folder / where / name, kind, keys=("policy",))["policy"] == "controller"
+        # M of iteration i trained on stage 3's series and every iteration's so far.
+        split = load_json(folder / "rnn" / "split.json")
+        assert len(split["train"]) + len(split["heldout"]) == 3 + 2 * i
+
+
+def load_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_iteration_one_is_not_rewritten_by_iteration_two(reference):
+    data, first, _ = reference
+    assert snapshot(data / "iterations" / "iter_001") == first
+
+
+def test_iteration_two_starts_from_iteration_one(reference):
+    """Iteration 2's search starts from iteration 1's controller, and its M from iteration 1's M."""
+    data, _, _ = reference
+    previous = load_npz(data / "iterations" / "iter_001" / "controller" / "controller.npz")["params"]
+    assert np.any(previous != 0)
+    import pickle
+
+    state = pickle.loads((data / "iterations" / "iter_002" / "controller" / "evolution.pkl").read_bytes())
+    np.testing.assert_allclose(state["es"].x0, previous)
+
+
+def test_collected_episodes_replay_in_the_real_environment(reference):
+    """The recorded frames, actions and rewards are one real episode: replaying the actions on the
+    recorded track reproduces the rewards and the frames (obs[t] is the frame before action[t])."""
+    from worldmodels import storage
+    from worldmodels.env import make_env, preprocess
+
+    path = sorted((reference[0] / "iterations" / "iter_002" / "rollouts").glob("episode_*.npz"))[0]
+    episode = storage.load_episode(path, "rollout")
+    env = make_env(len(episode["action"]))
+    try:
+        obs, _ = env.reset(seed=int(episode["seed"]))
+        for t, action in enumerate(episode["action"]):
+            np.testing.assert_array_equal(preprocess(obs), episode["obs"][t], err_msg=f"frame {t}")
+            obs, reward, terminated, truncated, _ = env.step(action)
+            assert np.float32(reward) == episode["reward"][t]
+            assert (terminated, truncated) == (episode["terminated"][t], episode["truncated"][t])
+    finally:
+        env.close()
+    assert episode["truncated"][-1] or episode["terminated"][-1]
+
+
+def test_kill_anywhere_then_resume_gives_the_same_table(reference, smoke_rnn, tmp_path):
+    """SIGKILL while iteration 2 collects, then while it searches; the resumed runs end with the rows of an
+    uninterrupted run (wall time aside). Iteration 1 is the reference's, copied, to save its minute."""
+    import shutil
+
+    data = data_dir_with(smoke_rnn, tmp_path, *STAGES)
+    done = reference[0] / "iterations"
+    shutil.copytree(done / "iter_001", data / "iterations" / "iter_001")
+    shutil.copy(done / "config.json", data / "iterations" / "config.json")
+    rows = (done / "iterations.csv").read_text().splitlines(keepends=True)
+    (data / "iterations" / "iterations.csv").write_text("".join(rows[:2]))
+    iteration = data / "iterations" / "iter_002"
+    cmd = [sys.executable, str(REPO / SCRIPT), "--preset", "smoke", "--data-dir", str(data)]
+    run_until_then_kill(cmd, lambda: any((iteration / "rollouts").glob("episode_*.npz")))
+    assert len(read_csv(data / "iterations" / "iterations.csv")) == 1
+    history = iteration / "controller" / "history.csv"
+    run_until_then_kill(cmd, lambda: history.exists() and len(read_csv(history)) >= 1)
+    run_script(SCRIPT, data_dir=data)
+    want = read_csv(reference[0] / "iterations" / "iterations.csv")
+    assert without_seconds(read_csv(data / "iterations" / "iterations.csv")) == without_seconds(want)
+
+
+def test_a_bad_value_is_a_one_line_error(reference, tmp_path):
+    proc = run_script(SCRIPT, "--set", "iterate.episodes=0", data_dir=tmp_path, check=False)
+    assert_user_error(proc, "iterate.episodes must be positive")
+    proc = run_script(SCRIPT, "--set", "iterate.action_noise=-1", data_dir=tmp_path, check=False)
+    assert_user_error(proc, "iterate.action_noise must be >= 0")
+    # Continuing the reference with other settings would mix two procedures in one table.
+    proc = run_script(SCRIPT, "--set", "iterate.action_noise=0.5", data_dir=reference[0], check=False)
+    assert_user_error(proc, "iterate.action_noise")
+
+
+def test_missing_stages_name_the_command(tmp_path):
+    proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
+    assert_user_error(proc, "02_train_vae.py")
+
+
+class FakeWorld:
+    """A world that records the actions it is given."""
+
+    capacity, z_size, hidden_size = 8, 2, 3
+
+    def __init__(self):
+        self.actions = []
+
+    def reset(self, seeds):
+        return np.zeros((len(seeds), 2)), np.zeros((len(seeds), 3))
+
+    def step(self, env_actions, active):
+        self.actions.append(np.array(env_actions))
+        n = len(env_actions)
+        return (np.zeros((n, 2)), np.zeros((n, 3))), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+
+
+def noisy_actions(seeds, scale, steps=200, action=(0.0, 0.5, 0.0)):
+    from worldmodels.iterate import NoisyWorld
+
+    fake = FakeWorld()
+    world = NoisyWorld(fake, scale)
+    world.reset(np.asarray(seeds))
+    for _ in range(steps):
+        world.step(np.tile(np.float32(action), (len(seeds), 1)), np.ones(len(seeds), bool))
+    return np.stack(fake.actions, axis=1)  # (B, steps, 3)
+
+
+def test_action_noise_is_per_episode_correlated_and_in_the_action_box():
+    from worldmodels.env import ACTION_HIGH, ACTION_LOW
+
+    np.testing.assert_array_equal(noisy_actions([1, 2], 0.0), np.tile(np.float32([0, 0.5, 0]), (2, 200, 1)))
+    together = noisy_actions([5, 7, 9], 0.3)
+    np.testing.assert_array_equal(together[1], noisy_actions([7], 0.3)[0])  # whatever batch it runs in
+    assert not np.array_equal(together[0], together[2])
+    assert np.all(together >= ACTION_LOW) and np.all(together <= ACTION_HIGH)
+    steer = together[:, :, 0]
+    lag1 = np.mean([np.corrcoef(s[:-1], s[1:])[0, 1] for s in steer])
+    assert lag1 > 0.7  # temporally correlated (OU with theta 0.1: ~0.9), unlike independent noise
+    with pytest.raises(ValueError, match="action noise"):
+        noisy_actions([1], -0.1)
+
+
+def test_reward_error_on_tile_steps_is_measured_on_those_steps_only(reference):
+    """``reward_mse_tiles`` (the row's ``m_reward_mse_tiles_new``) equals the squared error of M's reward
+    prediction on the steps with a positive reward, computed here over whole episodes at once."""
+    import config
+    from worldmodels import artifacts, sequences, storage
+
+    data = reference[0]
+    cfg = config.make_config("smoke")
+    model = artifacts.load_rnn(data / "iterations" / "iter_001", cfg)
+    paths = sorted((data / "iterations" / "iter_002" / "series").glob("episode_*.npz"))
+    errors = []
+    for path in paths:
+        series = storage.load_episode(path, "series")
+        out = model(np.concatenate([series["mu"], series["action"]], axis=-1)[None], training=False)
+        tiles = series["reward"] > 0
+        errors.append(np.square(out["reward"].numpy()[0] - series["reward"])[tiles])
+    want = np.concatenate(errors)
+    assert len(want) > 0, "the collected episodes should hold tile rewards"
+    got = sequences.evaluate_model(model, paths, 100, batch_size=3)  # one window per episode, from M's zero state
+    np.testing.assert_allclose(got["reward_mse_tiles"], want.mean(), rtol=1e-4)
+    assert got["reward_mse_tiles"] > got["reward_mse"]  # a tile's +3 is what M misses, not the -0.1
