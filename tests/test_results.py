@@ -154,6 +154,16 @@ def test_driving_animation_is_downscaled_and_subsampled_from_the_best_scored_con
         figures.driving_animation(trained, tmp_path / "car.png")
 
 
+def test_driving_animation_of_a_shipped_agent_needs_no_data_dir(trained, tmp_path):
+    from worldmodels import pretrained
+
+    agent = tmp_path / "pretrained" / "tiny"
+    pretrained.export_from_data(trained, agent)
+    out = figures.driving_animation(None, tmp_path / "car.gif", width=48, max_frames=6, pretrained=str(agent))
+    with Image.open(out) as gif:
+        assert gif.size[0] == 48 and 2 <= gif.n_frames <= 6
+
+
 def test_results_table_reports_each_metrics_file_or_not_run(trained, tmp_path):
     empty = figures.results_table(tmp_path)
     rows = [line for line in empty.splitlines() if line.startswith("| ") and "---" not in line][1:]

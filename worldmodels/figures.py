@@ -395,28 +395,42 @@ def best_controller_dir(data_dir: Path) -> Path:
     return max(scored, key=lambda pair: pair[0])[1] if scored else folders[0]
 
 
-def driving_animation(data_dir: Path, out: Path, episodes: int = 1, width: int = 160, max_frames: int = 120) -> Path:
+def driving_animation(data_dir: Path | None, out: Path, episodes: int = 1, width: int = 160, max_frames: int = 120,
+                      pretrained: str | None = None) -> Path:
     """A small GIF of the best controller (:func:`best_controller_dir`) driving on a held-out track.
 
-    The controller is scored on the first ``episodes`` tracks of the final-evaluation stream
-    (held out from training and selection) with ``evaluate_controller``'s own functions, and the
-    episode with the median score is replayed at full size, downscaled to ``width`` pixels and
-    subsampled to at most ``max_frames`` frames played at real speed (a few hundred KB).
+    With ``pretrained`` (a name under ``pretrained/`` or a folder), the shipped agent drives
+    instead, and ``data_dir`` is not read: a fresh clone draws it with no training. The
+    controller is scored on the first ``episodes`` tracks of the final-evaluation stream (held
+    out from training and selection) on stock pixels with ``evaluate_controller``'s own
+    functions, and the episode with the median score is replayed at full size, downscaled to
+    ``width`` pixels and subsampled to at most ``max_frames`` frames played at real speed (a few
+    hundred KB).
     """
     from worldmodels import controller_evaluation as ec
+    from worldmodels import rollout
 
     if episodes < 1 or width < 16 or max_frames < 2:
         raise ValueError(f"need episodes >= 1, width >= 16, max_frames >= 2; got {episodes}, {width}, {max_frames}")
     out = Path(out)
     if out.suffix.lower() != ".gif":
         raise ValueError(f"the driving animation is a .gif, got {out}")
-    data_dir = Path(data_dir)
-    folder = best_controller_dir(data_dir)
-    # One process is plenty for a few episodes and starts faster than a pool (same results, tested in 05).
-    cfg = config.apply_overrides(config.load_config(folder / artifacts.CONFIG_FILE),
-                                 {"controller.backend": "serial", "controller.workers": 1})
-    params, _ = ec.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
-    metrics = ec.evaluate_saved(cfg, data_dir, params, episodes, episodes, record_actions=True)
+    # One process is plenty for a few episodes and starts faster than a pool (same results, tested in 05);
+    # the frames C sees are gymnasium's own, whatever the search trained on.
+    run_here = {"controller.backend": "serial", "controller.workers": 1, "env.observation": "stock"}
+    if pretrained is not None:
+        from worldmodels import pretrained as shipped
+
+        cfg, vae, rnn, params, _ = shipped.load(pretrained)
+    else:
+        folder = best_controller_dir(Path(data_dir))
+        cfg = config.load_config(folder / artifacts.CONFIG_FILE)
+        params, _ = ec.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size,
+                                       cfg.rnn.hidden_units)
+        vae, rnn = rollout.load_world_models(Path(data_dir), cfg)
+    cfg = config.apply_overrides(cfg, run_here)
+    seeds = rollout.heldout_seeds(cfg.controller.seed, episodes, rollout.FINAL_EVAL_SEED_OFFSET)
+    metrics = ec.evaluate_params(cfg, vae, rnn, params, seeds, episodes, record_actions=True)
     median = int(np.argsort(metrics["scores"])[(len(metrics["scores"]) - 1) // 2])
     actions = metrics["actions"][median]
     stride = max(1, math.ceil((len(actions) + 1) / max_frames))
@@ -572,7 +586,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
     parser.add_argument("--out", type=Path, help="output file of one figure")
     parser.add_argument("--out-dir", type=Path, help="output folder of 'all'")
+    parser.add_argument("--pretrained", metavar="NAME", help="'driving': the shipped agent in pretrained/NAME/ "
+                                                             "drives (no --data-dir needed)")
     args = parser.parse_args(argv)
+    if args.pretrained and args.figure != "driving":
+        parser.error("--pretrained goes with the 'driving' figure only")
     if args.figure == "all":
         if args.out_dir is None:
             parser.error("'all' needs --out-dir")
@@ -585,6 +603,9 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error(f"{args.figure!r} needs --out")
+    if args.pretrained:
+        print(f"wrote {driving_animation(None, args.out, pretrained=args.pretrained)}")
+        return 0
     make = architecture_figure if args.figure == "architecture" else FIGURES[args.figure]
     print(f"wrote {make(args.data_dir, args.out)}")
     return 0

@@ -57,7 +57,6 @@ from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_see
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
 CONTROLLER_POLICY = "controller"
-CONTROLLER = "controller"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
 # Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET).
@@ -273,7 +272,7 @@ def current_controller(cfg: config.Config, data_dir, iteration: int) -> tuple[np
     """The controller that collects in ``iteration`` and starts its search: the previous iteration's."""
     if iteration == 1:
         return initial_controller(cfg, data_dir)
-    path = iteration_dir(data_dir, iteration - 1) / CONTROLLER / artifacts.CONTROLLER_FILE
+    path = iteration_dir(data_dir, iteration - 1) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
     params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     return params, str(path)
 
@@ -340,7 +339,7 @@ def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None
     """The row of ``iteration`` from its folder: real environment steps (collection, the search's held-out
     evaluations and the final score; cumulative from stage 1's episodes on), M on the new episodes, scores."""
     folder = iteration_dir(data_dir, iteration)
-    out = folder / CONTROLLER
+    out = folder / artifacts.CONTROLLER
     metrics = storage.read_json(out / artifacts.METRICS_FILE)
     evals = controller_training.read_evals(out / controller_training.EVAL_NAME)
     eval_steps = int(sum(row.get("env_steps", 0) for row in evals.values())) + int(metrics["steps"])
@@ -374,7 +373,7 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     rnn = artifacts.load_rnn(iteration_dir(data_dir, iteration), cfg)
     controller_training.train_controller(controller_config(cfg), data_dir, models=(vae, rnn), command=command,
                                          prefix=f"[06 iteration {iteration}]",
-                                         out=iteration_dir(data_dir, iteration) / CONTROLLER, x0=params)
+                                         out=iteration_dir(data_dir, iteration) / artifacts.CONTROLLER, x0=params)
     return time.perf_counter() - start
 
 

@@ -34,14 +34,14 @@ from pathlib import Path
 import numpy as np
 
 import config
-from worldmodels import storage
+from worldmodels import artifacts, storage
 
 ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 MANIFEST = "MANIFEST.sha256"
-CONFIG = "config.json"
+CONFIG = artifacts.CONFIG_FILE
 VISION = "vision.npz"
 RNN = "rnn.npz"
-CONTROLLER = "controller.npz"
+CONTROLLER = artifacts.CONTROLLER_FILE
 FILES = (CONFIG, VISION, RNN, CONTROLLER)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -172,10 +172,10 @@ def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "p
     """Export the controller in ``<data_dir>/controller`` (or the folder ``controller``) with its V and M."""
     from worldmodels import rollout
 
-    source = Path(controller) if controller else Path(data_dir) / "controller"
-    cfg = config.load_config(source / "config.json")
+    source = Path(controller) if controller else Path(data_dir) / artifacts.CONTROLLER
+    cfg = config.load_config(source / artifacts.CONFIG_FILE)
     vision, rnn = rollout.load_world_models(data_dir, cfg)
-    with np.load(source / "controller.npz") as data:
+    with np.load(source / artifacts.CONTROLLER_FILE) as data:
         params, generation = np.array(data[which], np.float64), int(data["generation"])
     return export(vision, rnn, params, cfg, folder(name_or_path), generation=generation, dtype=dtype)
 
