@@ -52,6 +52,12 @@ def test_two_iterations_end_to_end(reference):
         assert math.isclose(float(row["exploit_gap"]), metrics["dream"]["mean"] - metrics["mean"])
         assert metrics["episodes"] == 2 and metrics["observation"] == "stock"
         assert math.isfinite(float(row["m_z_nll_new"]))
+        # The diagnostics of the previous M on these episodes (worldmodels.diagnostics; smoke episodes are
+        # 60 steps from frame 5, so 50 steps ahead is reached).
+        for key in ("exploit_gap_same_actions", "latent_error_open_1", "latent_error_teacher_50"):
+            assert math.isfinite(float(row[key])), key
+        assert row["latent_error_open_1"] == row["latent_error_teacher_1"]  # both from the same state and input
+        assert (folder / "diagnostics.png").is_file()
         assert row["episodes_by_policy"] == f"brownian:3;controller:{2 * i}"
         names = [f"episode_{i * 1_000_000 + j:06d}.npz" for j in range(2)]
         for kind, where in (("rollout", "rollouts"), ("series", "series")):  # the tag survives encoding

@@ -359,6 +359,27 @@ def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> P
     return _save(fig, out, dpi=100)
 
 
+def diagnostics_figure(out: Path, latent: Mapping[str, np.ndarray], gaps) -> Path:
+    """Two panels: M's latent error against steps ahead, open loop and teacher-forced (``latent``, the
+    dict of :func:`worldmodels.diagnostics.latent_error`), and the exploit gap (N,) of each episode."""
+    fig = Figure(figsize=(8, 3))
+    left, right = fig.subplots(1, 2)
+    left.plot(latent["steps"], latent["open_loop"], "o-", ms=3, label="open loop (M's own z)")
+    left.plot(latent["steps"], latent["teacher_forced"], "s--", ms=3, label="teacher-forced (V's z)")
+    left.set_xlabel(f"steps ahead of frame {latent['start']}")
+    left.set_ylabel("squared error of predicted z")
+    left.legend(fontsize=8)
+    gaps = np.asarray(gaps, np.float64)
+    right.bar(np.arange(len(gaps)), gaps, color=np.where(gaps > 0, "tab:red", "tab:blue"))
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_xlabel("episode")
+    right.set_ylabel("predicted - real return")
+    right.set_title(f"exploit gap, mean {gaps.mean():+.2f}", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def temperature_figure(data_dir: Path, out: Path) -> Path:
     """:func:`temperature_plot` of ``temperature_study/results.json``."""
     path = Path(data_dir) / artifacts.TEMPERATURE_STUDY / "results.json"

@@ -22,7 +22,7 @@ in ``<data>/iterations/iter_<iii>/``:
    starting from the previous controller (``controller_training.train_controller``, stage 5's
    code, the dream starting from ``<data>/series``), then scored on ``iterate.eval_episodes``
    held-out real tracks (stock pixels, full episodes) and as many dream episodes.
-5. a row of ``<data>/iterations/iterations.csv`` (:data:`FIELDS`), written last.
+5. ``diagnostics.png`` and a row of ``<data>/iterations/iterations.csv`` (:data:`FIELDS`), written last.
 
 Resumable after SIGKILL anywhere: every step skips what is complete (the stages' own resume
 logic: episode files are atomic, M and the search resume from their checkpoints, a finished run
@@ -34,7 +34,10 @@ An iteration's folder is never written by a later one; a larger ``iterate.iterat
 
 The row's M metrics are those of the M the collecting controller was trained in (the previous
 iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, which it has never
-trained on: how well the dream predicted what the controller then met in reality.
+trained on: how well the dream predicted what the controller then met in reality. So are the diagnostics
+(``worldmodels.diagnostics``, :func:`diagnose_new_episodes`): the exploit gap of the same recorded actions from
+the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
+Tables written before those columns existed keep their rows, read with NaN in the new columns.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_evaluation, controller_training, encode, envpool, rollout,
-                         rnn_training, sequences, stage, storage)
+from worldmodels import (artifacts, collect, controller_evaluation, controller_training, diagnostics, encode, envpool,
+                         figures, rnn_training, rollout, sequences, stage, storage)
 from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_seed
 
 ITERATIONS = "iterations"
@@ -72,10 +75,18 @@ ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
     "env.observation",
 )
+# The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
+# in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
+# enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
+DIAGNOSTIC_HORIZON = 100
+DIAGNOSTIC_STEPS = (1, 10, 50)
+DIAGNOSTIC_FIELDS = ("exploit_gap_same_actions",) + tuple(
+    f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in DIAGNOSTIC_STEPS)
+DIAGNOSTICS_FIGURE = "diagnostics.png"
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
-)
+) + DIAGNOSTIC_FIELDS
 log = stage.tagged("06")
 
 
@@ -281,16 +292,22 @@ def current_controller(cfg: config.Config, data_dir, iteration: int) -> tuple[np
 
 
 def read_rows(path) -> list[dict]:
-    """The rows of ``iterations.csv`` as written (strings), [] if it does not exist; damaged: CorruptFileError."""
+    """The rows of ``iterations.csv`` as written (strings), [] if it does not exist; damaged: CorruptFileError.
+
+    A table written before the diagnostics' columns existed reads with "nan" in them (its rows are kept as
+    they are, since their iterations' M and episodes may be gone).
+    """
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if rows and (set(rows[0]) != set(FIELDS) or any(not row["iteration"].isdigit() for row in rows)):
+    columns = set(rows[0]) if rows else set(FIELDS)
+    if not set(FIELDS) - set(DIAGNOSTIC_FIELDS) <= columns <= set(FIELDS) or \
+            any(not row["iteration"].isdigit() for row in rows):
         raise storage.CorruptFileError(f"{path} is not an iterations table with columns {', '.join(FIELDS)}; "
                                        "delete it to rewrite it from the iterations' folders")
-    return rows
+    return [{key: row.get(key, "nan") for key in FIELDS} for row in rows]
 
 
 def append_row(path, row: dict) -> None:
@@ -329,10 +346,31 @@ def policy_counts(data_dir, iteration: int) -> str:
 
 def rnn_on_new_episodes(cfg: config.Config, iteration: int, data_dir) -> dict:
     """The previous M (the one the collecting controller was trained in) on the episodes just collected:
-    z NLL with z drawn from V's posterior, reward MSE on tile steps, done AUC (``sequences.evaluate_model``)."""
+    z NLL with z drawn from V's posterior, reward MSE on tile steps, done AUC (``sequences.evaluate_model``),
+    plus the diagnostics' columns (:func:`diagnose_new_episodes`)."""
     rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
     paths = storage.list_episodes(artifacts.series_dir(iteration_dir(data_dir, iteration)), artifacts.SERIES)
-    return sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
+    m = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
+    return {**m, **diagnose_new_episodes(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE)}
+
+
+def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
+    """The :data:`DIAGNOSTIC_FIELDS` of M on the series ``paths``, from frame ``dream.skip_initial_frames``.
+
+    The exploit gap of the same recorded actions from the same state (M's open loop at
+    ``dream.temperature``, seeded by ``iterate.seed``, over :data:`DIAGNOSTIC_HORIZON` steps) and the
+    latent error at :data:`DIAGNOSTIC_STEPS` steps ahead (NaN past the episodes' ends); both curves and
+    the gap per episode are drawn to ``figure``.
+    """
+    episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
+    args = (rnn, episodes, cfg.dream.skip_initial_frames, DIAGNOSTIC_HORIZON, cfg.dream.temperature, cfg.iterate.seed)
+    gap, latent = diagnostics.exploit_gap(*args), diagnostics.latent_error(*args)
+    figures.diagnostics_figure(figure, latent, gap["gaps"])
+    row = {"exploit_gap_same_actions": gap["mean"]}
+    for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
+        row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan
+                    for k in DIAGNOSTIC_STEPS})
+    return row
 
 
 def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None, seconds: float) -> dict:
@@ -353,7 +391,7 @@ def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
-        "exploit_gap": dream - real, "seconds": seconds,
+        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS},
     }
 
 

@@ -1,0 +1,143 @@
+"""worldmodels/diagnostics.py: the exploit gap, the latent error against steps and the rank correlation."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.mdn_rnn import MDNRNN
+from worldmodels import diagnostics, figures
+from worldmodels.diagnostics import ReplayModel, exploit_gap, latent_error, rank_correlation
+
+Z, HIDDEN = 8, 16  # a small M keeps the tests fast
+
+
+def episodes(rng, lengths):
+    """Random series episodes of the given lengths (mu (T, Z), action (T, 3), reward (T,))."""
+    return [{"mu": rng.normal(size=(t, Z)).astype(np.float32),
+             "action": rng.uniform([-1, 0, 0], 1, size=(t, 3)).astype(np.float32),
+             "reward": rng.normal(size=t).astype(np.float32)} for t in lengths]
+
+
+def test_the_gap_is_zero_when_the_dream_replays_the_real_episode():
+    data = episodes(np.random.default_rng(0), [30, 12, 25])
+    replay = ReplayModel(data)
+    for start, horizon in ((5, 10), (0, 40), (8, 1)):
+        gap = exploit_gap(replay, data, start, horizon, temperature=1.0)
+        np.testing.assert_array_equal(gap["gaps"], np.zeros(3))
+        assert gap["mean"] == 0.0 and gap["start"] == start
+        np.testing.assert_array_equal(gap["steps"], [min(horizon, t - start) for t in (30, 12, 25)])
+        assert np.all(gap["real"] != 0)  # the returns compared are not trivially zero
+    # Its predicted next z is the real one, with or without feedback.
+    curves = latent_error(replay, data, 5, 40)
+    np.testing.assert_array_equal(curves["open_loop"], np.zeros(24))
+    np.testing.assert_array_equal(curves["teacher_forced"], np.zeros(24))
+
+
+def test_a_shifted_replay_is_caught():
+    """The replay refuses actions out of order, and a start past the shortest episode is clipped to it."""
+    data = episodes(np.random.default_rng(1), [20, 20])
+    shifted = [dict(e, action=np.roll(e["action"], 1, axis=0)) for e in data]
+    with pytest.raises(ValueError, match="not the recorded ones"):
+        exploit_gap(ReplayModel(shifted), data, 3, 5)
+    assert exploit_gap(ReplayModel(data), data, 50, 5)["start"] == 19
+
+
+def hand_gap(model, episode, start, horizon):
+    """One episode, batch 1: M reads frames 0..s-1, then feeds its mixture mean back under the recorded actions."""
+    state = model.initial_state(1)
+    for t in range(start):
+        state = model.step(episode["mu"][t:t + 1], episode["action"][t:t + 1], state)["state"]
+    z, predicted, real = episode["mu"][start:start + 1], 0.0, 0.0
+    for t in range(start, min(start + horizon, len(episode["mu"]))):
+        out = model.step(z, episode["action"][t:t + 1], state)
+        state = out["state"]
+        pi = np.exp(out["log_pi"].numpy()[0])
+        z = (np.sum(pi * out["mu"].numpy()[0], axis=-1) / pi.sum(axis=-1))[None].astype(np.float32)
+        predicted += float(out["reward"][0])
+        real += float(episode["reward"][t])
+    return predicted - real
+
+
+def test_the_gap_of_a_real_m_equals_a_hand_computation():
+    rng = np.random.default_rng(2)
+    model = MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=3)
+    data = episodes(rng, [15, 9, 13])
+    gap = exploit_gap(model, data, 4, 8, temperature=None)
+    want = [hand_gap(model, e, 4, 8) for e in data]
+    np.testing.assert_allclose(gap["gaps"], want, rtol=1e-4, atol=1e-4)
+    assert math.isclose(gap["mean"], float(np.mean(want)), rel_tol=1e-4, abs_tol=1e-4)
+    # Sampled open loop at a temperature is reproducible from its seed, and differs from the mean feedback.
+    first, again = (exploit_gap(model, data, 4, 8, temperature=1.0, seed=5)["gaps"] for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, gap["gaps"])
+
+
+def test_teacher_forced_error_is_the_sequence_models_and_open_loop_drifts():
+    """Teacher forcing from the prefix state equals M's sequence call on the real frames; open loop from
+    the same state agrees at one step ahead and not beyond."""
+    rng = np.random.default_rng(4)
+    model = MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=5)
+    data = episodes(rng, [14, 10])
+    start, horizon = 3, 8
+    curves = latent_error(model, data, start, horizon, temperature=1.0)
+    errors = []
+    for e in data:
+        out = model(np.concatenate([e["mu"], e["action"]], axis=-1)[None], training=False)
+        log_pi, mu, _ = model.split(out["mdn"])
+        mean = diagnostics.mixture_mean(log_pi.numpy()[0], mu.numpy()[0])  # (T, Z), the prediction of frame t + 1
+        errors.append([np.sum(np.square(mean[start + k - 1] - e["mu"][start + k])) for k in range(1, horizon + 1)
+                       if start + k < len(e["mu"])])
+    want = [np.mean([err[k] for err in errors if k < len(err)]) for k in range(horizon)]
+    np.testing.assert_array_equal(curves["steps"], np.arange(1, horizon + 1))
+    np.testing.assert_allclose(curves["teacher_forced"], want, rtol=1e-4)
+    assert math.isclose(curves["open_loop"][0], curves["teacher_forced"][0], rel_tol=1e-5)
+    assert not np.allclose(curves["open_loop"][1:], curves["teacher_forced"][1:])
+
+
+def test_rank_correlation_with_ties_against_a_hand_example():
+    # Ranks with ties averaged: dream [1, 2.5, 2.5, 4], real [2, 1, 3, 4]; centred [-1.5, 0, 0, 1.5] and
+    # [-0.5, -1.5, 0.5, 1.5]: covariance 0.75 + 2.25 = 3, norms sqrt(4.5) and sqrt(5).
+    rho = rank_correlation([10.0, 20.0, 20.0, 35.0], [-3.0, -7.0, 0.5, 9.0])
+    assert math.isclose(rho, 3.0 / math.sqrt(4.5 * 5.0))
+    np.testing.assert_array_equal(diagnostics.ranks([3.0, 1.0, 3.0, 3.0]), [3.0, 1.0, 3.0, 3.0])
+    assert rank_correlation([1, 2, 3], [30, 20, 10]) == -1.0
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="n >= 2"):
+        rank_correlation([1.0], [2.0])
+
+
+def test_bad_input_is_a_clear_error():
+    data = episodes(np.random.default_rng(6), [10])
+    with pytest.raises(ValueError, match="horizon must be a positive integer"):
+        exploit_gap(ReplayModel(data), data, 2, 0)
+    with pytest.raises(ValueError, match="start must be an integer >= 0"):
+        exploit_gap(ReplayModel(data), data, -1, 3)
+    with pytest.raises(ValueError, match="action must have shape"):
+        exploit_gap(ReplayModel(data), [dict(data[0], action=data[0]["action"][:5])], 2, 3)
+
+
+def test_diagnostics_figure_writes_a_png(tmp_path):
+    data = episodes(np.random.default_rng(7), [20, 16])
+    replay = ReplayModel(data)
+    curves = latent_error(MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=0), data, 2, 10)
+    out = figures.diagnostics_figure(tmp_path / "diag.png", curves, exploit_gap(replay, data, 2, 10)["gaps"])
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 0
+
+
+def test_an_iterations_table_from_before_the_diagnostics_reads_with_nan(tmp_path):
+    from worldmodels import iterate, storage
+
+    old = [key for key in iterate.FIELDS if key not in iterate.DIAGNOSTIC_FIELDS]
+    path = tmp_path / "iterations.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("1" if key == "iteration" else "2.5" for key in old) + "\n")
+    iterate.append_row(path, {key: (2 if key == "iteration" else 0.5) for key in iterate.FIELDS})
+    rows = iterate.read_rows(path)
+    assert [row["iteration"] for row in rows] == ["1", "2"]
+    assert all(rows[0][key] == "nan" for key in iterate.DIAGNOSTIC_FIELDS)
+    assert rows[0]["real_score"] == "2.5" and rows[1]["exploit_gap_same_actions"] == "0.5"
+    path.write_text("iteration,something_else\n1,2\n")
+    with pytest.raises(storage.CorruptFileError, match="not an iterations table"):
+        iterate.read_rows(path)

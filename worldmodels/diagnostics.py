@@ -1,0 +1,226 @@
+"""Does the dream transfer? Three diagnostics of M against reality (issue #19, item 5).
+
+Shapes: N = episodes, T = an episode's frames, Z = ``z_size`` (32), H = M's hidden units,
+K = mixture components, L = the horizon (steps after the start frame).
+
+* :func:`exploit_gap`: start M in the state it reaches on a real episode's prefix (frames
+  0..s-1, as the dream does, :func:`worldmodels.dream.read_prefix`), feed it the *same recorded
+  actions* from frame s on, its own z in open loop, and sum its predicted rewards over L steps;
+  the gap is that predicted return minus the real return of the same steps. A controller that
+  exploits M's errors drives where M over-pays, so the gap of its own episodes grows.
+* :func:`latent_error`: the squared error of M's predicted next z (its mixture mean) against
+  V's posterior mean of the real next frame, k = 1..L steps after the start, in open loop (M
+  fed its own sampled z) and teacher-forced (M fed V's real z every step).
+* :func:`rank_correlation`: Spearman's rho between the dream and the real scores of a set of
+  controllers: a dream that ranks controllers as reality does is enough to select them.
+
+Episodes are dicts of a stored series (``storage.SERIES_SCHEMA``): ``mu`` (T, Z), ``action``
+(T, 3), ``reward`` (T,); ``reward[t]`` is paid for ``action[t]`` taken at frame t, which is
+what M's reward head predicts from (z_t, a_t). All episodes start at one frame
+s = min(``start``, shortest T - 1), so that every prefix has the same length and M reads all
+of them in one batch; each episode is scored over its own min(L, T - s) steps.
+
+"M" is anything with M's step interface (``hidden_units``, ``step(z, action, (h, c))`` ->
+``log_pi``, ``mu``, ``log_sigma`` (B, Z, K), ``reward`` (B,), ``state``): an ``MDNRNN`` with
+a reward head, or :class:`ReplayModel`, which replays the real episodes and so has a gap of
+exactly zero (the check that the bookkeeping of steps is right). M runs without dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from models.controller import ACTION_SIZE
+from worldmodels.dream import read_prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """N episodes padded to a common length, with the common start frame.
+
+    ``mu`` (N, T, Z) and ``action`` (N, T, 3) float32, ``reward`` (N, T) float64, zero after
+    an episode's end; ``lengths`` (N,) int64 frames per episode; ``start`` the frame s at
+    which M leaves the real prefix (0 <= s < min(lengths)).
+    """
+
+    mu: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    lengths: np.ndarray
+    start: int
+
+
+def make_batch(episodes, start: int) -> Batch:
+    """Pad ``episodes`` (dicts with ``mu`` (T, Z), ``action`` (T, 3), ``reward`` (T,)) into a :class:`Batch`."""
+    if int(start) != start or start < 0:
+        raise ValueError(f"start must be an integer >= 0, got {start!r}")
+    episodes = list(episodes)
+    if not episodes:
+        raise ValueError("need at least one episode")
+    lengths = np.array([len(e["mu"]) for e in episodes], np.int64)
+    widths = {np.shape(e["mu"])[1:] for e in episodes}
+    if len(widths) != 1 or min(lengths) < 1:
+        raise ValueError(f"episodes must have mu of shape (T, Z), T >= 1, one Z; got widths {sorted(widths)}, "
+                         f"lengths {lengths.tolist()}")
+    for i, e in enumerate(episodes):
+        if np.shape(e["action"]) != (lengths[i], ACTION_SIZE) or np.shape(e["reward"]) != (lengths[i],):
+            raise ValueError(f"episode {i}: action must have shape (T, {ACTION_SIZE}) and reward (T,) with "
+                             f"T = {lengths[i]} (its mu's), got {np.shape(e['action'])} and {np.shape(e['reward'])}")
+    n, longest, z_size = len(episodes), int(lengths.max()), widths.pop()[0]
+    mu = np.zeros((n, longest, z_size), np.float32)
+    action = np.zeros((n, longest, ACTION_SIZE), np.float32)
+    reward = np.zeros((n, longest), np.float64)
+    for i, e in enumerate(episodes):
+        mu[i, :lengths[i]], action[i, :lengths[i]], reward[i, :lengths[i]] = e["mu"], e["action"], e["reward"]
+    return Batch(mu, action, reward, lengths, min(int(start), int(lengths.min()) - 1))
+
+
+def mixture_mean(log_pi, mu) -> np.ndarray:
+    """The mean (B, Z) of M's (B, Z, K) mixture: sum_k softmax(log_pi)_k mu_k, per dimension."""
+    log_pi, mu = np.asarray(log_pi, np.float64), np.asarray(mu, np.float64)
+    weights = np.exp(log_pi - log_pi.max(axis=-1, keepdims=True))
+    return np.sum(weights * mu, axis=-1) / np.sum(weights, axis=-1)
+
+
+def run_from_start(model, batch: Batch, horizon: int, temperature: float | None = 1.0, seed: int = 0,
+                   teacher: bool = False) -> dict[str, np.ndarray]:
+    """M from its state at ``batch.start`` (after the real prefix) for ``horizon`` steps of the recorded actions.
+
+    Step j feeds (z, a_{s+j}): z_s is V's mu at frame s; later z are M's own draws at
+    ``temperature`` (stateless seed (seed, j); None feeds M's mixture mean instead), or with
+    ``teacher`` V's mu of the real frame. Returns ``reward`` (N, L) M's predicted rewards,
+    ``mean`` (N, L, Z) its mixture means of z_{s+j+1}, and ``valid`` (N, L) bool, true where
+    step s + j is inside the episode.
+    """
+    import tensorflow as tf
+
+    from models.mdn_rnn import sample_mixture
+
+    if int(horizon) != horizon or horizon < 1:
+        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+    s, n = batch.start, len(batch.lengths)
+    state = read_prefix(model, batch.mu[:, :s], batch.action[:, :s], np.full(n, s))
+    steps = min(int(horizon), batch.mu.shape[1] - s)
+    z = batch.mu[:, s]
+    rewards, means = [], []
+    for j in range(steps):
+        out = model.step(z, batch.action[:, s + j], state)
+        state = out["state"]
+        rewards.append(np.asarray(out["reward"], np.float64))
+        means.append(mixture_mean(out["log_pi"], out["mu"]))
+        if teacher:
+            z = batch.mu[:, min(s + j + 1, batch.mu.shape[1] - 1)]
+        elif temperature is None:
+            z = means[-1].astype(np.float32)
+        else:
+            z = sample_mixture(out["log_pi"], out["mu"], out["log_sigma"], temperature,
+                               seed=tf.constant([seed, j], tf.int64)).numpy()
+    valid = s + np.arange(steps)[None] < batch.lengths[:, None]
+    return {"reward": np.stack(rewards, axis=1), "mean": np.stack(means, axis=1), "valid": valid}
+
+
+def exploit_gap(model, episodes, start: int, horizon: int, temperature: float | None = 1.0,
+                seed: int = 0) -> dict:
+    """Predicted minus real return of the recorded actions from frame ``start``, over ``horizon`` steps.
+
+    Returns ``gaps`` (N,) per episode (each over its own min(L, T - s) steps), ``predicted``
+    and ``real`` (N,) the two returns, ``mean`` the mean gap, ``start`` the common start frame
+    s and ``steps`` (N,) the steps scored. Arguments as :func:`run_from_start`.
+    """
+    batch = make_batch(episodes, start)
+    run = run_from_start(model, batch, horizon, temperature, seed)
+    valid, s = run["valid"], batch.start
+    real = np.where(valid, batch.reward[:, s:s + valid.shape[1]], 0.0).sum(axis=1)
+    predicted = np.where(valid, run["reward"], 0.0).sum(axis=1)
+    gaps = predicted - real
+    return {"gaps": gaps, "predicted": predicted, "real": real, "mean": float(gaps.mean()), "start": s,
+            "steps": valid.sum(axis=1)}
+
+
+def latent_error(model, episodes, start: int, horizon: int, temperature: float | None = 1.0,
+                 seed: int = 0) -> dict:
+    """Squared error of M's predicted z_{s+k} (mixture mean) against V's mu, k = 1..L steps ahead.
+
+    Returns ``steps`` (L',) = 1..L' (L' <= L, the steps some episode reaches), ``open_loop`` and
+    ``teacher_forced`` (L',): the error summed over Z, averaged over the episodes that have
+    frame s + k (NaN where none has), and ``start`` the common start frame s. Open loop draws
+    M's z at ``temperature`` (None: its mixture mean); teacher forcing feeds V's mu.
+    """
+    batch = make_batch(episodes, start)
+    s = batch.start
+    curves = {}
+    for name, teacher in (("open_loop", False), ("teacher_forced", True)):
+        run = run_from_start(model, batch, horizon, temperature, seed, teacher)
+        ahead = run["mean"].shape[1]
+        target = batch.mu[:, s + 1:s + 1 + ahead].astype(np.float64)
+        error = np.sum(np.square(run["mean"][:, :target.shape[1]] - target), axis=-1)  # (N, L')
+        has = s + 1 + np.arange(target.shape[1])[None] < batch.lengths[:, None]
+        counts = has.sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            curves[name] = np.where(counts > 0, np.where(has, error, 0.0).sum(axis=0) / counts, np.nan)
+    return {"steps": np.arange(1, len(curves["open_loop"]) + 1), **curves, "start": s}
+
+
+def ranks(values) -> np.ndarray:
+    """Ranks 1..n of ``values`` (n,), ties given the mean of the ranks they span (float64)."""
+    values = np.asarray(values, np.float64)
+    order = np.argsort(values, kind="stable")
+    ranked = np.empty(len(values), np.float64)
+    ranked[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranked[tied] = ranked[tied].mean()
+    return ranked
+
+
+def rank_correlation(dream_scores, real_scores) -> float:
+    """Spearman's rho between the dream and real scores (n,) of n >= 2 controllers, ties averaged.
+
+    The Pearson correlation of the ranks, in [-1, 1]; NaN when either set of scores is constant
+    (no order to compare).
+    """
+    dream, real = np.asarray(dream_scores, np.float64), np.asarray(real_scores, np.float64)
+    if dream.ndim != 1 or dream.shape != real.shape or len(dream) < 2:
+        raise ValueError(f"need two score arrays of one shape (n,), n >= 2, got {dream.shape} and {real.shape}")
+    if not (np.all(np.isfinite(dream)) and np.all(np.isfinite(real))):
+        raise ValueError("scores must be finite")
+    a, b = ranks(dream) - (len(dream) + 1) / 2, ranks(real) - (len(real) + 1) / 2
+    norm = math.sqrt(float(np.sum(a * a) * np.sum(b * b)))
+    return float(np.sum(a * b) / norm) if norm > 0 else math.nan
+
+
+class ReplayModel:
+    """A stand-in for M that replays real episodes: it predicts the recorded reward and next mu.
+
+    Built from the same episodes (and order) that are then scored; every call must step all N
+    rows, which :func:`run_from_start` does. Its state is a clock: h[:, 0] counts the steps
+    since the zero state, so step t of row i returns ``reward[i, t]`` and a one-component
+    mixture at ``mu[i, t + 1]`` (zero after the episode). It refuses an action that is not the
+    recorded one, so a zero gap also says that the recorded actions were fed in order.
+    """
+
+    hidden_units = 1
+
+    def __init__(self, episodes):
+        self.batch = make_batch(episodes, 0)
+        self.z_size = self.batch.mu.shape[2]
+
+    def step(self, z, action, state):
+        import tensorflow as tf
+
+        h, c = (np.asarray(x, np.float32) for x in state)
+        t = int(h[0, 0])
+        n, longest = self.batch.mu.shape[:2]
+        if len(h) != n or not np.all(h[:, 0] == t):
+            raise ValueError(f"the replay steps all {n} episodes together, got {len(h)} rows or unequal clocks")
+        recorded = self.batch.action[:, t] if t < longest else np.zeros((n, ACTION_SIZE), np.float32)
+        if not np.array_equal(np.asarray(action, np.float32), recorded):
+            raise ValueError(f"step {t}: the actions are not the recorded ones")
+        following = self.batch.mu[:, t + 1] if t + 1 < longest else np.zeros((n, self.z_size), np.float32)
+        reward = self.batch.reward[:, t] if t < longest else np.zeros(n)
+        return {"log_pi": np.zeros((n, self.z_size, 1), np.float32), "mu": following[..., None],
+                "log_sigma": np.full((n, self.z_size, 1), -30.0, np.float32), "reward": reward,
+                "state": (tf.constant(h + 1.0), tf.constant(c))}
