@@ -7,6 +7,7 @@ must change nothing but the drawing: physics and rewards stay bit-identical.
 import numpy as np
 import pytest
 
+import config
 from tests.conftest import assert_user_error, run_script
 from worldmodels import env as wenv
 from worldmodels import fast_render
@@ -161,3 +162,18 @@ def test_evaluation_never_writes_the_reported_score_from_fast_frames(tmp_path):
     proc = run_script("evaluate_controller.py", "--set", "env.observation=fast", "--replace-metrics",
                       data_dir=tmp_path, check=False)
     assert_user_error(proc, "metrics.json", "stock observation", "--replace-metrics")
+
+
+def test_a_fast_search_trains_on_fast_frames_and_evaluates_on_stock_ones():
+    """Stage 5 with env.observation=fast: members drive a fast pool, every evaluation a stock pool of its own."""
+    from worldmodels.controller_training import _open_pools, training_observation
+
+    fast_cfg = config.make_config("smoke", {"env.observation": "fast", "controller.backend": "serial"})
+    assert training_observation(fast_cfg) == "fast"
+    with _open_pools(fast_cfg, 2, max_concurrent=4) as (train_pool, eval_pool):
+        assert train_pool is not eval_pool
+        assert (train_pool.observation, eval_pool.observation) == ("fast", "stock")
+        assert train_pool.reset([1, 2]).shape == eval_pool.reset([1, 2]).shape == (2, 64, 64, 3)
+    stock_cfg = config.make_config("smoke", {"controller.backend": "serial"})
+    with _open_pools(stock_cfg, 2, max_concurrent=4) as (train_pool, eval_pool):
+        assert train_pool is eval_pool and eval_pool.observation == "stock"
