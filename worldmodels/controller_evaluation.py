@@ -1,9 +1,9 @@
 """Scoring a saved controller on held-out tracks, and recording it: the library of ``evaluate_controller.py``.
 
 :func:`load_controller` reads one parameter vector of a ``controller.npz``;
-:func:`evaluate_params` scores it with V and M on any tracks, full episodes on gymnasium's stock
-pixels unless ``env.observation`` says otherwise, and :func:`evaluate_saved` on the
-final-evaluation tracks (never used for training or for picking the controller);
+:func:`evaluate_params` scores it with V and M on the tracks given (evaluate_controller.py: the final-evaluation
+stream, never used for training or for picking the controller), full episodes on gymnasium's
+stock pixels unless ``env.observation`` says otherwise;
 :func:`write_track_csv` records one row per track; :func:`replay_frames` and :func:`write_video` replay
 an evaluated episode at full resolution into a ``.gif`` (or ``.mp4`` with ``imageio[ffmpeg]``).
 ``worldmodels.figures`` uses the same functions for README's driving animation.
@@ -22,7 +22,7 @@ import config
 from models.controller import num_parameters
 from worldmodels import artifacts, envpool, rollout, storage
 
-# TensorFlow is imported in evaluate_saved(), after the checks: a missing file is reported at once.
+# TensorFlow is imported when V and M are loaded (load_agent), after the checks: a missing file is reported at once.
 
 WHICH = ("params", "mean", "best_member")
 VIDEO_FPS = 50  # CarRacing's simulation rate
@@ -144,16 +144,6 @@ def evaluate_params(cfg, vae, rnn, params: np.ndarray, seeds: np.ndarray, max_co
     with real_world(cfg, vae, rnn, min(len(seeds), max_concurrent)) as world:
         return rollout.evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions,
                                 progress="held-out tracks")
-
-
-def evaluate_saved(cfg, data_dir: Path, params: np.ndarray, episodes: int, max_concurrent: int,
-                   record_actions: bool) -> dict:
-    """Load V and M from ``data_dir``, run ``params`` on the first ``episodes`` final-evaluation tracks,
-    return rollout.final_evaluation's dict (what the driving animation of worldmodels.figures uses)."""
-    vae, rnn = rollout.load_world_models(data_dir, cfg)
-    with real_world(cfg, vae, rnn, min(episodes, max_concurrent)) as world:
-        return rollout.final_evaluation(world, params, cfg, episodes, max_concurrent, record_actions,
-                                        progress="held-out tracks")
 
 
 def resolve_config(folder: Path, preset: str | None, set_arguments) -> config.Config:
