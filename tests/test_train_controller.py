@@ -292,3 +292,43 @@ def test_a_pretrained_agent_scores_identically_after_a_round_trip_and_refuses_a_
     proc = run_plain("evaluate_controller.py", "--pretrained", str(agent))
     assert_user_error(proc, "rnn.npz", "SHA-256")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_carried_search_continues_on_a_machine_that_kept_nothing_exactly(trained, models_dir, tmp_path):
+    """Stop after 1 generation, carry, restore into an empty folder, go on to 3: the uninterrupted search."""
+    reference = trained[0] / "controller"
+    first = data_dir_with(models_dir, tmp_path / "first", "vae", "rnn")
+    run_script("05_train_controller.py", "--set", "controller.generations=1", "--set", "controller.max_steps=30",
+               "--no-final-eval", data_dir=first)
+    carry = tmp_path / "checkpoints" / "run"
+    saved = run_plain("-m", "worldmodels.carry", "save", "--data-dir", str(first), "--name", str(carry),
+                      "--command", "python 05_train_controller.py --preset smoke")
+    assert saved.returncode == 0, saved.stderr
+    assert "generation 1" in saved.stdout
+    listed = sorted(line.split("  ")[1] for line in (carry / "MANIFEST.sha256").read_text().splitlines())
+    assert "vae/vae.keras" in listed and "rnn/rnn.keras" in listed and "controller/evolution.pkl" in listed
+    assert not any(name.startswith(("rollouts/", "series/")) for name in listed)
+
+    fresh = tmp_path / "fresh"  # holds nothing but what the carry brings
+    restored = run_plain("-m", "worldmodels.carry", "restore", str(carry), "--data-dir", str(fresh))
+    assert restored.returncode == 0, restored.stderr
+    assert "continue with: python 05_train_controller.py --preset smoke" in restored.stdout
+    resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=fresh)
+    assert f"1 of {GENERATIONS} generations done" in resumed.stdout
+    got, want = load_npz(fresh / "controller" / "controller.npz"), load_npz(reference / "controller.npz")
+    for key in ("mean", "params", "best_member"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    strip = [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(fresh / "controller" / "history.csv")]
+    assert strip == [{k: v for k, v in row.items() if k != "elapsed"} for row in read_csv(reference / "history.csv")]
+
+    # Restoring over a search that went further is refused (it would throw generations away) ...
+    proc = run_plain("-m", "worldmodels.carry", "restore", str(carry), "--data-dir", str(fresh))
+    assert_user_error(proc, "controller/evolution.pkl", "other versions", "--force")
+    # ... and a damaged carry is named before anything is copied.
+    damaged = bytearray((carry / "controller" / "evolution.pkl").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (carry / "controller" / "evolution.pkl").write_bytes(bytes(damaged))
+    empty = tmp_path / "empty"
+    proc = run_plain("-m", "worldmodels.carry", "restore", str(carry), "--data-dir", str(empty))
+    assert_user_error(proc, "evolution.pkl", "SHA-256")
+    assert not empty.exists()

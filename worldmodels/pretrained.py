@@ -27,7 +27,6 @@ The paper's network sizes make about 19 MB in float32 (V 4.35 M, M 0.42 M parame
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import config
 from worldmodels import artifacts, storage
 
 ROOT = Path(__file__).resolve().parent.parent / "pretrained"
-MANIFEST = "MANIFEST.sha256"
+MANIFEST = storage.MANIFEST_NAME
 CONFIG = artifacts.CONFIG_FILE
 VISION = "vision.npz"
 RNN = "rnn.npz"
@@ -50,14 +49,6 @@ def folder(name_or_path) -> Path:
     """``pretrained/<name>`` of this repository, or the folder itself if a path to one is given."""
     path = Path(name_or_path)
     return path if path.is_dir() or len(path.parts) > 1 else ROOT / str(name_or_path)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights(model, prefix: str = "") -> dict[str, np.ndarray]:
@@ -109,30 +100,17 @@ def export(vision, rnn, params: np.ndarray, cfg: config.Config, out, *, generati
     for name, data in files.items():
         if data is not None:
             storage.atomic_write_bytes(out / name, data)
-    storage.atomic_write_text(out / MANIFEST, "".join(f"{sha256(out / name)}  {name}\n" for name in FILES))
+    storage.write_manifest(out, FILES)
     return out
 
 
 def verify(path) -> None:
     """Check every file of the folder against ``MANIFEST.sha256``; CorruptFileError (one line) on any mismatch."""
     path = Path(path)
-    manifest = path / MANIFEST
-    if not manifest.exists():
+    if not (path / MANIFEST).exists():
         raise storage.MissingDataError(f"no pretrained agent at {path} (no {MANIFEST}); available: "
                                        f"{', '.join(available()) or 'none'}")
-    listed = {}
-    for line in manifest.read_text().splitlines():
-        digest, _, name = line.partition("  ")
-        listed[name.strip()] = digest.strip()
-    if set(listed) != set(FILES):
-        raise storage.CorruptFileError(f"{manifest} lists {sorted(listed)}, expected {sorted(FILES)}")
-    for name, digest in listed.items():
-        if not (path / name).exists():
-            raise storage.CorruptFileError(f"{path / name} is missing; the pretrained agent is incomplete")
-        actual = sha256(path / name)
-        if actual != digest:
-            raise storage.CorruptFileError(f"{path / name} has SHA-256 {actual[:12]}..., its manifest says "
-                                           f"{digest[:12]}...: the file is damaged or was replaced; restore it")
+    storage.verify_manifest(path, "pretrained agent", FILES)
 
 
 def available() -> list[str]:

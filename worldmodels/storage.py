@@ -26,6 +26,7 @@ Reading validates keys, dtypes, shapes and lengths and turns every low-level fai
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -162,6 +163,64 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
             tmp.unlink()
             removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------- manifests
+
+MANIFEST_NAME = "MANIFEST.sha256"
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, names: Iterable[str]) -> Path:
+    """Write ``<folder>/MANIFEST.sha256`` (``sha256sum`` format) for ``names``, paths relative to ``folder``.
+
+    Written last and atomically, so a folder with a manifest is complete; ``sha256sum -c`` checks it too.
+    """
+    folder = Path(folder)
+    lines = "".join(f"{sha256(folder / name)}  {name}\n" for name in sorted(names))
+    return atomic_write_text(folder / MANIFEST_NAME, lines)
+
+
+def read_manifest(folder: str | os.PathLike, what: str) -> dict[str, str]:
+    """``{relative path: digest}`` listed by ``<folder>/MANIFEST.sha256``; MissingDataError if there is none."""
+    manifest = Path(folder) / MANIFEST_NAME
+    if not manifest.exists():
+        raise MissingDataError(f"no {what} at {folder} (no {MANIFEST_NAME})")
+    listed = {}
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if not name.strip() or len(digest.strip()) != 64:
+            raise CorruptFileError(f"{manifest}: the line {line!r} is not '<sha256>  <file>'")
+        listed[name.strip()] = digest.strip()
+    return listed
+
+
+def verify_manifest(folder: str | os.PathLike, what: str, expected: Iterable[str] | None = None) -> dict[str, str]:
+    """Check every file listed in ``<folder>/MANIFEST.sha256`` (and, if given, that it lists exactly ``expected``).
+
+    Returns the listing. Raises MissingDataError if there is no manifest and CorruptFileError (one line)
+    for a missing file, a file whose digest differs, or a listing other than ``expected``.
+    """
+    folder = Path(folder)
+    listed = read_manifest(folder, what)
+    if expected is not None and set(listed) != set(expected):
+        raise CorruptFileError(f"{folder / MANIFEST_NAME} lists {sorted(listed)}, expected {sorted(expected)}")
+    for name, digest in listed.items():
+        if not (folder / name).exists():
+            raise CorruptFileError(f"{folder / name} is missing; the {what} is incomplete")
+        actual = sha256(folder / name)
+        if actual != digest:
+            raise CorruptFileError(f"{folder / name} has SHA-256 {actual[:12]}..., its manifest says "
+                                   f"{digest[:12]}...: the file is damaged or was replaced; restore it")
+    return listed
 
 
 # --------------------------------------------------------------------------- episode files

@@ -1,0 +1,167 @@
+"""A long stage-5 search carried between machines that keep nothing: ``checkpoints/<name>/``.
+
+    python -m worldmodels.carry save --data-dir /mnt/run --name cpu-gan-s0 \\
+        --command "python 05_train_controller.py --preset cpu --data-dir /mnt/run --set vae.model=vae_gan"
+    python -m worldmodels.carry restore cpu-gan-s0 --data-dir /mnt/run      # on the next machine
+    python 05_train_controller.py --preset cpu --data-dir /mnt/run --set vae.model=vae_gan   # goes on
+
+Stage 5 resumes bit for bit from its own folder (``worldmodels.evolution``), but only on a
+machine that still has that folder. A spot instance, a laptop that is wiped, or a workplace
+that hands out a fresh machine per working session keeps nothing, and a search of many hours
+would start again from generation 0 each time. A carry is the smallest set of files from which
+the search continues exactly where it stopped, copied byte for byte (so the resumed search is the
+uninterrupted one):
+
+* V: ``<vae or vae_gan>/<model>.keras`` with its ``config.json`` (and ``metrics.json``);
+* M: ``rnn/rnn.keras`` with its ``config.json`` (and ``metrics.json``);
+* the search folder (``controller/`` or a dream folder): its checkpoint ``evolution.pkl``,
+  ``history.csv``, ``eval.csv``, ``controller.npz``, ``config.json`` and ``metrics.json``
+  (the figures are redrawn from the tables);
+* ``carry.json`` (the generation, the command that continues it) and ``MANIFEST.sha256``.
+
+No rollouts, latent series or training state of V and M are carried: a real-environment search
+needs none of them. Saving over an existing carry replaces only the files that changed, so a
+version-controlled carry grows by about the checkpoint (~13 MB for the paper's 867 parameters,
+whose CMA covariance is 867 x 867) per save. Restoring checks every file against the manifest
+first and refuses to overwrite a different file in the data folder unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import config
+from worldmodels import artifacts, storage
+
+ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+INFO = "carry.json"
+SEARCH_FILES = ("evolution.pkl", "history.csv", "eval.csv", artifacts.CONTROLLER_FILE, artifacts.CONFIG_FILE,
+                artifacts.METRICS_FILE)
+MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE)
+
+
+def folder(name_or_path) -> Path:
+    """``checkpoints/<name>`` of this repository, or the folder itself if a path is given."""
+    path = Path(name_or_path)
+    return path if path.is_dir() or len(path.parts) > 1 else ROOT / str(name_or_path)
+
+
+def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
+    """Paths (relative to ``data_dir``) of the files a carry of the search folder ``search`` holds.
+
+    V's kind is read from the search's own ``config.json``. Raises MissingDataError, naming what
+    is missing, if the search has no checkpoint yet or V or M is absent.
+    """
+    data_dir = Path(data_dir)
+    saved = data_dir / search / artifacts.CONFIG_FILE
+    if not (data_dir / search / "evolution.pkl").exists() or not saved.exists():
+        raise storage.MissingDataError(f"{data_dir / search} holds no search checkpoint (evolution.pkl and "
+                                       f"config.json); run stage 5 for at least one generation first")
+    cfg = config.load_config(saved)
+    vision_folder, vision_name = artifacts.VISION[cfg.vae.model]
+    groups = ((vision_folder, (vision_name,) + MODEL_FILES), (artifacts.RNN[0], (artifacts.RNN[1],) + MODEL_FILES),
+              (search, SEARCH_FILES))
+    names = []
+    for sub, files in groups:
+        for name in files:
+            if (data_dir / sub / name).exists():
+                names.append(f"{sub}/{name}")
+            elif name not in (artifacts.METRICS_FILE, "eval.csv", artifacts.CONTROLLER_FILE):
+                raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
+    return names
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as f:
+        storage.atomic_write(target, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def save(data_dir, name_or_path, *, search: str = artifacts.CONTROLLER, command: str = "") -> dict:
+    """Copy the files of :func:`carried_files` into the carry folder; returns its ``carry.json``.
+
+    Stop the search first: a copy taken while a generation is being written may pair a history
+    with the checkpoint before it (each file is complete, but not the set).
+    """
+    data_dir, out = Path(data_dir), folder(name_or_path)
+    names = carried_files(data_dir, search)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in set(storage.read_manifest(out, "carry")) - set(names) if (out / storage.MANIFEST_NAME).exists() else ():
+        (out / stale).unlink(missing_ok=True)
+    for name in names:
+        if not (out / name).exists() or storage.sha256(out / name) != storage.sha256(data_dir / name):
+            _copy(data_dir / name, out / name)
+    with open(data_dir / search / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    info = {"search": search, "generation": len(history), "command": command,
+            "elapsed_seconds": float(history[-1]["elapsed"]) if history else 0.0,
+            "env_steps": int(sum(steps for steps in (float(row.get("env_steps") or "nan") for row in history)
+                                 if math.isfinite(steps)))}
+    storage.atomic_write_json(out / INFO, info)
+    storage.write_manifest(out, names + [INFO])
+    return info
+
+
+def restore(name_or_path, data_dir, *, force: bool = False) -> dict:
+    """Check the carry against its manifest, then copy its files into ``data_dir``; returns ``carry.json``.
+
+    A file already in ``data_dir`` with the same content is left alone; one with other content is
+    an error naming it (the data folder holds another run, or a search that went further) unless
+    ``force``.
+    """
+    source, data_dir = folder(name_or_path), Path(data_dir)
+    if not (source / storage.MANIFEST_NAME).exists():
+        raise storage.MissingDataError(f"no carry at {source} (no {storage.MANIFEST_NAME}); available: "
+                                       f"{', '.join(available()) or 'none'}")
+    listed = storage.verify_manifest(source, "carry")
+    names = [name for name in listed if name != INFO]
+    differ = [name for name in names if (data_dir / name).exists() and storage.sha256(data_dir / name) != listed[name]]
+    if differ and not force:
+        raise storage.CorruptFileError(
+            f"{data_dir} already holds other versions of {', '.join(differ)} (another run, or a search that went "
+            f"further); restore into an empty folder, or pass --force to replace them")
+    for name in names:
+        if not (data_dir / name).exists() or storage.sha256(data_dir / name) != listed[name]:
+            _copy(source / name, data_dir / name)
+    return storage.read_json(source / INFO)
+
+
+def available() -> list[str]:
+    return sorted(p.name for p in ROOT.glob("*") if (p / storage.MANIFEST_NAME).exists()) if ROOT.is_dir() else []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    put = commands.add_parser("save", help="copy a stopped search (with its V and M) into checkpoints/<name>/")
+    put.add_argument("--data-dir", type=Path, required=True, help="the run's data folder")
+    put.add_argument("--name", required=True, help="name under checkpoints/ (or a folder path)")
+    put.add_argument("--search", default=artifacts.CONTROLLER,
+                     help="the search folder inside the data folder (default: controller)")
+    put.add_argument("--command", dest="resume", default="", help="the command that continues the search")
+    get = commands.add_parser("restore", help="copy a carry into a data folder, to continue its search")
+    get.add_argument("name", help="name under checkpoints/ (or a folder path)")
+    get.add_argument("--data-dir", type=Path, required=True, help="the data folder to continue in")
+    get.add_argument("--force", action="store_true", help="replace files of the data folder that differ")
+    args = parser.parse_args(argv)
+    if args.command == "save":
+        info = save(args.data_dir, args.name, search=args.search, command=args.resume)
+        out = folder(args.name)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        print(f"{out}: generation {info['generation']}, {size / 1e6:.1f} MB; restore it with: "
+              f"python -m worldmodels.carry restore {args.name} --data-dir DIR")
+        return 0
+    info = restore(args.name, args.data_dir, force=args.force)
+    print(f"{args.data_dir}: restored generation {info['generation']} of {info['search']}/"
+          + (f"; continue with: {info['command']}" if info.get("command") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    from worldmodels import cli
+
+    cli.run(main)
