@@ -12,8 +12,8 @@ would start again from generation 0 each time. A carry is the smallest set of fi
 the search continues exactly where it stopped, copied byte for byte (so the resumed search is the
 uninterrupted one):
 
-* V: ``<vae or vae_gan>/<model>.keras`` with its ``config.json`` (and ``metrics.json``);
-* M: ``rnn/rnn.keras`` with its ``config.json`` (and ``metrics.json``);
+* V: ``<vae or vae_gan>/<model>.keras`` with its ``config.json`` (and ``metrics.json``, ``split.json``);
+* M: ``rnn/rnn.keras`` with its ``config.json`` (and ``metrics.json``, ``split.json``);
 * the search folder (``controller/`` or a dream folder): its checkpoint ``evolution.pkl``,
   ``history.csv``, ``eval.csv``, ``controller.npz``, ``config.json`` and ``metrics.json``
   (the figures are redrawn from the tables);
@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 INFO = "carry.json"
 SEARCH_FILES = ("evolution.pkl", "history.csv", "eval.csv", artifacts.CONTROLLER_FILE, artifacts.CONFIG_FILE,
                 artifacts.METRICS_FILE)
-MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE)
+MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE, artifacts.SPLIT_FILE)
+# Carried when present; every other file listed above must exist.
+OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.CONTROLLER_FILE)
 
 
 def folder(name_or_path) -> Path:
@@ -70,7 +72,7 @@ def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
         for name in files:
             if (data_dir / sub / name).exists():
                 names.append(f"{sub}/{name}")
-            elif name not in (artifacts.METRICS_FILE, "eval.csv", artifacts.CONTROLLER_FILE):
+            elif name not in OPTIONAL:
                 raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
     return names
 
