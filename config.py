@@ -53,9 +53,15 @@ class DataConfig:
     max_steps: int = _f(1000, "time limit of an episode in environment steps (CarRacing-v3 default: 1000)")
     policy: str = _f("brownian", "exploration policy, or a mix such as 'expert:0.5,brownian:0.5' (one policy per "
                                  "episode, chosen from (seed, episode)): 'brownian' (temporally correlated random "
-                                 "actions), 'uniform', or 'expert' (a noisy pure-pursuit driver)")
+                                 "actions), 'uniform', 'expert' (a noisy pure-pursuit driver), or 'controller' "
+                                 "(the trained C of data.controller with V and M, plus correlated action noise)")
     expert_noise: float = _f(1.0, "noise scale of the 'expert' policy: steering and speed noise and lapses "
                                   "(0 = clean laps, 1 = default: leaves the road and recovers)")
+    controller: str = _f("", "the 'controller' policy's controller: a folder of stage 5 or 06_iterate (or its "
+                             "controller.npz), driven with the M beside it and the nearest V above; "
+                             "'' = <data-dir>/controller")
+    controller_noise: float = _f(0.1, "std of the temporally correlated noise added to the 'controller' policy's "
+                                      "actions (as iterate.action_noise)")
     seed: int = _f(0, "base seed; episode i is reproducible from (seed, i)")
     workers: int = _f(0, "parallel worker processes; 0 means one per CPU core")
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
@@ -384,8 +390,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# The policies of stage 1 (``worldmodels.policies.POLICIES`` builds them; a test keeps the two in step).
-POLICY_NAMES = ("brownian", "uniform", "expert")
+# The policies of stage 1 (``worldmodels.policies.POLICIES`` builds all but ``controller``, which
+# ``worldmodels.recording`` drives; a test keeps them in step).
+POLICY_NAMES = ("brownian", "uniform", "expert", "controller")
 
 
 def parse_policy_mix(spec: str) -> tuple[tuple[str, float], ...]:
@@ -442,7 +449,7 @@ def _validate(cfg: Config) -> None:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
-        "data.workers", "data.expert_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
+        "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
     ]

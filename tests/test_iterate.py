@@ -167,7 +167,7 @@ class FakeWorld:
 
 
 def noisy_actions(seeds, scale, steps=200, action=(0.0, 0.5, 0.0)):
-    from worldmodels.iterate import NoisyWorld
+    from worldmodels.recording import NoisyWorld
 
     fake = FakeWorld()
     world = NoisyWorld(fake, scale)

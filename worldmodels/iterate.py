@@ -8,11 +8,10 @@ in ``<data>/iterations/iter_<iii>/``:
 
 1. ``rollouts/``: ``iterate.episodes`` real episodes of the current controller (iteration 1: the
    ``params`` of ``<data>/controller/`` or of a ``<data>/controller_dream_t*/``, else the CMA
-   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``
-   (:class:`NoisyWorld`), seen through V and the previous iteration's M exactly as in stage 5
-   (:class:`~worldmodels.rollout.RealWorld`), recorded in stage 1's layout (:class:`RecordingPool`,
-   ``storage.save_episode``) on ``env.observation`` frames, each file tagged with the policy
-   "controller" (stage 1's ``policy`` array, which encoding passes on). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
+   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``,
+   seen through V and the previous iteration's M exactly as in stage 5, recorded in stage 1's layout on
+   ``env.observation`` frames, each file tagged with the policy "controller" (``worldmodels.recording``,
+   the code of stage 1's ``controller`` policy). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
    every name is unique over all folders (M's held-out split is decided by the name).
 2. ``series/``: the episodes encoded by V (``worldmodels.encode``, stage 3's code).
 3. ``rnn/``: M fine-tuned from the previous iteration's M (iteration 1: ``<data>/rnn/``) for
@@ -27,7 +26,8 @@ in ``<data>/iterations/iter_<iii>/``:
 Resumable after SIGKILL anywhere: every step skips what is complete (the stages' own resume
 logic: episode files are atomic, M and the search resume from their checkpoints, a finished run
 is a no-op) and the row is appended last, so a rerun of the same command reaches the same rows.
-A collection or encoding cut short is redone whole (saving only the missing files), because V's
+A collection cut short drives again every wave of :data:`~worldmodels.recording.WAVE` episodes that has
+a missing one (saving only the missing files), and an encoding cut short is redone whole, because V's
 and M's float results depend on the batch size in the last bit: an episode is reproduced
 exactly only in the batches it first ran in.
 An iteration's folder is never written by a later one; a larger ``iterate.iterations`` continues.
@@ -53,22 +53,16 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_evaluation, controller_training, diagnostics, encode, envpool,
-                         figures, rnn_training, rollout, sequences, stage, storage)
-from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_seed
+from worldmodels import (artifacts, collect, controller_evaluation, controller_training, diagnostics, encode, figures,
+                         recording, rnn_training, sequences, stage, storage)
+from worldmodels.env import episode_seed
 
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
-CONTROLLER_POLICY = "controller"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
 # Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET).
 COLLECT_SEED_OFFSET = 3 * 10**6
-# Episodes collected at once: each holds its frames in memory until it ends (12 KB a frame, 1000 frames
-# an episode), so 32 at once need ~400 MB; the waves are the same in every run, so resuming stays exact.
-COLLECT_CONCURRENT = 32
-# Mixed into an episode's track seed to seed its action noise, a stream apart from the z noise.
-ACTION_NOISE_KEY = 0xAC7109
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
@@ -103,120 +97,25 @@ def models_dir(data_dir, iteration: int) -> Path:
 # --------------------------------------------------------------------------- collecting
 
 
-class NoisyWorld:
-    """A world (``worldmodels.rollout``) whose agents' actions get temporally correlated noise.
-
-    Per agent, n_{t+1} = (1 - theta) n_t + s sqrt(1 - (1 - theta)^2) eps_t, eps_t ~ N(0, I_3), an
-    Ornstein-Uhlenbeck process with stationary std ``scale`` and the correlation time of
-    :class:`~worldmodels.env.BrownianPolicy` (theta = 0.1, ~10 steps). ``step`` applies
-    clip(a_t + n_t) (B, 3) to CarRacing's action box, so M reads the actions actually taken. The
-    noise of an episode comes from a generator seeded by its track seed, drawn once per step:
-    an episode is reproducible from its seed alone, whatever wave it runs in.
-    """
-
-    def __init__(self, world, scale: float):
-        if not scale >= 0:
-            raise ValueError(f"action noise must be >= 0, got {scale!r}")
-        self.world, self.scale = world, float(scale)
-        self.capacity, self.z_size, self.hidden_size = world.capacity, world.z_size, world.hidden_size
-        self._rngs: list[np.random.Generator] = []
-        self._noise = np.zeros((0, 3))
-
-    def reset(self, seeds):
-        self._rngs = [np.random.default_rng([int(seed), ACTION_NOISE_KEY]) for seed in np.asarray(seeds)]
-        self._noise = np.zeros((len(self._rngs), 3))
-        return self.world.reset(seeds)
-
-    def step(self, env_actions, active):
-        keep = 1.0 - BrownianPolicy.theta
-        eps = np.stack([rng.standard_normal(3) for rng in self._rngs])
-        self._noise = keep * self._noise + self.scale * math.sqrt(1.0 - keep * keep) * eps
-        noisy = np.clip(np.asarray(env_actions) + self._noise, ACTION_LOW, ACTION_HIGH).astype(np.float32)
-        return self.world.step(noisy, active)
-
-
-class RecordingPool:
-    """A :class:`~worldmodels.envpool.CarRacingPool` that records its episodes in stage 1's rollout layout.
-
-    ``obs[t]`` (64, 64, 3) uint8 is the frame before ``action[t]`` (3,), as ``collect.record_episode``
-    records it; when an episode ends, ``save(arrays)`` gets its arrays (``storage.ROLLOUT_SCHEMA``).
-    """
-
-    def __init__(self, pool, save):
-        self.pool, self.save = pool, save
-        self.num_envs = pool.num_envs
-        self._episodes: list[dict] = []
-        self._step: tuple | None = None
-
-    def reset(self, seeds):
-        frames = self.pool.reset(seeds)
-        self._episodes = [{"obs": [frame], "action": [], "reward": [], "terminated": [], "truncated": [],
-                           "seed": int(seed)} for frame, seed in zip(frames, np.asarray(seeds))]
-        return frames
-
-    def step_async(self, actions, active=None):
-        active = np.ones(len(self._episodes), bool) if active is None else np.asarray(active, bool)
-        self._step = (np.asarray(actions, np.float32).copy(), active.copy())
-        self.pool.step_async(actions, active)
-
-    def step_wait(self):
-        frames, reward, terminated, truncated = self.pool.step_wait()
-        actions, active = self._step
-        for i in np.flatnonzero(active):
-            episode = self._episodes[i]
-            for key, value in (("action", actions[i]), ("reward", reward[i]), ("terminated", terminated[i]),
-                               ("truncated", truncated[i])):
-                episode[key].append(value)
-            if terminated[i] or truncated[i]:
-                self.save(_rollout_arrays(episode))
-            else:
-                episode["obs"].append(frames[i])
-        return frames, reward, terminated, truncated
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def _rollout_arrays(episode: dict) -> dict[str, np.ndarray]:
-    """The lists of :class:`RecordingPool` as the arrays of a rollout file (T frames, T steps)."""
-    return {"obs": np.stack(episode["obs"]), "action": np.asarray(episode["action"], np.float32),
-            "reward": np.asarray(episode["reward"], np.float32),
-            "terminated": np.asarray(episode["terminated"], bool), "truncated": np.asarray(episode["truncated"], bool),
-            "seed": np.int64(episode["seed"]), "policy": np.str_(CONTROLLER_POLICY)}
-
-
 def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> int:
     """Record the missing episodes of ``iteration`` with controller ``params`` (N,) plus noise; returns how many."""
     folder = iteration_dir(data_dir, iteration) / artifacts.ROLLOUTS
     first = iteration * EPISODE_BLOCK
     pending, notes = collect.pending_indices(folder, cfg.iterate.episodes, first)
-    pending = set(pending)
     for note in notes:
         log(note)
     config.save_config(cfg, folder)
     if not pending:
         return 0
-    # Every episode of the iteration is driven again, the complete ones unsaved: V's and M's float results
-    # depend on the batch size in the last bit, so an episode is reproducible only in the same waves.
-    index_of = {episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, first + j): first + j
-                for j in range(cfg.iterate.episodes)}
-    if len(index_of) != cfg.iterate.episodes:
-        raise ValueError("two collection episodes drew the same track seed; change iterate.seed")
-
-    def save(arrays):
-        index = index_of[int(arrays["seed"])]
-        if index in pending:
-            storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", cfg.data.compresslevel)
-
+    indices = range(first, first + cfg.iterate.episodes)
+    seeds = [episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, index) for index in indices]
     c = cfg.controller
-    log(f"iteration {iteration}: collecting {len(pending)} of {len(index_of)} episode(s) with the controller plus "
+    log(f"iteration {iteration}: collecting {len(pending)} of {len(indices)} episode(s) with the controller plus "
         f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    with envpool.CarRacingPool(min(len(index_of), COLLECT_CONCURRENT), cfg.data.max_steps,
-                               c.backend, c.workers, c.ray_address, observation=cfg.env.observation) as pool:
-        world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, c.z_input), cfg.iterate.action_noise)
-        rollout.run_episodes(world, np.asarray(params)[None], np.array(list(index_of), np.int64)[None],
-                             cfg.data.max_steps, progress=f"iteration {iteration}: collecting")
-    return len(pending)
+    driving = recording.Driving(cfg.data.max_steps, cfg.iterate.action_noise, c.z_input, cfg.env.observation,
+                                c.backend, c.workers, c.ray_address, cfg.data.compresslevel)
+    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn, driving,
+                                      progress=f"iteration {iteration}: collecting")
 
 
 # --------------------------------------------------------------------------- the other steps
