@@ -179,6 +179,13 @@ class IterateConfig:
     generations: int = _f(200, "CMA-ES generations in the dream per iteration, starting from the previous controller")
     eval_episodes: int = _f(100, "held-out real tracks on which each iteration's controller is scored")
     seed: int = _f(0, "seed of the collection tracks and the action noise of every iteration")
+    curiosity_variants: int = _f(0, "noisy variants of the controller (step controller.sigma_init) that, with it, each "
+                                    "drive one short real episode before the collection; the fittest by return + "
+                                    "iterate.curiosity x M's NLL collects (0 = off: the controller collects)")
+    curiosity: float = _f(0.0, "beta: weight of M's surprise, its NLL of each observed transition z_t -> z_t+1 "
+                               "(nats per latent dimension), added to the real reward of the variants' episodes "
+                               "(0 = the variants are chosen by real return alone)")
+    curiosity_steps: int = _f(200, "steps of each variant's scoring episode (at most data.max_steps)")
 
 
 @dataclass(frozen=True)
@@ -443,7 +450,7 @@ def _validate(cfg: Config) -> None:
         "controller.generations", "controller.max_steps", "controller.eval_every",
         "controller.eval_episodes", "controller.final_eval_episodes", "dream.max_steps",
         "dream.batch_size", "iterate.iterations", "iterate.episodes", "iterate.rnn_steps", "iterate.generations",
-        "iterate.eval_episodes",
+        "iterate.eval_episodes", "iterate.curiosity_steps",
     ]
     for key in positive:
         if get(cfg, key) <= 0:
@@ -452,6 +459,7 @@ def _validate(cfg: Config) -> None:
         "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
+        "iterate.curiosity_variants", "iterate.curiosity",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
@@ -468,6 +476,9 @@ def _validate(cfg: Config) -> None:
     if cfg.controller.racing and cfg.controller.rollouts_per_member < 2:
         raise ConfigError("controller.racing needs controller.rollouts_per_member >= 2 (it halves the population "
                           "after the first track)")
+    if cfg.iterate.curiosity > 0 and cfg.iterate.curiosity_variants == 0:
+        raise ConfigError("iterate.curiosity weighs M's surprise in the choice among iterate.curiosity_variants "
+                          "variants of the controller; set iterate.curiosity_variants > 0 too")
     temps = (cfg.dream.temperature, *cfg.dream.temperatures)
     if any(t <= 0 for t in temps):
         raise ConfigError(f"dream temperatures must be > 0, got {temps}")
