@@ -13,6 +13,9 @@ in ``<data>/iterations/iter_<iii>/``:
    ``env.observation`` frames, each file tagged with the policy "controller" (``worldmodels.recording``,
    the code of stage 1's ``controller`` policy). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
    every name is unique over all folders (M's held-out split is decided by the name).
+   With ``iterate.curiosity_variants`` > 0 the collecting controller is instead the fittest of C and
+   that many variants of it by real return + ``iterate.curiosity`` x M's NLL of the transitions on one
+   short real episode each (``worldmodels.curiosity``), chosen once and kept in ``curiosity.npz``.
 2. ``series/``: the episodes encoded by V (``worldmodels.encode``, stage 3's code).
 3. ``rnn/``: M fine-tuned from the previous iteration's M (iteration 1: ``<data>/rnn/``) for
    ``iterate.rnn_steps`` steps on the series of stage 3 and of every iteration so far
@@ -37,6 +40,8 @@ iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, wh
 trained on: how well the dream predicted what the controller then met in reality. So are the diagnostics
 (``worldmodels.diagnostics``, :func:`diagnose_new_episodes`): the exploit gap of the same recorded actions from
 the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
+The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off) and the rank
+correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`).
 Tables written before those columns existed keep their rows, read with NaN in the new columns.
 """
 
@@ -53,21 +58,25 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_evaluation, controller_training, diagnostics, encode, figures,
-                         recording, rnn_training, sequences, stage, storage)
+from worldmodels import (artifacts, collect, controller_evaluation, controller_training, curiosity, diagnostics, encode,
+                         figures, recording, rnn_training, sequences, stage, storage)
 from worldmodels.env import episode_seed
 
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
-# Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET).
+# Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET), and of the
+# tracks on which the curiosity variants are scored (one per iteration).
 COLLECT_SEED_OFFSET = 3 * 10**6
+CURIOSITY_SEED_OFFSET = 4 * 10**6
+CURIOSITY_FILE = "curiosity.npz"
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
-    "env.observation",
+    "env.observation", "iterate.curiosity_variants", "iterate.curiosity", "iterate.curiosity_steps",
+    "controller.sigma_init",
 )
 # The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
 # in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
@@ -77,10 +86,20 @@ DIAGNOSTIC_STEPS = (1, 10, 50)
 DIAGNOSTIC_FIELDS = ("exploit_gap_same_actions",) + tuple(
     f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in DIAGNOSTIC_STEPS)
 DIAGNOSTICS_FIGURE = "diagnostics.png"
+# The curiosity's choice (worldmodels.curiosity; NaN when it is off): the chosen candidate (0 = C itself), its real
+# return and mean NLL per transition on its scoring episode, beta times that (the mean bonus per step), and the
+# real steps all candidates drove (counted in real_env_steps).
+CURIOSITY_FIELDS = ("curiosity_variant", "curiosity_return", "curiosity_nll", "curiosity_bonus", "curiosity_env_steps")
+# Spearman's rho between the dream and real scores of the controllers of iterations 1..i (NaN below 3 of them):
+# does a better dream score still mean a better real one, as the dream is refitted?
+RANK_FIELD = "dream_real_rank_corr"
+RANK_MIN_ITERATIONS = 3
+# Columns that tables written by earlier versions lack (read as NaN).
+LATER_FIELDS = DIAGNOSTIC_FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,)
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
-) + DIAGNOSTIC_FIELDS
+) + LATER_FIELDS
 log = stage.tagged("06")
 
 
@@ -109,13 +128,52 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
         return 0
     indices = range(first, first + cfg.iterate.episodes)
     seeds = [episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, index) for index in indices]
-    c = cfg.controller
     log(f"iteration {iteration}: collecting {len(pending)} of {len(indices)} episode(s) with the controller plus "
         f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    driving = recording.Driving(cfg.data.max_steps, cfg.iterate.action_noise, c.z_input, cfg.env.observation,
-                                c.backend, c.workers, c.ray_address, cfg.data.compresslevel)
-    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn, driving,
-                                      progress=f"iteration {iteration}: collecting")
+    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn,
+                                      driving(cfg, cfg.data.max_steps), progress=f"iteration {iteration}: collecting")
+
+
+def driving(cfg: config.Config, max_steps: int) -> recording.Driving:
+    """How every iteration drives in the real environment: ``iterate.action_noise``, the controller's z input
+    and parallelism, ``env.observation``."""
+    c = cfg.controller
+    return recording.Driving(max_steps, cfg.iterate.action_noise, c.z_input, cfg.env.observation, c.backend,
+                             c.workers, c.ray_address, cfg.data.compresslevel)
+
+
+def collecting_controller(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> np.ndarray:
+    """The controller (N,) that collects in ``iteration``: C's ``params`` itself, or with ``iterate.curiosity_variants``
+    > 0 the fittest of C and its variants (``worldmodels.curiosity.select``), chosen once and kept in the
+    iteration's :data:`CURIOSITY_FILE` (a resumed iteration collects with the same one)."""
+    if cfg.iterate.curiosity_variants == 0:
+        return params
+    path = iteration_dir(data_dir, iteration) / CURIOSITY_FILE
+    if not path.is_file():
+        it = cfg.iterate
+        log(f"iteration {iteration}: scoring the controller and {it.curiosity_variants} variant(s) by return + "
+            f"{it.curiosity} x M's NLL on one real episode each")
+        chosen = curiosity.select(params, vae, rnn, driving(cfg, min(it.curiosity_steps, cfg.data.max_steps)),
+                                  it.curiosity_variants, cfg.controller.sigma_init, it.curiosity,
+                                  episode_seed(CURIOSITY_SEED_OFFSET + it.seed, iteration),
+                                  [it.seed, iteration, curiosity.VARIANT_KEY])
+        storage.save_npz(path, chosen)
+    with np.load(path) as saved:
+        chosen = int(saved["chosen"])
+        log(f"iteration {iteration}: collecting with candidate {chosen} (0 = the controller itself) of {path}")
+        return saved["candidates"][chosen]
+
+
+def curiosity_row(cfg: config.Config, iteration: int, data_dir) -> dict:
+    """The :data:`CURIOSITY_FIELDS` of ``iteration`` from its :data:`CURIOSITY_FILE` (NaN and 0 steps without one)."""
+    path = iteration_dir(data_dir, iteration) / CURIOSITY_FILE
+    if not path.is_file():
+        return {**{key: math.nan for key in CURIOSITY_FIELDS}, "curiosity_env_steps": 0}
+    with np.load(path) as saved:
+        k = int(saved["chosen"])
+        nll = float(saved["nll"][k] / max(int(saved["transitions"][k]), 1))
+        return {"curiosity_variant": k, "curiosity_return": float(saved["returns"][k]), "curiosity_nll": nll,
+                "curiosity_bonus": cfg.iterate.curiosity * nll, "curiosity_env_steps": int(saved["lengths"].sum())}
 
 
 # --------------------------------------------------------------------------- the other steps
@@ -193,8 +251,8 @@ def current_controller(cfg: config.Config, data_dir, iteration: int) -> tuple[np
 def read_rows(path) -> list[dict]:
     """The rows of ``iterations.csv`` as written (strings), [] if it does not exist; damaged: CorruptFileError.
 
-    A table written before the diagnostics' columns existed reads with "nan" in them (its rows are kept as
-    they are, since their iterations' M and episodes may be gone).
+    A table written before the diagnostics' or the curiosity's columns existed reads with "nan" in them (its rows
+    are kept as they are, since their iterations' M and episodes may be gone).
     """
     path = Path(path)
     if not path.is_file():
@@ -202,7 +260,7 @@ def read_rows(path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0]) if rows else set(FIELDS)
-    if not set(FIELDS) - set(DIAGNOSTIC_FIELDS) <= columns <= set(FIELDS) or \
+    if not set(FIELDS) - set(LATER_FIELDS) <= columns <= set(FIELDS) or \
             any(not row["iteration"].isdigit() for row in rows):
         raise storage.CorruptFileError(f"{path} is not an iterations table with columns {', '.join(FIELDS)}; "
                                        "delete it to rewrite it from the iterations' folders")
@@ -272,9 +330,21 @@ def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
     return row
 
 
-def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None, seconds: float) -> dict:
+def score_rank_correlation(rows: list[dict], dream: float, real: float) -> float:
+    """:data:`RANK_FIELD` over the scores of ``rows`` (as read, strings) and of the new row: ``diagnostics.rank_correlation``
+    of the dream and real scores of every iteration so far, NaN with fewer than :data:`RANK_MIN_ITERATIONS`."""
+    dreams = [float(row["dream_score"]) for row in rows] + [float(dream)]
+    reals = [float(row["real_score"]) for row in rows] + [float(real)]
+    if len(dreams) < RANK_MIN_ITERATIONS:
+        return math.nan
+    return diagnostics.rank_correlation(dreams, reals)
+
+
+def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], seconds: float) -> dict:
     """The row of ``iteration`` from its folder: real environment steps (collection, the search's held-out
-    evaluations and the final score; cumulative from stage 1's episodes on), M on the new episodes, scores."""
+    evaluations and the final score, the curiosity's scoring episodes; cumulative from stage 1's episodes on),
+    M on the new episodes, scores, the curiosity's choice; ``rows`` are those of the iterations before."""
+    previous = rows[-1] if rows else None
     folder = iteration_dir(data_dir, iteration)
     out = folder / artifacts.CONTROLLER
     metrics = storage.read_json(out / artifacts.METRICS_FILE)
@@ -283,14 +353,16 @@ def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None
     collect_steps = _series_steps(artifacts.series_dir(folder))
     before = _series_steps(artifacts.series_dir(data_dir)) if previous is None else int(previous["real_env_steps"])
     m = rnn_on_new_episodes(cfg, iteration, data_dir)
+    curious = curiosity_row(cfg, iteration, data_dir)
     dream, real = metrics["dream"]["mean"], metrics["mean"]
     return {
         "iteration": iteration, "collect_steps": collect_steps, "eval_steps": eval_steps,
-        "real_env_steps": before + collect_steps + eval_steps,
+        "real_env_steps": before + collect_steps + eval_steps + curious["curiosity_env_steps"],
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
-        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS},
+        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS}, **curious,
+        RANK_FIELD: score_rank_correlation(rows, dream, real),
     }
 
 
@@ -303,7 +375,8 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     params, source = current_controller(cfg, data_dir, iteration)
     log(f"iteration {iteration}: controller {source}")
     previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
-    collect_episodes(cfg, iteration, data_dir, params, vae, previous_rnn)
+    collector = collecting_controller(cfg, iteration, data_dir, params, vae, previous_rnn)
+    collect_episodes(cfg, iteration, data_dir, collector, vae, previous_rnn)
     encoded = encode_episodes(cfg, iteration, data_dir, vae)
     log(f"iteration {iteration}: encoded {encoded} episode(s); fine-tuning M")
     fine_tune_rnn(cfg, iteration, data_dir)
@@ -337,7 +410,7 @@ def run_iterations(cfg: config.Config, data_dir, command: str = "") -> list[dict
     vae = artifacts.load_vision(data_dir, cfg)
     for iteration in range(len(rows) + 1, cfg.iterate.iterations + 1):
         seconds = run_iteration(cfg, iteration, data_dir, vae, command)
-        row = make_row(cfg, iteration, data_dir, rows[-1] if rows else None, seconds)
+        row = make_row(cfg, iteration, data_dir, rows, seconds)
         append_row(root / CSV_NAME, row)
         rows = read_rows(root / CSV_NAME)
         log(f"iteration {iteration}: real score {row['real_score']:.1f} +- {row['real_std']:.1f}, dream score "
