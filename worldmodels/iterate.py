@@ -76,8 +76,9 @@ ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
     "env.observation", "iterate.curiosity_variants", "iterate.curiosity", "iterate.curiosity_steps",
-    "controller.sigma_init",
 )
+# ... and with curiosity on, the step of its variants (a folder without curiosity keeps accepting any).
+CURIOSITY_KEYS = ("controller.sigma_init",)
 # The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
 # in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
 # enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
@@ -394,7 +395,7 @@ def check_iterations_folder(cfg: config.Config, data_dir) -> Path:
                           f"M is fine-tuned on them and the dream starts from them; make them with: "
                           f"python {artifacts.MAKERS[artifacts.SERIES]}")
     root = Path(data_dir) / ITERATIONS
-    stage.check_saved_config(root, cfg, ITERATE_KEYS)
+    stage.check_saved_config(root, cfg, ITERATE_KEYS + (CURIOSITY_KEYS if cfg.iterate.curiosity_variants else ()))
     root.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, root)
     return root
