@@ -141,3 +141,11 @@ def test_only_a_mix_with_the_controller_depends_on_what_c_sees():
     assert {"controller.z_input", "env.observation", "data.controller"} <= set(recording.rollout_keys(mixed))
     assert recording.controller_episodes(mixed) == [i for i in range(3) if policies.episode_policy(MIX, 0, i)
                                                     == "controller"]
+
+
+def test_a_rollouts_folder_of_the_controller_refuses_another_z_input(mixed):
+    """What C saw of V made its episodes: continuing them with controller.z_input=mean would mix two data sets."""
+    data, _ = mixed
+    proc = run_script("01_generate_data.py", "--set", f"data.policy={MIX}", "--set", f"data.episodes={EPISODES}",
+                      "--set", "controller.z_input=mean", data_dir=data, check=False)
+    assert_user_error(proc, "controller.z_input")
