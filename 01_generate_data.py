@@ -3,11 +3,13 @@
     python 01_generate_data.py --preset small            # 200 episodes, all cores
     python 01_generate_data.py --set data.episodes=50 --set data.workers=2
     python 01_generate_data.py --backend ray --ray-address auto   # on a Ray cluster
+    python 01_generate_data.py --set data.policy=controller:0.9,brownian:0.1   # 90% from <data-dir>/controller
 
 Each episode ``i`` is seeded from ``(data.seed, i)`` and saved atomically as
 ``rollouts/episode_<i>.npz``, so an interrupted run (Ctrl-C, SIGKILL, a terminated
 instance) loses at most the episodes in flight: rerun the same command to finish. One episode
-is recorded by ``worldmodels/collect.py`` (the exploration policy is in ``worldmodels/env.py``).
+is recorded by ``worldmodels/collect.py`` (the exploration policies are in ``worldmodels/policies.py``);
+the episodes of the ``controller`` policy are driven through V and M in waves by ``worldmodels/recording.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import time
 from tqdm import tqdm
 
 import config
-from worldmodels import artifacts, cli, collect, storage
+from worldmodels import artifacts, cli, collect, recording, storage
 from worldmodels.parallel import parallel_map, resolve_workers
-
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
 
     saved_path = folder / artifacts.CONFIG_FILE
     if saved_path.exists():
-        config.check_compatible(config.load_config(saved_path), cfg, artifacts.ROLLOUT_KEYS, f"{folder}")
+        config.check_compatible(config.load_config(saved_path), cfg, recording.rollout_keys(cfg), f"{folder}")
     config.save_config(cfg, folder)
 
     pending, notes = collect.pending_indices(folder, cfg.data.episodes)
@@ -45,11 +46,13 @@ def main(argv=None) -> int:
     print(f"[01] {folder}: {done} of {cfg.data.episodes} episodes already complete; recording {len(pending)} "
           f"with policy '{cfg.data.policy}' on {workers} worker(s), backend '{cfg.data.backend}', "
           f"{cfg.env.observation} observation")
+    driven = recording.record_controller_share(cfg, args.data_dir, folder, pending, args.ray_address)
+    blind = sorted(set(pending) - set(recording.controller_episodes(cfg)))
     jobs = [collect.EpisodeJob(i, str(folder), cfg.data.seed, cfg.data.max_steps, cfg.data.policy,
                                cfg.data.compresslevel, observation=cfg.env.observation,
-                               expert_noise=cfg.data.expert_noise) for i in pending]
+                               expert_noise=cfg.data.expert_noise) for i in blind]
     frames, peak_mb, start = 0, 0.0, time.perf_counter()
-    with tqdm(total=cfg.data.episodes, initial=done, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
+    with tqdm(total=cfg.data.episodes, initial=done + driven, unit="ep", desc="rollouts", dynamic_ncols=True) as bar:
         for result in parallel_map(collect.run_job, jobs, cfg.data.backend, workers, args.ray_address):
             frames += result.frames
             peak_mb = max(peak_mb, result.peak_rss_mb)

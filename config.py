@@ -53,9 +53,15 @@ class DataConfig:
     max_steps: int = _f(1000, "time limit of an episode in environment steps (CarRacing-v3 default: 1000)")
     policy: str = _f("brownian", "exploration policy, or a mix such as 'expert:0.5,brownian:0.5' (one policy per "
                                  "episode, chosen from (seed, episode)): 'brownian' (temporally correlated random "
-                                 "actions), 'uniform', or 'expert' (a noisy pure-pursuit driver)")
+                                 "actions), 'uniform', 'expert' (a noisy pure-pursuit driver), or 'controller' "
+                                 "(the trained C of data.controller with V and M, plus correlated action noise)")
     expert_noise: float = _f(1.0, "noise scale of the 'expert' policy: steering and speed noise and lapses "
                                   "(0 = clean laps, 1 = default: leaves the road and recovers)")
+    controller: str = _f("", "the 'controller' policy's controller: a folder of stage 5 or 06_iterate (or its "
+                             "controller.npz), driven with the M beside it and the nearest V above; "
+                             "'' = <data-dir>/controller")
+    controller_noise: float = _f(0.1, "std of the temporally correlated noise added to the 'controller' policy's "
+                                      "actions (as iterate.action_noise)")
     seed: int = _f(0, "base seed; episode i is reproducible from (seed, i)")
     workers: int = _f(0, "parallel worker processes; 0 means one per CPU core")
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
@@ -173,6 +179,13 @@ class IterateConfig:
     generations: int = _f(200, "CMA-ES generations in the dream per iteration, starting from the previous controller")
     eval_episodes: int = _f(100, "held-out real tracks on which each iteration's controller is scored")
     seed: int = _f(0, "seed of the collection tracks and the action noise of every iteration")
+    curiosity_variants: int = _f(0, "noisy variants of the controller (step controller.sigma_init) that, with it, each "
+                                    "drive one short real episode before the collection; the fittest by return + "
+                                    "iterate.curiosity x M's NLL collects (0 = off: the controller collects)")
+    curiosity: float = _f(0.0, "beta: weight of M's surprise, its NLL of each observed transition z_t -> z_t+1 "
+                               "(nats per latent dimension), added to the real reward of the variants' episodes "
+                               "(0 = the variants are chosen by real return alone)")
+    curiosity_steps: int = _f(200, "steps of each variant's scoring episode (at most data.max_steps)")
 
 
 @dataclass(frozen=True)
@@ -384,8 +397,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# The policies of stage 1 (``worldmodels.policies.POLICIES`` builds them; a test keeps the two in step).
-POLICY_NAMES = ("brownian", "uniform", "expert")
+# The policies of stage 1 (``worldmodels.policies.POLICIES`` builds all but ``controller``, which
+# ``worldmodels.recording`` drives; a test keeps them in step).
+POLICY_NAMES = ("brownian", "uniform", "expert", "controller")
 
 
 def parse_policy_mix(spec: str) -> tuple[tuple[str, float], ...]:
@@ -436,15 +450,16 @@ def _validate(cfg: Config) -> None:
         "controller.generations", "controller.max_steps", "controller.eval_every",
         "controller.eval_episodes", "controller.final_eval_episodes", "dream.max_steps",
         "dream.batch_size", "iterate.iterations", "iterate.episodes", "iterate.rnn_steps", "iterate.generations",
-        "iterate.eval_episodes",
+        "iterate.eval_episodes", "iterate.curiosity_steps",
     ]
     for key in positive:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
-        "data.workers", "data.expert_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
+        "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
+        "iterate.curiosity_variants", "iterate.curiosity",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
@@ -461,6 +476,9 @@ def _validate(cfg: Config) -> None:
     if cfg.controller.racing and cfg.controller.rollouts_per_member < 2:
         raise ConfigError("controller.racing needs controller.rollouts_per_member >= 2 (it halves the population "
                           "after the first track)")
+    if cfg.iterate.curiosity > 0 and cfg.iterate.curiosity_variants == 0:
+        raise ConfigError("iterate.curiosity weighs M's surprise in the choice among iterate.curiosity_variants "
+                          "variants of the controller; set iterate.curiosity_variants > 0 too")
     temps = (cfg.dream.temperature, *cfg.dream.temperatures)
     if any(t <= 0 for t in temps):
         raise ConfigError(f"dream temperatures must be > 0, got {temps}")

@@ -45,6 +45,11 @@ def test_two_iterations_end_to_end(reference):
     assert "iteration 2: real score" in second.stdout
     steps = [int(row["real_env_steps"]) for row in rows]
     assert steps[0] > 0 and steps[1] == steps[0] + int(rows[1]["collect_steps"]) + int(rows[1]["eval_steps"])
+    # Curiosity is off by default: no scoring episodes, no choice; two iterations give no rank correlation.
+    for row in rows:
+        assert row["curiosity_env_steps"] == "0" and row["curiosity_variant"] == row["curiosity_bonus"] == "nan"
+        assert row["dream_real_rank_corr"] == "nan"
+    assert not any(data.glob("iterations/iter_*/curiosity.npz"))
     for i, row in enumerate(rows, start=1):
         folder = data / "iterations" / f"iter_{i:03d}"
         metrics = load_json(folder / "controller" / "metrics.json")
@@ -167,7 +172,7 @@ class FakeWorld:
 
 
 def noisy_actions(seeds, scale, steps=200, action=(0.0, 0.5, 0.0)):
-    from worldmodels.iterate import NoisyWorld
+    from worldmodels.recording import NoisyWorld
 
     fake = FakeWorld()
     world = NoisyWorld(fake, scale)
@@ -213,3 +218,43 @@ def test_reward_error_on_tile_steps_is_measured_on_those_steps_only(reference):
     got = sequences.evaluate_model(model, paths, 100, batch_size=3)  # one window per episode, from M's zero state
     np.testing.assert_allclose(got["reward_mse_tiles"], want.mean(), rtol=1e-4)
     assert got["reward_mse_tiles"] > got["reward_mse"]  # a tile's +3 is what M misses, not the -0.1
+
+
+def test_a_table_from_before_the_curiosity_reads_with_nan_and_takes_new_rows(tmp_path):
+    from worldmodels import iterate
+
+    old = [key for key in iterate.FIELDS if key not in iterate.CURIOSITY_FIELDS + (iterate.RANK_FIELD,)]
+    path = tmp_path / "iterations.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("1" if key == "iteration" else "2.5" for key in old) + "\n")
+    iterate.append_row(path, {key: (2 if key == "iteration" else 0.5) for key in iterate.FIELDS})
+    rows = iterate.read_rows(path)
+    assert rows[0]["curiosity_bonus"] == rows[0]["dream_real_rank_corr"] == "nan" and rows[0]["real_score"] == "2.5"
+    assert rows[1]["curiosity_bonus"] == "0.5"
+
+
+def test_the_rank_correlation_of_dream_and_real_scores_over_the_iterations():
+    from worldmodels import iterate
+
+    rows = [{"dream_score": "1.0", "real_score": "10.0"}, {"dream_score": "2.0", "real_score": "30.0"}]
+    assert math.isnan(iterate.score_rank_correlation(rows[:1], 3.0, 20.0))  # two iterations: too few
+    # Dream ranks 1, 2, 3 against real ranks 1, 3, 2: rho = 1 - 6 * 2 / (3 * 8) = 0.5.
+    assert iterate.score_rank_correlation(rows, 3.0, 20.0) == pytest.approx(0.5)
+    assert iterate.score_rank_correlation(rows, 3.0, 40.0) == pytest.approx(1.0)
+
+
+def test_old_iterations_configs_load_and_match_a_run_without_curiosity(tmp_path):
+    """An iterations folder's config.json from before the curiosity keys is compatible with curiosity off."""
+    import json
+
+    import config
+    from worldmodels import iterate
+
+    config.save_config(config.make_config("smoke"), tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("curiosity", "curiosity_variants", "curiosity_steps"):
+        del saved["iterate"][key]
+    old = config.from_dict(saved)
+    config.check_compatible(old, config.make_config("smoke"), iterate.ITERATE_KEYS, "old")
+    with pytest.raises(config.ConfigError, match="iterate.curiosity_variants"):
+        config.check_compatible(old, config.make_config("smoke", {"iterate.curiosity_variants": 2}),
+                                iterate.ITERATE_KEYS, "old")

@@ -10,7 +10,11 @@ from worldmodels.env import episode_seed, make_env, preprocess
 
 
 def test_every_configurable_policy_can_be_built():
-    assert set(config.POLICY_NAMES) == set(policies.POLICIES)
+    """Every policy but the controller is built per episode; the controller is driven by worldmodels.recording."""
+    assert set(config.POLICY_NAMES) == set(policies.POLICIES) | {policies.CONTROLLER_POLICY}
+    assert policies.CONTROLLER_POLICY not in policies.POLICIES
+    with pytest.raises(ValueError, match="worldmodels.recording"):
+        record_episode(10, "controller", seed=1)
 
 
 @pytest.mark.parametrize("spec, mix", [

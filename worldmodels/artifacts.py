@@ -45,7 +45,11 @@ MAKERS = {
 # other values of these.
 
 # What defines a rollout folder: the episodes a command records.
-ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps", "data.expert_noise")
+ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps", "data.expert_noise", "data.controller",
+                "data.controller_noise")
+# What else defines the episodes of the 'controller' policy (checked by stage 1 when data.policy has it): C's
+# actions depend on what it sees of V and on how the frames are drawn.
+CONTROLLER_ROLLOUT_KEYS = ("controller.z_input", "env.observation")
 # What V's consumers depend on.
 VISION_KEYS = ("vae.model", "vae.z_size")
 # What defines V for stage 2 itself: a V folder made with other values is not continued.

@@ -17,7 +17,7 @@ import numpy as np
 import config
 from worldmodels import storage
 from worldmodels.env import episode_seed, make_env, preprocess
-from worldmodels.policies import POLICIES, episode_policy
+from worldmodels.policies import CONTROLLER_POLICY, POLICIES, episode_policy
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ def record_episode(max_steps: int, policy: str, seed: int, data: config.DataConf
     policies' own settings (the expert's noise); by default the config's defaults.
     ``observation`` is ``make_env``'s ("stock" or "fast"); the actions and rewards do not depend on it.
     """
+    if policy == CONTROLLER_POLICY:
+        raise ValueError("the 'controller' policy drives many episodes at once through V and M: "
+                         "worldmodels.recording records its episodes, not record_episode")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     env = make_env(max_steps, observation=observation)

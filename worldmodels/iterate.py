@@ -8,12 +8,14 @@ in ``<data>/iterations/iter_<iii>/``:
 
 1. ``rollouts/``: ``iterate.episodes`` real episodes of the current controller (iteration 1: the
    ``params`` of ``<data>/controller/`` or of a ``<data>/controller_dream_t*/``, else the CMA
-   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``
-   (:class:`NoisyWorld`), seen through V and the previous iteration's M exactly as in stage 5
-   (:class:`~worldmodels.rollout.RealWorld`), recorded in stage 1's layout (:class:`RecordingPool`,
-   ``storage.save_episode``) on ``env.observation`` frames, each file tagged with the policy
-   "controller" (stage 1's ``policy`` array, which encoding passes on). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
+   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``,
+   seen through V and the previous iteration's M exactly as in stage 5, recorded in stage 1's layout on
+   ``env.observation`` frames, each file tagged with the policy "controller" (``worldmodels.recording``,
+   the code of stage 1's ``controller`` policy). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
    every name is unique over all folders (M's held-out split is decided by the name).
+   With ``iterate.curiosity_variants`` > 0 the collecting controller is instead the fittest of C and
+   that many variants of it by real return + ``iterate.curiosity`` x M's NLL of the transitions on one
+   short real episode each (``worldmodels.curiosity``), chosen once and kept in ``curiosity.npz``.
 2. ``series/``: the episodes encoded by V (``worldmodels.encode``, stage 3's code).
 3. ``rnn/``: M fine-tuned from the previous iteration's M (iteration 1: ``<data>/rnn/``) for
    ``iterate.rnn_steps`` steps on the series of stage 3 and of every iteration so far
@@ -27,7 +29,8 @@ in ``<data>/iterations/iter_<iii>/``:
 Resumable after SIGKILL anywhere: every step skips what is complete (the stages' own resume
 logic: episode files are atomic, M and the search resume from their checkpoints, a finished run
 is a no-op) and the row is appended last, so a rerun of the same command reaches the same rows.
-A collection or encoding cut short is redone whole (saving only the missing files), because V's
+A collection cut short drives again every wave of :data:`~worldmodels.recording.WAVE` episodes that has
+a missing one (saving only the missing files), and an encoding cut short is redone whole, because V's
 and M's float results depend on the batch size in the last bit: an episode is reproduced
 exactly only in the batches it first ran in.
 An iteration's folder is never written by a later one; a larger ``iterate.iterations`` continues.
@@ -37,6 +40,8 @@ iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, wh
 trained on: how well the dream predicted what the controller then met in reality. So are the diagnostics
 (``worldmodels.diagnostics``, :func:`diagnose_new_episodes`): the exploit gap of the same recorded actions from
 the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
+The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off) and the rank
+correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`).
 Tables written before those columns existed keep their rows, read with NaN in the new columns.
 """
 
@@ -53,28 +58,27 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_evaluation, controller_training, diagnostics, encode, envpool,
-                         figures, rnn_training, rollout, sequences, stage, storage)
-from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_seed
+from worldmodels import (artifacts, collect, controller_evaluation, controller_training, curiosity, diagnostics, encode,
+                         figures, recording, rnn_training, sequences, stage, storage)
+from worldmodels.env import episode_seed
 
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
-CONTROLLER_POLICY = "controller"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
-# Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET).
+# Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET), and of the
+# tracks on which the curiosity variants are scored (one per iteration).
 COLLECT_SEED_OFFSET = 3 * 10**6
-# Episodes collected at once: each holds its frames in memory until it ends (12 KB a frame, 1000 frames
-# an episode), so 32 at once need ~400 MB; the waves are the same in every run, so resuming stays exact.
-COLLECT_CONCURRENT = 32
-# Mixed into an episode's track seed to seed its action noise, a stream apart from the z noise.
-ACTION_NOISE_KEY = 0xAC7109
+CURIOSITY_SEED_OFFSET = 4 * 10**6
+CURIOSITY_FILE = "curiosity.npz"
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
-    "env.observation",
+    "env.observation", "iterate.curiosity_variants", "iterate.curiosity", "iterate.curiosity_steps",
 )
+# ... and with curiosity on, the step of its variants (a folder without curiosity keeps accepting any).
+CURIOSITY_KEYS = ("controller.sigma_init",)
 # The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
 # in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
 # enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
@@ -83,10 +87,20 @@ DIAGNOSTIC_STEPS = (1, 10, 50)
 DIAGNOSTIC_FIELDS = ("exploit_gap_same_actions",) + tuple(
     f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in DIAGNOSTIC_STEPS)
 DIAGNOSTICS_FIGURE = "diagnostics.png"
+# The curiosity's choice (worldmodels.curiosity; NaN when it is off): the chosen candidate (0 = C itself), its real
+# return and mean NLL per transition on its scoring episode, beta times that (the mean bonus per step), and the
+# real steps all candidates drove (counted in real_env_steps).
+CURIOSITY_FIELDS = ("curiosity_variant", "curiosity_return", "curiosity_nll", "curiosity_bonus", "curiosity_env_steps")
+# Spearman's rho between the dream and real scores of the controllers of iterations 1..i (NaN below 3 of them):
+# does a better dream score still mean a better real one, as the dream is refitted?
+RANK_FIELD = "dream_real_rank_corr"
+RANK_MIN_ITERATIONS = 3
+# Columns that tables written by earlier versions lack (read as NaN).
+LATER_FIELDS = DIAGNOSTIC_FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,)
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
-) + DIAGNOSTIC_FIELDS
+) + LATER_FIELDS
 log = stage.tagged("06")
 
 
@@ -103,120 +117,64 @@ def models_dir(data_dir, iteration: int) -> Path:
 # --------------------------------------------------------------------------- collecting
 
 
-class NoisyWorld:
-    """A world (``worldmodels.rollout``) whose agents' actions get temporally correlated noise.
-
-    Per agent, n_{t+1} = (1 - theta) n_t + s sqrt(1 - (1 - theta)^2) eps_t, eps_t ~ N(0, I_3), an
-    Ornstein-Uhlenbeck process with stationary std ``scale`` and the correlation time of
-    :class:`~worldmodels.env.BrownianPolicy` (theta = 0.1, ~10 steps). ``step`` applies
-    clip(a_t + n_t) (B, 3) to CarRacing's action box, so M reads the actions actually taken. The
-    noise of an episode comes from a generator seeded by its track seed, drawn once per step:
-    an episode is reproducible from its seed alone, whatever wave it runs in.
-    """
-
-    def __init__(self, world, scale: float):
-        if not scale >= 0:
-            raise ValueError(f"action noise must be >= 0, got {scale!r}")
-        self.world, self.scale = world, float(scale)
-        self.capacity, self.z_size, self.hidden_size = world.capacity, world.z_size, world.hidden_size
-        self._rngs: list[np.random.Generator] = []
-        self._noise = np.zeros((0, 3))
-
-    def reset(self, seeds):
-        self._rngs = [np.random.default_rng([int(seed), ACTION_NOISE_KEY]) for seed in np.asarray(seeds)]
-        self._noise = np.zeros((len(self._rngs), 3))
-        return self.world.reset(seeds)
-
-    def step(self, env_actions, active):
-        keep = 1.0 - BrownianPolicy.theta
-        eps = np.stack([rng.standard_normal(3) for rng in self._rngs])
-        self._noise = keep * self._noise + self.scale * math.sqrt(1.0 - keep * keep) * eps
-        noisy = np.clip(np.asarray(env_actions) + self._noise, ACTION_LOW, ACTION_HIGH).astype(np.float32)
-        return self.world.step(noisy, active)
-
-
-class RecordingPool:
-    """A :class:`~worldmodels.envpool.CarRacingPool` that records its episodes in stage 1's rollout layout.
-
-    ``obs[t]`` (64, 64, 3) uint8 is the frame before ``action[t]`` (3,), as ``collect.record_episode``
-    records it; when an episode ends, ``save(arrays)`` gets its arrays (``storage.ROLLOUT_SCHEMA``).
-    """
-
-    def __init__(self, pool, save):
-        self.pool, self.save = pool, save
-        self.num_envs = pool.num_envs
-        self._episodes: list[dict] = []
-        self._step: tuple | None = None
-
-    def reset(self, seeds):
-        frames = self.pool.reset(seeds)
-        self._episodes = [{"obs": [frame], "action": [], "reward": [], "terminated": [], "truncated": [],
-                           "seed": int(seed)} for frame, seed in zip(frames, np.asarray(seeds))]
-        return frames
-
-    def step_async(self, actions, active=None):
-        active = np.ones(len(self._episodes), bool) if active is None else np.asarray(active, bool)
-        self._step = (np.asarray(actions, np.float32).copy(), active.copy())
-        self.pool.step_async(actions, active)
-
-    def step_wait(self):
-        frames, reward, terminated, truncated = self.pool.step_wait()
-        actions, active = self._step
-        for i in np.flatnonzero(active):
-            episode = self._episodes[i]
-            for key, value in (("action", actions[i]), ("reward", reward[i]), ("terminated", terminated[i]),
-                               ("truncated", truncated[i])):
-                episode[key].append(value)
-            if terminated[i] or truncated[i]:
-                self.save(_rollout_arrays(episode))
-            else:
-                episode["obs"].append(frames[i])
-        return frames, reward, terminated, truncated
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def _rollout_arrays(episode: dict) -> dict[str, np.ndarray]:
-    """The lists of :class:`RecordingPool` as the arrays of a rollout file (T frames, T steps)."""
-    return {"obs": np.stack(episode["obs"]), "action": np.asarray(episode["action"], np.float32),
-            "reward": np.asarray(episode["reward"], np.float32),
-            "terminated": np.asarray(episode["terminated"], bool), "truncated": np.asarray(episode["truncated"], bool),
-            "seed": np.int64(episode["seed"]), "policy": np.str_(CONTROLLER_POLICY)}
-
-
 def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> int:
     """Record the missing episodes of ``iteration`` with controller ``params`` (N,) plus noise; returns how many."""
     folder = iteration_dir(data_dir, iteration) / artifacts.ROLLOUTS
     first = iteration * EPISODE_BLOCK
     pending, notes = collect.pending_indices(folder, cfg.iterate.episodes, first)
-    pending = set(pending)
     for note in notes:
         log(note)
     config.save_config(cfg, folder)
     if not pending:
         return 0
-    # Every episode of the iteration is driven again, the complete ones unsaved: V's and M's float results
-    # depend on the batch size in the last bit, so an episode is reproducible only in the same waves.
-    index_of = {episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, first + j): first + j
-                for j in range(cfg.iterate.episodes)}
-    if len(index_of) != cfg.iterate.episodes:
-        raise ValueError("two collection episodes drew the same track seed; change iterate.seed")
-
-    def save(arrays):
-        index = index_of[int(arrays["seed"])]
-        if index in pending:
-            storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", cfg.data.compresslevel)
-
-    c = cfg.controller
-    log(f"iteration {iteration}: collecting {len(pending)} of {len(index_of)} episode(s) with the controller plus "
+    indices = range(first, first + cfg.iterate.episodes)
+    seeds = [episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, index) for index in indices]
+    log(f"iteration {iteration}: collecting {len(pending)} of {len(indices)} episode(s) with the controller plus "
         f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    with envpool.CarRacingPool(min(len(index_of), COLLECT_CONCURRENT), cfg.data.max_steps,
-                               c.backend, c.workers, c.ray_address, observation=cfg.env.observation) as pool:
-        world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, c.z_input), cfg.iterate.action_noise)
-        rollout.run_episodes(world, np.asarray(params)[None], np.array(list(index_of), np.int64)[None],
-                             cfg.data.max_steps, progress=f"iteration {iteration}: collecting")
-    return len(pending)
+    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn,
+                                      driving(cfg, cfg.data.max_steps), progress=f"iteration {iteration}: collecting")
+
+
+def driving(cfg: config.Config, max_steps: int) -> recording.Driving:
+    """How every iteration drives in the real environment: ``iterate.action_noise``, the controller's z input
+    and parallelism, ``env.observation``."""
+    c = cfg.controller
+    return recording.Driving(max_steps, cfg.iterate.action_noise, c.z_input, cfg.env.observation, c.backend,
+                             c.workers, c.ray_address, cfg.data.compresslevel)
+
+
+def collecting_controller(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> np.ndarray:
+    """The controller (N,) that collects in ``iteration``: C's ``params`` itself, or with ``iterate.curiosity_variants``
+    > 0 the fittest of C and its variants (``worldmodels.curiosity.select``), chosen once and kept in the
+    iteration's :data:`CURIOSITY_FILE` (a resumed iteration collects with the same one)."""
+    if cfg.iterate.curiosity_variants == 0:
+        return params
+    path = iteration_dir(data_dir, iteration) / CURIOSITY_FILE
+    if not path.is_file():
+        it = cfg.iterate
+        log(f"iteration {iteration}: scoring the controller and {it.curiosity_variants} variant(s) by return + "
+            f"{it.curiosity} x M's NLL on one real episode each")
+        chosen = curiosity.select(params, vae, rnn, driving(cfg, min(it.curiosity_steps, cfg.data.max_steps)),
+                                  it.curiosity_variants, cfg.controller.sigma_init, it.curiosity,
+                                  episode_seed(CURIOSITY_SEED_OFFSET + it.seed, iteration),
+                                  [it.seed, iteration, curiosity.VARIANT_KEY])
+        storage.save_npz(path, chosen)
+    with np.load(path) as saved:
+        chosen = int(saved["chosen"])
+        log(f"iteration {iteration}: collecting with candidate {chosen} (0 = the controller itself) of {path}")
+        return saved["candidates"][chosen]
+
+
+def curiosity_row(cfg: config.Config, iteration: int, data_dir) -> dict:
+    """The :data:`CURIOSITY_FIELDS` of ``iteration`` from its :data:`CURIOSITY_FILE` (NaN and 0 steps without one)."""
+    path = iteration_dir(data_dir, iteration) / CURIOSITY_FILE
+    if not path.is_file():
+        return {**{key: math.nan for key in CURIOSITY_FIELDS}, "curiosity_env_steps": 0}
+    with np.load(path) as saved:
+        k = int(saved["chosen"])
+        nll = float(saved["nll"][k] / max(int(saved["transitions"][k]), 1))
+        return {"curiosity_variant": k, "curiosity_return": float(saved["returns"][k]), "curiosity_nll": nll,
+                "curiosity_bonus": cfg.iterate.curiosity * nll, "curiosity_env_steps": int(saved["lengths"].sum())}
 
 
 # --------------------------------------------------------------------------- the other steps
@@ -294,8 +252,8 @@ def current_controller(cfg: config.Config, data_dir, iteration: int) -> tuple[np
 def read_rows(path) -> list[dict]:
     """The rows of ``iterations.csv`` as written (strings), [] if it does not exist; damaged: CorruptFileError.
 
-    A table written before the diagnostics' columns existed reads with "nan" in them (its rows are kept as
-    they are, since their iterations' M and episodes may be gone).
+    A table written before the diagnostics' or the curiosity's columns existed reads with "nan" in them (its rows
+    are kept as they are, since their iterations' M and episodes may be gone).
     """
     path = Path(path)
     if not path.is_file():
@@ -303,7 +261,7 @@ def read_rows(path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0]) if rows else set(FIELDS)
-    if not set(FIELDS) - set(DIAGNOSTIC_FIELDS) <= columns <= set(FIELDS) or \
+    if not set(FIELDS) - set(LATER_FIELDS) <= columns <= set(FIELDS) or \
             any(not row["iteration"].isdigit() for row in rows):
         raise storage.CorruptFileError(f"{path} is not an iterations table with columns {', '.join(FIELDS)}; "
                                        "delete it to rewrite it from the iterations' folders")
@@ -373,9 +331,21 @@ def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
     return row
 
 
-def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None, seconds: float) -> dict:
+def score_rank_correlation(rows: list[dict], dream: float, real: float) -> float:
+    """:data:`RANK_FIELD` over the scores of ``rows`` (as read, strings) and of the new row: ``diagnostics.rank_correlation``
+    of the dream and real scores of every iteration so far, NaN with fewer than :data:`RANK_MIN_ITERATIONS`."""
+    dreams = [float(row["dream_score"]) for row in rows] + [float(dream)]
+    reals = [float(row["real_score"]) for row in rows] + [float(real)]
+    if len(dreams) < RANK_MIN_ITERATIONS:
+        return math.nan
+    return diagnostics.rank_correlation(dreams, reals)
+
+
+def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], seconds: float) -> dict:
     """The row of ``iteration`` from its folder: real environment steps (collection, the search's held-out
-    evaluations and the final score; cumulative from stage 1's episodes on), M on the new episodes, scores."""
+    evaluations and the final score, the curiosity's scoring episodes; cumulative from stage 1's episodes on),
+    M on the new episodes, scores, the curiosity's choice; ``rows`` are those of the iterations before."""
+    previous = rows[-1] if rows else None
     folder = iteration_dir(data_dir, iteration)
     out = folder / artifacts.CONTROLLER
     metrics = storage.read_json(out / artifacts.METRICS_FILE)
@@ -384,14 +354,16 @@ def make_row(cfg: config.Config, iteration: int, data_dir, previous: dict | None
     collect_steps = _series_steps(artifacts.series_dir(folder))
     before = _series_steps(artifacts.series_dir(data_dir)) if previous is None else int(previous["real_env_steps"])
     m = rnn_on_new_episodes(cfg, iteration, data_dir)
+    curious = curiosity_row(cfg, iteration, data_dir)
     dream, real = metrics["dream"]["mean"], metrics["mean"]
     return {
         "iteration": iteration, "collect_steps": collect_steps, "eval_steps": eval_steps,
-        "real_env_steps": before + collect_steps + eval_steps,
+        "real_env_steps": before + collect_steps + eval_steps + curious["curiosity_env_steps"],
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
-        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS},
+        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS}, **curious,
+        RANK_FIELD: score_rank_correlation(rows, dream, real),
     }
 
 
@@ -404,7 +376,8 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     params, source = current_controller(cfg, data_dir, iteration)
     log(f"iteration {iteration}: controller {source}")
     previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
-    collect_episodes(cfg, iteration, data_dir, params, vae, previous_rnn)
+    collector = collecting_controller(cfg, iteration, data_dir, params, vae, previous_rnn)
+    collect_episodes(cfg, iteration, data_dir, collector, vae, previous_rnn)
     encoded = encode_episodes(cfg, iteration, data_dir, vae)
     log(f"iteration {iteration}: encoded {encoded} episode(s); fine-tuning M")
     fine_tune_rnn(cfg, iteration, data_dir)
@@ -422,7 +395,7 @@ def check_iterations_folder(cfg: config.Config, data_dir) -> Path:
                           f"M is fine-tuned on them and the dream starts from them; make them with: "
                           f"python {artifacts.MAKERS[artifacts.SERIES]}")
     root = Path(data_dir) / ITERATIONS
-    stage.check_saved_config(root, cfg, ITERATE_KEYS)
+    stage.check_saved_config(root, cfg, ITERATE_KEYS + (CURIOSITY_KEYS if cfg.iterate.curiosity_variants else ()))
     root.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, root)
     return root
@@ -438,7 +411,7 @@ def run_iterations(cfg: config.Config, data_dir, command: str = "") -> list[dict
     vae = artifacts.load_vision(data_dir, cfg)
     for iteration in range(len(rows) + 1, cfg.iterate.iterations + 1):
         seconds = run_iteration(cfg, iteration, data_dir, vae, command)
-        row = make_row(cfg, iteration, data_dir, rows[-1] if rows else None, seconds)
+        row = make_row(cfg, iteration, data_dir, rows, seconds)
         append_row(root / CSV_NAME, row)
         rows = read_rows(root / CSV_NAME)
         log(f"iteration {iteration}: real score {row['real_score']:.1f} +- {row['real_std']:.1f}, dream score "

@@ -7,8 +7,12 @@
   and the car's pose from the environment, with temporally correlated noise and occasional
   lapses of attention, so that it drives whole laps, leaves the road and recovers, and now and
   then leaves the playfield.
+* ``controller`` (:data:`CONTROLLER_POLICY`): a trained C with V and M in the loop plus temporally
+  correlated action noise (Dropout's Dream Land collects 90% of its data so). It is not built here:
+  it needs TensorFlow and drives many episodes at once, so ``worldmodels.recording`` records its
+  episodes in the main process, while the policies of :data:`POLICIES` run one episode per worker.
 
-Every policy is built after ``env.reset`` by ``POLICIES[name](rng, car_racing)`` and called with
+Every policy of :data:`POLICIES` is built after ``env.reset`` by ``POLICIES[name](rng, car_racing)`` and called with
 no argument once per step; it returns CarRacing's action (steer, gas, brake), float32 (3,),
 exactly what the environment then receives and stage 1 records. A policy only *reads* the
 environment, so the physics of an episode stays a function of its seed.
@@ -224,6 +228,8 @@ def _expert(rng: np.random.Generator, car_racing, cfg: config.DataConfig) -> Exp
     return ExpertPolicy(rng, car_racing, noise=cfg.expert_noise)
 
 
+# The policy of a trained controller (``worldmodels.recording``), also the tag of 06_iterate's episodes.
+CONTROLLER_POLICY = "controller"
 # name -> factory(rng, unwrapped CarRacing after reset, DataConfig) -> a callable returning an action.
 POLICIES = {"brownian": _blind(BrownianPolicy), "uniform": _blind(UniformPolicy), "expert": _expert}
 

@@ -209,7 +209,8 @@ class RealWorld:
 
     Per step: the pool steps the envs while M updates h with (z_t, a_t) in the same moment,
     then V encodes all new frames in one call. Only the active agents' rows go through V
-    and M; the rest keep their last values.
+    and M; the rest keep their last values. ``prediction`` holds M's mixture for the next z of the
+    rows of the last step (``(rows (n,), log_pi, mu, log_sigma (n, Z, K))``, None before the first).
     """
 
     def __init__(self, pool, vae, rnn, z_input: str = "mean"):
@@ -238,6 +239,8 @@ class RealWorld:
         self.z_input = z_input
         self._z = self._h = self._c = None
         self._noise: list[np.random.Generator] = []  # one per agent of the batch, for z_input='sample'
+        # M's last prediction of the next z: (rows (n,), log_pi, mu, log_sigma (n, Z, K)), for worldmodels.curiosity.
+        self.prediction = None
 
     @property
     def capacity(self) -> int:
@@ -264,6 +267,7 @@ class RealWorld:
         self._z = self.encode(frames)
         self._h = np.zeros((len(frames), self.hidden_size), np.float32)
         self._c = np.zeros_like(self._h)
+        self.prediction = None
         return self._z.copy(), self._h.copy()
 
     def step(self, env_actions, active):
@@ -276,6 +280,7 @@ class RealWorld:
             everyone = len(index) == len(active)
             pick = slice(None) if everyone else index
             out = self.rnn.step(self._z[pick], actions[pick], (self._h[pick], self._c[pick]))
+            self.prediction = (index, out["log_pi"], out["mu"], out["log_sigma"])
             h, c = out["state"]
             self._h[pick] = h.numpy()
             self._c[pick] = c.numpy()
