@@ -186,6 +186,11 @@ class IterateConfig:
                                "(nats per latent dimension), added to the real reward of the variants' episodes "
                                "(0 = the variants are chosen by real return alone)")
     curiosity_steps: int = _f(200, "steps of each variant's scoring episode (at most data.max_steps)")
+    repair_episodes: int = _f(0, "windows of largest dream-vs-real disagreement added to each iteration's data: C's "
+                                 "dream actions from a real state replayed in the real env (0 = off)")
+    repair_candidates: int = _f(16, "starts (episode, frame) of the newest episodes dreamed and replayed per "
+                                    "iteration, of which the iterate.repair_episodes most disagreeing are kept")
+    repair_horizon: int = _f(50, "steps C drives in the dream from each repair start, then replayed in reality")
 
 
 @dataclass(frozen=True)
@@ -450,7 +455,7 @@ def _validate(cfg: Config) -> None:
         "controller.generations", "controller.max_steps", "controller.eval_every",
         "controller.eval_episodes", "controller.final_eval_episodes", "dream.max_steps",
         "dream.batch_size", "iterate.iterations", "iterate.episodes", "iterate.rnn_steps", "iterate.generations",
-        "iterate.eval_episodes", "iterate.curiosity_steps",
+        "iterate.eval_episodes", "iterate.curiosity_steps", "iterate.repair_candidates", "iterate.repair_horizon",
     ]
     for key in positive:
         if get(cfg, key) <= 0:
@@ -459,7 +464,7 @@ def _validate(cfg: Config) -> None:
         "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
         "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
-        "iterate.curiosity_variants", "iterate.curiosity",
+        "iterate.curiosity_variants", "iterate.curiosity", "iterate.repair_episodes",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
@@ -479,6 +484,9 @@ def _validate(cfg: Config) -> None:
     if cfg.iterate.curiosity > 0 and cfg.iterate.curiosity_variants == 0:
         raise ConfigError("iterate.curiosity weighs M's surprise in the choice among iterate.curiosity_variants "
                           "variants of the controller; set iterate.curiosity_variants > 0 too")
+    if cfg.iterate.repair_episodes > cfg.iterate.repair_candidates:
+        raise ConfigError(f"iterate.repair_episodes ({cfg.iterate.repair_episodes}) are chosen among "
+                          f"iterate.repair_candidates ({cfg.iterate.repair_candidates}); set at least as many candidates")
     temps = (cfg.dream.temperature, *cfg.dream.temperatures)
     if any(t <= 0 for t in temps):
         raise ConfigError(f"dream temperatures must be > 0, got {temps}")

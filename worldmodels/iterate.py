@@ -16,6 +16,12 @@ in ``<data>/iterations/iter_<iii>/``:
    With ``iterate.curiosity_variants`` > 0 the collecting controller is instead the fittest of C and
    that many variants of it by real return + ``iterate.curiosity`` x M's NLL of the transitions on one
    short real episode each (``worldmodels.curiosity``), chosen once and kept in ``curiosity.npz``.
+   With ``iterate.repair_episodes`` > 0 the collection is followed by the repair of the dream
+   (``worldmodels.repair``): C drives ``iterate.repair_horizon`` steps in the previous M's dream from
+   ``iterate.repair_candidates`` real states of the new episodes, the same actions are replayed in the real
+   environment from the same states, and the ``iterate.repair_episodes`` replays of largest disagreement
+   between dream and reality are added to ``rollouts/``, tagged "repair" and numbered from
+   ``i * EPISODE_BLOCK + REPAIR_FIRST`` (what was measured: ``repair.npz``).
 2. ``series/``: the episodes encoded by V (``worldmodels.encode``, stage 3's code).
 3. ``rnn/``: M fine-tuned from the previous iteration's M (iteration 1: ``<data>/rnn/``) for
    ``iterate.rnn_steps`` steps on the series of stage 3 and of every iteration so far
@@ -40,8 +46,10 @@ iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, wh
 trained on: how well the dream predicted what the controller then met in reality. So are the diagnostics
 (``worldmodels.diagnostics``, :func:`diagnose_new_episodes`): the exploit gap of the same recorded actions from
 the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
-The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off) and the rank
-correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`).
+The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off), the rank
+correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`) and the repair's
+measurements (:data:`REPAIR_FIELDS`, NaN when it is off). The "new episodes" of the M metrics, the
+diagnostics and ``collect_steps`` are the collected ones (repair episodes are counted in ``repair_env_steps``).
 Tables written before those columns existed keep their rows, read with NaN in the new columns.
 """
 
@@ -59,26 +67,32 @@ import numpy as np
 import config
 from models.controller import num_parameters
 from worldmodels import (artifacts, collect, controller_evaluation, controller_training, curiosity, diagnostics, encode,
-                         figures, recording, rnn_training, sequences, stage, storage)
+                         figures, recording, repair, rnn_training, sequences, stage, storage)
 from worldmodels.env import episode_seed
 
 ITERATIONS = "iterations"
 CSV_NAME = "iterations.csv"
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
+# ... and its repair episodes from i * EPISODE_BLOCK + REPAIR_FIRST (so iterate.episodes must stay below it).
+REPAIR_FIRST = EPISODE_BLOCK // 2
 # Base seed of the collection tracks (beside rollout's EVAL_SEED_OFFSET and FINAL_EVAL_SEED_OFFSET), and of the
 # tracks on which the curiosity variants are scored (one per iteration).
 COLLECT_SEED_OFFSET = 3 * 10**6
 CURIOSITY_SEED_OFFSET = 4 * 10**6
 CURIOSITY_FILE = "curiosity.npz"
+REPAIR_FILE = repair.REPAIR_FILE
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
     "env.observation", "iterate.curiosity_variants", "iterate.curiosity", "iterate.curiosity_steps",
+    "iterate.repair_episodes",
 )
 # ... and with curiosity on, the step of its variants (a folder without curiosity keeps accepting any).
 CURIOSITY_KEYS = ("controller.sigma_init",)
+# ... and with the repair on, how it chooses and dreams its windows.
+REPAIR_KEYS = ("iterate.repair_candidates", "iterate.repair_horizon", "dream.temperature", "dream.skip_initial_frames")
 # The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
 # in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
 # enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
@@ -95,8 +109,13 @@ CURIOSITY_FIELDS = ("curiosity_variant", "curiosity_return", "curiosity_nll", "c
 # does a better dream score still mean a better real one, as the dream is refitted?
 RANK_FIELD = "dream_real_rank_corr"
 RANK_MIN_ITERATIONS = 3
+# The repair (worldmodels.repair; NaN and 0 steps when it is off): the mean latent disagreement of the windows
+# kept and of all candidates (sum over Z of (dream z - V's mu of the real frame)^2 per step), the mean reward gap
+# of all candidates (M's predicted minus the real return of the window: the exploit under C's own steering), and
+# the real steps of all replays (counted in real_env_steps).
+REPAIR_FIELDS = ("repair_disagreement", "repair_disagreement_all", "repair_reward_gap", "repair_env_steps")
 # Columns that tables written by earlier versions lack (read as NaN).
-LATER_FIELDS = DIAGNOSTIC_FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,)
+LATER_FIELDS = DIAGNOSTIC_FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,) + REPAIR_FIELDS
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
@@ -175,6 +194,43 @@ def curiosity_row(cfg: config.Config, iteration: int, data_dir) -> dict:
         nll = float(saved["nll"][k] / max(int(saved["transitions"][k]), 1))
         return {"curiosity_variant": k, "curiosity_return": float(saved["returns"][k]), "curiosity_nll": nll,
                 "curiosity_bonus": cfg.iterate.curiosity * nll, "curiosity_env_steps": int(saved["lengths"].sum())}
+
+
+def repair_dream(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> dict | None:
+    """With ``iterate.repair_episodes`` > 0, add the iteration's repair episodes (``worldmodels.repair``) to its
+    ``rollouts/``: C ``params`` (N,) in the dream of ``rnn`` (the M it was trained in) from real states of the
+    collected episodes, replayed in reality. Returns the summary (None when off), kept in :data:`REPAIR_FILE`."""
+    it = cfg.iterate
+    if it.repair_episodes == 0:
+        return None
+    folder = iteration_dir(data_dir, iteration)
+    summary = folder / repair.REPAIR_FILE
+    if not summary.is_file():
+        log(f"iteration {iteration}: dreaming {it.repair_horizon} steps of the controller from {it.repair_candidates} "
+            f"real states and replaying them in reality; keeping the {it.repair_episodes} most disagreeing")
+    plan = repair.Plan(it.repair_candidates, it.repair_episodes, it.repair_horizon, cfg.dream.temperature,
+                       cfg.dream.skip_initial_frames, cfg.data.max_steps, (it.seed, iteration), cfg.rnn.encode_batch_size)
+    return repair.repair(folder / artifacts.ROLLOUTS, summary, collected_paths(folder / artifacts.ROLLOUTS, iteration),
+                         iteration * EPISODE_BLOCK + REPAIR_FIRST, params, vae, rnn, plan,
+                         driving(cfg, cfg.data.max_steps))
+
+
+def collected_paths(folder, iteration: int) -> list[Path]:
+    """The episode files (rollouts or series) in ``folder`` that iteration ``iteration`` collected (not repaired)."""
+    return [path for path in storage.list_episodes(folder, "episodes")
+            if storage.episode_index(path) < iteration * EPISODE_BLOCK + REPAIR_FIRST]
+
+
+def repair_row(iteration: int, data_dir) -> dict:
+    """The :data:`REPAIR_FIELDS` of ``iteration`` from its :data:`REPAIR_FILE` (NaN and 0 steps without one)."""
+    path = iteration_dir(data_dir, iteration) / REPAIR_FILE
+    if not path.is_file():
+        return {**{key: math.nan for key in REPAIR_FIELDS}, "repair_env_steps": 0}
+    with np.load(path) as saved:
+        latent = saved["latent"]
+        return {"repair_disagreement": float(np.nanmean(latent[saved["chosen"]])),
+                "repair_disagreement_all": float(np.nanmean(latent)),
+                "repair_reward_gap": float(np.mean(saved["reward_gap"])), "repair_env_steps": int(saved["env_steps"])}
 
 
 # --------------------------------------------------------------------------- the other steps
@@ -284,9 +340,9 @@ def _cell(value) -> str:
     return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
 
 
-def _series_steps(folder: Path) -> int:
-    """Environment steps recorded in a folder of series (one per frame)."""
-    return int(sum(sequences.check_series(storage.list_episodes(folder, artifacts.SERIES))))
+def _series_steps(folder: Path, paths=None) -> int:
+    """Environment steps recorded in a folder of series (one per frame), or in its files ``paths``."""
+    return int(sum(sequences.check_series(storage.list_episodes(folder, artifacts.SERIES) if paths is None else paths)))
 
 
 def policy_counts(data_dir, iteration: int) -> str:
@@ -307,7 +363,7 @@ def rnn_on_new_episodes(cfg: config.Config, iteration: int, data_dir) -> dict:
     z NLL with z drawn from V's posterior, reward MSE on tile steps, done AUC (``sequences.evaluate_model``),
     plus the diagnostics' columns (:func:`diagnose_new_episodes`)."""
     rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
-    paths = storage.list_episodes(artifacts.series_dir(iteration_dir(data_dir, iteration)), artifacts.SERIES)
+    paths = collected_paths(artifacts.series_dir(iteration_dir(data_dir, iteration)), iteration)
     m = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
     return {**m, **diagnose_new_episodes(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE)}
 
@@ -351,19 +407,20 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
     metrics = storage.read_json(out / artifacts.METRICS_FILE)
     evals = controller_training.read_evals(out / controller_training.EVAL_NAME)
     eval_steps = int(sum(row.get("env_steps", 0) for row in evals.values())) + int(metrics["steps"])
-    collect_steps = _series_steps(artifacts.series_dir(folder))
+    collect_steps = _series_steps(artifacts.series_dir(folder), collected_paths(artifacts.series_dir(folder), iteration))
     before = _series_steps(artifacts.series_dir(data_dir)) if previous is None else int(previous["real_env_steps"])
     m = rnn_on_new_episodes(cfg, iteration, data_dir)
-    curious = curiosity_row(cfg, iteration, data_dir)
+    curious, repaired = curiosity_row(cfg, iteration, data_dir), repair_row(iteration, data_dir)
     dream, real = metrics["dream"]["mean"], metrics["mean"]
     return {
         "iteration": iteration, "collect_steps": collect_steps, "eval_steps": eval_steps,
-        "real_env_steps": before + collect_steps + eval_steps + curious["curiosity_env_steps"],
+        "real_env_steps": before + collect_steps + eval_steps + curious["curiosity_env_steps"]
+        + repaired["repair_env_steps"],
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
         "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS}, **curious,
-        RANK_FIELD: score_rank_correlation(rows, dream, real),
+        RANK_FIELD: score_rank_correlation(rows, dream, real), **repaired,
     }
 
 
@@ -378,6 +435,7 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
     collector = collecting_controller(cfg, iteration, data_dir, params, vae, previous_rnn)
     collect_episodes(cfg, iteration, data_dir, collector, vae, previous_rnn)
+    repair_dream(cfg, iteration, data_dir, params, vae, previous_rnn)
     encoded = encode_episodes(cfg, iteration, data_dir, vae)
     log(f"iteration {iteration}: encoded {encoded} episode(s); fine-tuning M")
     fine_tune_rnn(cfg, iteration, data_dir)
@@ -395,7 +453,11 @@ def check_iterations_folder(cfg: config.Config, data_dir) -> Path:
                           f"M is fine-tuned on them and the dream starts from them; make them with: "
                           f"python {artifacts.MAKERS[artifacts.SERIES]}")
     root = Path(data_dir) / ITERATIONS
-    stage.check_saved_config(root, cfg, ITERATE_KEYS + (CURIOSITY_KEYS if cfg.iterate.curiosity_variants else ()))
+    if cfg.iterate.episodes > REPAIR_FIRST:
+        raise config.ConfigError(f"iterate.episodes must be at most {REPAIR_FIRST} (the file numbers above are the "
+                                 f"repair's), got {cfg.iterate.episodes}")
+    stage.check_saved_config(root, cfg, ITERATE_KEYS + (CURIOSITY_KEYS if cfg.iterate.curiosity_variants else ())
+                             + (REPAIR_KEYS if cfg.iterate.repair_episodes else ()))
     root.mkdir(parents=True, exist_ok=True)
     config.save_config(cfg, root)
     return root
