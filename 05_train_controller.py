@@ -2,6 +2,7 @@
 
     python 05_train_controller.py --preset small                              # -> <data-dir>/controller/
     python 05_train_controller.py --env dream --set dream.temperature=1.15    # -> <data-dir>/controller_dream_t1.15/
+    python 05_train_controller.py --set controller.init_from=controller_dream_t1.15  # -> <data-dir>/controller_hybrid/
     python 05_train_controller.py --set controller.workers=16 --max-concurrent 1024
     python 05_train_controller.py --set controller.backend=ray --set controller.ray_address=auto
 

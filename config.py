@@ -155,6 +155,8 @@ class ControllerConfig:
     racing: bool = _f(False, "every member drives a generation's first track, only the better half the others "
                              "(needs rollouts_per_member >= 2)")
     z_input: str = _f("sample", "what C and M see of V's posterior in the real env: 'sample' (paper's code) or 'mean'")
+    init_from: str = _f("", "a controller folder (or its controller.npz), relative to the data dir, whose params start "
+                            "a real-env search written to <data>/controller_hybrid ('' = start from zeros)")
 
 
 @dataclass(frozen=True)
@@ -484,6 +486,9 @@ def _validate(cfg: Config) -> None:
     if cfg.iterate.curiosity > 0 and cfg.iterate.curiosity_variants == 0:
         raise ConfigError("iterate.curiosity weighs M's surprise in the choice among iterate.curiosity_variants "
                           "variants of the controller; set iterate.curiosity_variants > 0 too")
+    if cfg.controller.init_from and cfg.controller.env != "real":
+        raise ConfigError("controller.init_from starts a search in the real environment from another controller "
+                          "(the hybrid); it needs controller.env=real")
     if cfg.iterate.repair_episodes > cfg.iterate.repair_candidates:
         raise ConfigError(f"iterate.repair_episodes ({cfg.iterate.repair_episodes}) are chosen among "
                           f"iterate.repair_candidates ({cfg.iterate.repair_candidates}); set at least as many candidates")

@@ -23,6 +23,8 @@ RNN = ("rnn", "rnn.keras")
 CONTROLLER = "controller"
 # Dream-trained controllers live beside the real-trained one, one folder per temperature.
 DREAM_CONTROLLER_PREFIX = "controller_dream_t"
+# A real-environment search started from another controller (controller.init_from): the hybrid.
+HYBRID_CONTROLLER = "controller_hybrid"
 CONTROLLER_FILE = "controller.npz"
 TEMPERATURE_STUDY = "temperature_study"
 COMPARE = "compare"
@@ -61,7 +63,7 @@ RNN_KEYS = VISION_KEYS + ("rnn.hidden_units", "rnn.num_mixtures", "rnn.reward_he
 CONTROLLER_KEYS = RNN_KEYS + (
     "controller.env", "controller.population", "controller.rollouts_per_member", "controller.sigma_init",
     "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
-    "controller.patience", "controller.racing", "controller.z_input", "env.observation",
+    "controller.patience", "controller.racing", "controller.z_input", "env.observation", "controller.init_from",
 )
 DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
 
@@ -111,10 +113,11 @@ def dream_controller_dir(data_dir: Path, temperature: float) -> Path:
 
 
 def controller_dir(data_dir: Path, cfg: config.Config) -> Path:
-    """``<data>/controller`` (real) or ``<data>/controller_dream_t<tau:g>`` (dream)."""
+    """``<data>/controller`` (real), ``<data>/controller_hybrid`` (real, from ``controller.init_from``) or
+    ``<data>/controller_dream_t<tau:g>`` (dream)."""
     if cfg.controller.env == "dream":
         return dream_controller_dir(data_dir, cfg.dream.temperature)
-    return Path(data_dir) / CONTROLLER
+    return Path(data_dir) / (HYBRID_CONTROLLER if cfg.controller.init_from else CONTROLLER)
 
 
 def require_models(data_dir: Path, cfg: config.Config) -> None:

@@ -37,7 +37,11 @@ reported score, ``metrics.json``); a dream-trained one also on as many held-out 
 Output folder: ``<data>/controller/`` for real training and
 ``<data>/controller_dream_t<tau>/`` for dream training (``tau`` as ``%g``: 1.15 -> ``t1.15``,
 1.0 -> ``t1``), so the real-trained controller and one dream controller per temperature
-live side by side. Each holds ``config.json``, ``evolution.pkl``, ``history.csv`` (per
+live side by side. The hybrid (issue #19): with ``controller.init_from`` naming another controller
+(e.g. ``controller_dream_t1.15``, relative to the data dir), a real search starts its CMA mean at that
+controller's ``params`` (:func:`start_params`) and writes ``<data>/controller_hybrid/``, whose
+``config.json`` records the start (a resume from another start is refused) and whose ``metrics.json``
+names it, so a dream-trained C fine-tuned in reality is reported apart from pure dream training. Each holds ``config.json``, ``evolution.pkl``, ``history.csv`` (per
 generation: best, mean, std, worst fitness - dream returns when training in the dream -
 sigma, elapsed seconds and the environment steps it took), ``eval.csv`` (generation, mean,
 std on the real held-out tracks, and the evaluation's env_steps and seconds; plus
@@ -241,6 +245,22 @@ def final_metrics_done(path, generation: int, episodes: int, max_steps: int) -> 
     return (old.get("generation"), old.get("episodes"), old.get("max_steps")) == (generation, episodes, max_steps)
 
 
+def start_params(cfg: config.Config, data_dir) -> tuple[np.ndarray, Path]:
+    """``(params (N,), path)`` of the controller ``controller.init_from`` names (a folder or its ``controller.npz``,
+    relative to ``data_dir``), which must have been trained with ``data_dir``'s M (C reads that M's h)."""
+    given = Path(data_dir) / cfg.controller.init_from
+    path = given if given.suffix == ".npz" else given / artifacts.CONTROLLER_FILE
+    from worldmodels.controller_evaluation import load_controller
+
+    params, _ = load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    trained_in = artifacts.rnn_path(path.parent.parent)
+    if not trained_in.is_file() or trained_in.resolve() != artifacts.rnn_path(data_dir).resolve():
+        raise config.ConfigError(f"controller.init_from={cfg.controller.init_from!r}: {path} was trained with the M of "
+                                 f"{trained_in}, not with this data dir's {artifacts.rnn_path(data_dir)}; a search "
+                                 "can only start from a controller of its own M (a controller folder of the data dir)")
+    return params, path
+
+
 def check_inputs(data_dir, cfg: config.Config) -> None:
     """Fail before the slow imports if V, M (or, for the dream, the latent series) are missing."""
     artifacts.require_models(data_dir, cfg)
@@ -382,7 +402,8 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
         models: (V, M) already loaded, to skip loading them (e.g. once for a whole study).
         prefix: how log lines start.
         out: the output folder (default ``output_dir(data_dir, cfg)``; the iterations write their own).
-        x0: the CMA-ES starting mean (N,) of a new search (default zeros; ignored when resuming).
+        x0: the CMA-ES starting mean (N,) of a new search (default: the params of ``controller.init_from``
+            if set, else zeros; ignored when resuming).
 
     Returns:
         ``{"out": Path, "generation": int, "evals": {generation: row}, "metrics": dict or None,
@@ -398,6 +419,9 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
     if saved.exists():
         config.check_compatible(config.load_config(saved), cfg, compatible_keys(cfg), str(out))
     c = cfg.controller
+    if x0 is None and c.init_from:
+        x0, source = start_params(cfg, data_dir)
+        print(f"{prefix} the search starts from the controller {source} (controller.init_from)")
     num_params = num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)
     evolution = Evolution(num_params, out, popsize=c.population, sigma0=c.sigma_init, seed=c.seed,
                           weight_decay=c.weight_decay, x0=x0)
@@ -587,7 +611,7 @@ def _final_evaluation(search: Search, command: str) -> None:
     metrics.update(
         generation=evolution.generation, controller=str(search.out / CONTROLLER_NAME), which="params",
         selected_at_generation=search.best[0] if search.best else evolution.generation,
-        env=c.env, z_input=c.z_input, command=command, observation="stock",
+        env=c.env, z_input=c.z_input, init_from=c.init_from, command=command, observation="stock",
         trained_on_observation=training_observation(cfg),
     )
     if search.in_dream:

@@ -274,7 +274,8 @@ def controller_config(cfg: config.Config) -> config.Config:
     select by the dream score and only watch the real one, yet each costs ``controller.eval_episodes``
     real episodes (on `small`, 40 evaluations of 16 episodes would cost ten times the collection).
     """
-    return config.apply_overrides(cfg, {"controller.env": "dream", "controller.generations": cfg.iterate.generations,
+    return config.apply_overrides(cfg, {"controller.env": "dream", "controller.init_from": "",
+                                        "controller.generations": cfg.iterate.generations,
                                         "controller.eval_every": cfg.iterate.generations,
                                         "controller.final_eval_episodes": cfg.iterate.eval_episodes})
 
