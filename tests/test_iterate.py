@@ -50,6 +50,11 @@ def test_two_iterations_end_to_end(reference):
         assert row["curiosity_env_steps"] == "0" and row["curiosity_variant"] == row["curiosity_bonus"] == "nan"
         assert row["dream_real_rank_corr"] == "nan"
     assert not any(data.glob("iterations/iter_*/curiosity.npz"))
+    # So is the repair: no repair episodes, no measurements, no steps.
+    assert not any(data.glob("iterations/iter_*/repair.npz"))
+    assert not any(data.glob("iterations/*/rollouts/episode_*5?????.npz"))
+    for row in rows:
+        assert row["repair_env_steps"] == "0" and row["repair_disagreement"] == row["repair_reward_gap"] == "nan"
     for i, row in enumerate(rows, start=1):
         folder = data / "iterations" / f"iter_{i:03d}"
         metrics = load_json(folder / "controller" / "metrics.json")
