@@ -73,7 +73,7 @@ import numpy as np
 import config
 from models.controller import num_parameters
 from worldmodels import artifacts, envpool, rollout, storage
-from worldmodels.evolution import Evolution
+from worldmodels.evolution import CHECKPOINT_NAME, Evolution
 
 COMPATIBLE_KEYS = artifacts.CONTROLLER_KEYS
 DREAM_KEYS = artifacts.DREAM_KEYS
@@ -419,7 +419,7 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
     if saved.exists():
         config.check_compatible(config.load_config(saved), cfg, compatible_keys(cfg), str(out))
     c = cfg.controller
-    if x0 is None and c.init_from:
+    if x0 is None and c.init_from and not (out / CHECKPOINT_NAME).exists():  # a resume keeps its own mean
         x0, source = start_params(cfg, data_dir)
         print(f"{prefix} the search starts from the controller {source} (controller.init_from)")
     num_params = num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)
