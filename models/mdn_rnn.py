@@ -93,9 +93,9 @@ def build_mdn_rnn(z_size=32, action_size=3, hidden_units=256, num_mixtures=5, re
     ``dropout``, ``mdn`` (Dense(3 K Z), raw mixture parameters for :func:`split_mixture`),
     ``reward`` (Dense(1)), ``done`` (Dense(1), a logit) and ``action`` (Dense(A), the
     predicted next action, off by default). Outputs ``{"mdn": (B, T, 3 K Z), "reward": (B, T),
-    "done": (B, T), "action": (B, T, A)}``; a head switched off is absent from the dict. The
-    action layer is created last, so without it the weights are those of a network built
-    before the option existed, in the same order.
+    "done": (B, T), "action": (B, T, A)}``; a head switched off is absent from the dict. Without
+    the action head the network (layers, weight names and their order) is the one built before
+    the option existed, so old weights load unchanged.
 
     ``dropout`` is applied to the LSTM output before the heads (not to the recurrent state)
     with ``noise_shape (B, 1, H)``: one mask for a whole sequence. A dream keeps one mask for
