@@ -125,6 +125,10 @@ class RNNConfig:
     reward_head: bool = _f(True, "predict the reward (needed for a CarRacing dream)")
     done_head: bool = _f(True, "predict episode termination (needed for a CarRacing dream)")
     done_weight: float = _f(10.0, "weight of the done loss (paper's Doom model: 10)")
+    action_head: bool = _f(False, "also predict the next action a_t+1 (the seed report's M models "
+                                  "P(x, r, a, d | x, a, h)): an auxiliary target and a diagnostic; C still chooses "
+                                  "the dream's actions")
+    action_weight: float = _f(1.0, "weight of the action head's loss, the MSE of a_t+1 per action component")
     dropout: float = _f(0.0, "dropout on the LSTM output (Dropout's Dream Land uses 0.1)")
     heldout_fraction: float = _f(0.05, "fraction of episodes held out for validation (same split as V)")
     encode_batch_size: int = _f(1000, "frames per V call when encoding rollouts into series")

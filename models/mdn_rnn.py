@@ -4,20 +4,39 @@ Shapes (B = batch, T = time, Z = ``z_size`` (32), A = ``action_size`` (3), H = `
 (256), K = ``num_mixtures`` (5)):
 
 * network (:func:`build_mdn_rnn`): inputs float32 (B, T, Z + A), step t holding [z_t, a_t]
-  -> LSTM(H) -> dict ``{"mdn": (B, T, 3 K Z), "reward": (B, T), "done": (B, T) logits}``.
+  -> LSTM(H) -> dict ``{"mdn": (B, T, 3 K Z), "reward": (B, T), "done": (B, T) logits}``
+  (+ ``"action": (B, T, A)`` with the optional action head).
   LSTM 299,008 + Dense 123,360 = 422,368 parameters for Z = 32, A = 3 (the paper's model);
-  the reward and done heads add 257 each.
+  the reward and done heads add 257 each, the action head H A + A = 771.
 * mixture (:func:`split_mixture`): for every z dimension an independent 1-D mixture of K
   Gaussians, ``log_pi``, ``mu``, ``log_sigma`` each (..., Z, K).
 * loss (:class:`MDNRNN`): mean mixture NLL per z dimension per valid step
-  + ``reward_weight`` * reward MSE + ``done_weight`` * done binary cross-entropy (logits).
+  + ``reward_weight`` * reward MSE + ``done_weight`` * done binary cross-entropy (logits)
+  (+ ``action_weight`` * action MSE with the action head).
+
+The action head (off by default; the seed report's M models P(x, r, a, d | x, a, h), i.e. it
+predicts the next action too) reads the same features as the other heads and predicts
+a_{t+1}, the action recorded at the next frame, from the history up to (z_t, a_t). Its loss is
+the mean squared error per action component, weighted by ``action_weight``, rather than a
+Gaussian NLL with a learned log-std, because: (1) the head is never sampled - C chooses the
+actions in the dream, the prediction is an auxiliary target and a diagnostic - so a variance
+would serve nothing; (2) recorded actions are often exactly repeated or exactly on a bound
+(brake clipped to 0, a controller's near-deterministic actions), where a learned sigma runs to
+its lower bound and its NLL towards -inf, the runaway that ``LOG_SIGMA_MIN`` exists to stop for
+z, and would then dominate M's loss; (3) MSE is that NLL with a fixed variance, up to a
+constant, so ``action_weight`` plays the role of the inverse variance. The head is linear, not
+squashed into the action box: the MSE minimiser is the conditional mean E[a_{t+1} | history],
+which lies inside the box anyway (the box is convex), and a tanh or sigmoid would stall the
+gradient on the actions that sit exactly on a bound. Its target exists only when frame t + 1
+does, so it is masked exactly like the z target (mask[t] & mask[t + 1]).
 
 Data convention (``series/<episode>.npz``): ``mu``, ``logvar`` (T, Z) are V's posterior for
 frame t, ``action`` (T, A) the action taken at frame t, ``reward`` (T,) and ``done`` (T,) what
 the environment returned for that action (done = terminated, not truncated). Step t's
 input is [z_t, a_t]; its targets are z_{t+1} (only for t < T - 1: no frame is stored after the
-last action), reward_t and done_t. Batches pad episodes *at the end* to a common length and
-carry ``mask`` (B, T), 1 for a real step; padded values never reach the loss.
+last action), reward_t and done_t (and a_{t+1}, like z_{t+1} only for t < T - 1). Batches pad
+episodes *at the end* to a common length and carry ``mask`` (B, T), 1 for a real step; padded
+values never reach the loss.
 
 Inference (:meth:`MDNRNN.step`) advances a whole batch of agents by one step in one compiled
 call that shares the training LSTM's weights. Dropout (Wellmer & Kwok 2021, "Dropout's Dream
@@ -67,13 +86,16 @@ def _check_dropout(rate):
 
 # --------------------------------------------------------------------------- network
 def build_mdn_rnn(z_size=32, action_size=3, hidden_units=256, num_mixtures=5, reward_head=True,
-                  done_head=True, dropout=0.0, name="mdn_rnn_net"):
+                  done_head=True, dropout=0.0, name="mdn_rnn_net", action_head=False):
     """The Functional network: (B, T, Z + A) -> dict of per-step outputs.
 
     Returns a ``keras.Model`` with layers ``lstm`` (LSTM(H), return_sequences), optional
     ``dropout``, ``mdn`` (Dense(3 K Z), raw mixture parameters for :func:`split_mixture`),
-    ``reward`` (Dense(1)) and ``done`` (Dense(1), a logit). Outputs ``{"mdn": (B, T, 3 K Z),
-    "reward": (B, T), "done": (B, T)}``; a head switched off is absent from the dict.
+    ``reward`` (Dense(1)), ``done`` (Dense(1), a logit) and ``action`` (Dense(A), the
+    predicted next action, off by default). Outputs ``{"mdn": (B, T, 3 K Z), "reward": (B, T),
+    "done": (B, T), "action": (B, T, A)}``; a head switched off is absent from the dict. Without
+    the action head the network (layers, weight names and their order) is the one built before
+    the option existed, so old weights load unchanged.
 
     ``dropout`` is applied to the LSTM output before the heads (not to the recurrent state)
     with ``noise_shape (B, 1, H)``: one mask for a whole sequence. A dream keeps one mask for
@@ -98,6 +120,8 @@ def build_mdn_rnn(z_size=32, action_size=3, hidden_units=256, num_mixtures=5, re
     if done_head:
         done = keras.layers.Dense(1, dtype="float32", name="done")(h)
         outputs["done"] = keras.layers.Reshape((-1,), dtype="float32", name="done_squeeze")(done)
+    if action_head:
+        outputs["action"] = keras.layers.Dense(action_size, dtype="float32", name="action")(h)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -287,18 +311,18 @@ class MDNRNN(keras.Model):
     ``train_step`` re-samples z = mu + exp(logvar / 2) * eps for every batch (the paper's
     practice: M sees V's uncertainty and cannot overfit one encoding); ``test_step`` uses
     z = mu so that validation numbers are reproducible. Metrics: ``loss``, ``z_nll``,
-    ``reward_mse``, ``done_bce``. Gradient clipping is the optimizer's job
+    ``reward_mse``, ``done_bce`` (+ ``action_mse`` with ``action_head``). Gradient clipping is the optimizer's job
     (``keras.optimizers.Adam(1e-3, clipnorm=1.0)``).
     """
 
     def __init__(self, z_size=32, action_size=3, hidden_units=256, num_mixtures=5, reward_head=True,
                  done_head=True, dropout=0.0, done_weight=DEFAULT_DONE_WEIGHT, reward_weight=1.0,
                  log_sigma_min=LOG_SIGMA_MIN, log_sigma_max=LOG_SIGMA_MAX, seed=None, name="mdn_rnn",
-                 **kwargs):
+                 action_head=False, action_weight=1.0, **kwargs):
         super().__init__(name=name, **kwargs)
-        if float(done_weight) < 0 or float(reward_weight) < 0:
+        if min(float(done_weight), float(reward_weight), float(action_weight)) < 0:
             raise ValueError(f"loss weights must be >= 0, got done_weight={done_weight}, "
-                             f"reward_weight={reward_weight}.")
+                             f"reward_weight={reward_weight}, action_weight={action_weight}.")
         if not float(log_sigma_min) < float(log_sigma_max):
             raise ValueError(f"need log_sigma_min < log_sigma_max, got {log_sigma_min}, {log_sigma_max}.")
         self.z_size = _positive_int(z_size, "z_size")
@@ -307,6 +331,8 @@ class MDNRNN(keras.Model):
         self.num_mixtures = _positive_int(num_mixtures, "num_mixtures")
         self.reward_head = bool(reward_head)
         self.done_head = bool(done_head)
+        self.action_head = bool(action_head)
+        self.action_weight = float(action_weight)
         self.dropout = _check_dropout(dropout)
         self.done_weight = float(done_weight)
         self.reward_weight = float(reward_weight)
@@ -314,7 +340,7 @@ class MDNRNN(keras.Model):
         self.log_sigma_max = float(log_sigma_max)
         self.seed = seed
         self.net = build_mdn_rnn(self.z_size, self.action_size, self.hidden_units, self.num_mixtures,
-                                 self.reward_head, self.done_head, self.dropout)
+                                 self.reward_head, self.done_head, self.dropout, action_head=self.action_head)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
         self._compiled_step = None
@@ -326,15 +352,21 @@ class MDNRNN(keras.Model):
             names.append("reward_mse")
         if self.done_head:
             names.append("done_bce")
+        if self.action_head:
+            names.append("action_mse")
         return names
 
     def get_config(self):
+        """The constructor's arguments; the action head's only when it is on, so an M without it saves
+        exactly the config of an M saved before the option existed."""
+        action = {"action_head": True, "action_weight": self.action_weight} if self.action_head else {}
         return {
             "name": self.name, "z_size": self.z_size, "action_size": self.action_size,
             "hidden_units": self.hidden_units, "num_mixtures": self.num_mixtures,
             "reward_head": self.reward_head, "done_head": self.done_head, "dropout": self.dropout,
             "done_weight": self.done_weight, "reward_weight": self.reward_weight,
             "log_sigma_min": self.log_sigma_min, "log_sigma_max": self.log_sigma_max, "seed": self.seed,
+            **action,
         }
 
     @classmethod
@@ -346,7 +378,8 @@ class MDNRNN(keras.Model):
         return list(self.trackers.values())
 
     def call(self, inputs, training=None):
-        """(B, T, Z + A) -> ``{"mdn": (B, T, 3 K Z), "reward": (B, T), "done": (B, T) logits}``."""
+        """(B, T, Z + A) -> ``{"mdn": (B, T, 3 K Z), "reward": (B, T), "done": (B, T) logits}`` (+ ``"action"``
+        (B, T, A), the predicted next action)."""
         return self.net(inputs, training=training)
 
     def split(self, y):
@@ -383,11 +416,12 @@ class MDNRNN(keras.Model):
         return out
 
     def compute_losses(self, batch, sample_z=False, training=False):
-        """Dict of scalar losses ``loss``, ``z_nll`` (+ ``reward_mse``, ``done_bce``) for a batch.
+        """Dict of scalar losses ``loss``, ``z_nll`` (+ ``reward_mse``, ``done_bce``, ``action_mse``) for a batch.
 
         ``sample_z``: z = mu + exp(logvar / 2) * eps (training) instead of z = mu.
-        The z NLL of step t is counted when steps t and t + 1 are both real
-        (mask[t] & mask[t + 1]); the reward and done losses when step t is real.
+        The z NLL and the action MSE of step t (targets z_{t+1}, a_{t+1}) are counted when
+        steps t and t + 1 are both real (mask[t] & mask[t + 1]); the reward and done losses
+        when step t is real. ``action_mse`` is the mean over action components and those steps.
         """
         data = self._prepare(batch)
         keep = data["keep"]
@@ -397,7 +431,8 @@ class MDNRNN(keras.Model):
             z = z + tf.exp(0.5 * data["logvar"]) * eps
         out = self.net(tf.concat([z, data["action"]], axis=-1), training=training)
         log_pi, mu, log_sigma = self.split(out["mdn"][:, :-1])
-        losses = {"z_nll": mixture_nll(z[:, 1:], log_pi, mu, log_sigma, keep[:, :-1] & keep[:, 1:])}
+        pairs = keep[:, :-1] & keep[:, 1:]
+        losses = {"z_nll": mixture_nll(z[:, 1:], log_pi, mu, log_sigma, pairs)}
         total = losses["z_nll"]
         count = tf.reduce_sum(tf.cast(keep, tf.float32))
         if self.reward_head:
@@ -408,6 +443,11 @@ class MDNRNN(keras.Model):
             bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=data["done"], logits=out["done"])
             losses["done_bce"] = tf.math.divide_no_nan(tf.reduce_sum(tf.where(keep, bce, 0.0)), count)
             total = total + self.done_weight * losses["done_bce"]
+        if self.action_head:
+            error = tf.reduce_mean(tf.square(out["action"][:, :-1] - data["action"][:, 1:]), axis=-1)
+            losses["action_mse"] = tf.math.divide_no_nan(tf.reduce_sum(tf.where(pairs, error, 0.0)),
+                                                         tf.reduce_sum(tf.cast(pairs, tf.float32)))
+            total = total + self.action_weight * losses["action_mse"]
         losses["loss"] = total
         return losses
 
@@ -469,6 +509,8 @@ class MDNRNN(keras.Model):
             result["reward"] = self.net.get_layer("reward")(features)[:, 0]
         if self.done_head:
             result["done_prob"] = tf.sigmoid(self.net.get_layer("done")(features)[:, 0])
+        if self.action_head:
+            result["action"] = self.net.get_layer("action")(features)
         return result
 
     def step(self, z, action, state, dropout_mask=None):
@@ -478,7 +520,8 @@ class MDNRNN(keras.Model):
         :meth:`initial_state` or the previous step; ``dropout_mask`` (B, H) from
         :meth:`sample_dropout_mask` or None (no dropout, the inference network).
         Returns ``{"log_pi", "mu", "log_sigma": (B, Z, K), "reward": (B,),
-        "done_prob": (B,), "state": (h', c')}`` (reward / done_prob only with their heads),
+        "done_prob": (B,), "action": (B, A), "state": (h', c')}`` (reward / done_prob / action
+        only with their heads; ``action`` is M's prediction of the next action a_{t+1}),
         the same numbers as the sequence model on the same inputs. Traced once for all
         batch sizes. The controller's h_t is ``state[0]`` *before* this call (the paper's C
         sees the hidden state that has not yet absorbed z_t, a_t).

@@ -261,6 +261,34 @@ def test_step_limit_done_head_and_reward_head():
         DreamWorld(model, starts, temperature=0.0)
 
 
+def test_the_action_head_changes_nothing_in_the_dream_and_exposes_ms_predicted_action():
+    rng = np.random.default_rng(6)
+    starts = random_starts(rng)
+    off = small_model(seed=6)
+    on = small_model(seed=7, action_head=True)
+    for name in ("lstm", "mdn", "reward", "done"):
+        on.net.get_layer(name).set_weights(off.net.get_layer(name).get_weights())
+    worlds = [DreamWorld(model, starts, 1.0, 50, 4) for model in (off, on)]
+    assert worlds[0].predicted_action is None
+    seeds = np.arange(4)
+    first = [world.reset(seeds) for world in worlds]
+    np.testing.assert_array_equal(first[0][0], first[1][0])
+    assert not worlds[1].predicted_action.any()
+    for t in range(5):
+        actions = rng.uniform([-1, 0, 0], [1, 1, 1], size=(4, 3)).astype(np.float32)
+        z, h, c = worlds[1]._z.copy(), worlds[1]._h.copy(), worlds[1]._c.copy()
+        active = np.array([True, True, t % 2 == 0, True])
+        results = [world.step(actions, active) for world in worlds]
+        for a, b in zip(results[0][1:], results[1][1:]):  # reward, terminated, truncated
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(results[0][0][0], results[1][0][0])  # z
+        np.testing.assert_array_equal(results[0][0][1], results[1][0][1])  # h
+        # M's prediction of the next action, from the state and inputs of this step (rows that moved).
+        expected = on.step(z[active], actions[active], (h[active], c[active]))["action"].numpy()
+        np.testing.assert_allclose(worlds[1].predicted_action[active], expected, atol=1e-5)
+    assert worlds[1].predicted_action.any()
+
+
 # --------------------------------------------------------------------------- 05 --env dream, the study, the notebook
 
 GENERATIONS = 3

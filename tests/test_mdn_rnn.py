@@ -1,6 +1,7 @@
-"""Tests for M (models/mdn_rnn.py): shapes, mixture maths, temperature, masking, step, saving."""
+"""Tests for M (models/mdn_rnn.py): shapes, mixture maths, temperature, masking, step, saving, the action head."""
 
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -501,3 +502,178 @@ def test_mixed_precision_trains_with_float32_heads_and_float32_step():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+# --------------------------------------------------------------------------- the action head (rnn.action_head)
+OLD_M = Path(__file__).parent / "data" / "old_mdn_rnn.keras"  # made before the head existed: tests/data/README.md
+
+
+def with_shared_weights(source, **kwargs):
+    """An M with ``source``'s sizes and kwargs, whose LSTM and z/reward/done heads hold ``source``'s weights."""
+    model = MDNRNN(**SMALL, seed=1, **kwargs)
+    for name in ("lstm", "mdn", "reward", "done"):
+        model.net.get_layer(name).set_weights(source.net.get_layer(name).get_weights())
+    return model
+
+
+def test_action_head_adds_h_times_a_plus_a_parameters_last():
+    with_head = build_mdn_rnn(z_size=32, action_size=3, action_head=True)
+    without = build_mdn_rnn(z_size=32, action_size=3)
+    assert with_head.get_layer("action").count_params() == 256 * 3 + 3 == 771
+    assert with_head.count_params() == 422_368 + 2 * 257 + 771 == 423_653
+    assert without.count_params() == 422_368 + 2 * 257
+    assert build_mdn_rnn(z_size=4, hidden_units=16, num_mixtures=3, action_head=True).count_params() == (
+        4 * 16 * (4 + 3 + 16 + 1) + (16 + 1) * 3 * 3 * 4 + 2 * 17 + 16 * 3 + 3)
+    # Without the head the weights are the old network's, in the old order; the head only adds its own.
+    old_paths = ["lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel", "lstm/lstm_cell/bias", "done/kernel",
+                 "done/bias", "reward/kernel", "reward/bias", "mdn/kernel", "mdn/bias"]
+    assert [w.path for w in without.weights] == old_paths
+    assert sorted(w.path for w in with_head.weights) == sorted(old_paths + ["action/kernel", "action/bias"])
+    outputs = with_head(np.zeros((2, 7, 35), np.float32))
+    assert tuple(outputs["action"].shape) == (2, 7, 3) and "action" not in without(np.zeros((1, 2, 35)))
+    with pytest.raises(ValueError, match="action_weight"):
+        MDNRNN(**SMALL, action_head=True, action_weight=-1.0)
+
+
+def numpy_forward(model, inputs):
+    """M's per-step outputs in float64 numpy from its weights: an independent LSTM (gates i, f, c, o) and heads."""
+    kernel, recurrent, bias = (w.astype(np.float64) for w in model.net.get_layer("lstm").get_weights())
+    batch, steps, _ = inputs.shape
+    h = np.zeros((batch, model.hidden_units))
+    c = np.zeros_like(h)
+    features = []
+    for t in range(steps):
+        gates = inputs[:, t] @ kernel + h @ recurrent + bias
+        i, f, g, o = np.split(gates, 4, axis=-1)
+        sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        features.append(h)
+    features = np.stack(features, axis=1)
+
+    def dense(name):
+        weight, b = model.net.get_layer(name).get_weights()
+        return features @ weight.astype(np.float64) + b
+
+    return {"mdn": dense("mdn"), "reward": dense("reward")[..., 0], "done": dense("done")[..., 0],
+            "action": dense("action")}
+
+
+def numpy_split(y, z_size, k):
+    """split_mixture in numpy: logits, means and softly bounded log sigmas (..., Z, K)."""
+    logits, mu, raw = np.split(y.reshape(y.shape[:-1] + (z_size, 3 * k)), 3, axis=-1)
+    log_pi = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    frac = -LOG_SIGMA_MIN / (LOG_SIGMA_MAX - LOG_SIGMA_MIN)
+    sigmoid = 1.0 / (1.0 + np.exp(-(raw + np.log(frac / (1.0 - frac)))))
+    return log_pi, mu, LOG_SIGMA_MIN + (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * sigmoid
+
+
+def test_loss_with_the_action_head_equals_a_brute_force_numpy_computation():
+    rng = np.random.default_rng(20)
+    model = MDNRNN(**SMALL, action_head=True, action_weight=0.5, seed=7)
+    head = model.net.get_layer("action")
+    head.set_weights([w + rng.normal(scale=0.3, size=w.shape) for w in head.get_weights()])
+    # Episodes of 4, 7 and 1 frames; garbage (NaN, 1e3) after each end.
+    batch = pad(make_batch(rng, lengths=[4, 7, 1], total_length=7), 9, rng)
+    got = losses_np(model, batch)
+
+    mask = batch["mask"] > 0
+    clean = {k: np.where(mask[..., None] if batch[k].ndim == 3 else mask, batch[k], 0.0).astype(np.float64)
+             for k in ("mu", "action", "reward", "done")}
+    out = numpy_forward(model, np.concatenate([clean["mu"], clean["action"]], axis=-1))
+    pairs = mask[:, :-1] & mask[:, 1:]
+    log_prob = brute_force_log_prob(clean["mu"][:, 1:], *numpy_split(out["mdn"][:, :-1], 4, 3))
+    logit, label = out["done"], clean["done"]
+    expected = {
+        "z_nll": -log_prob[pairs].mean(),
+        "reward_mse": np.square(out["reward"] - clean["reward"])[mask].mean(),
+        "done_bce": (np.maximum(logit, 0) - logit * label + np.log1p(np.exp(-np.abs(logit))))[mask].mean(),
+        # The target of step t is the next step's action; the last real step has none.
+        "action_mse": np.square(out["action"][:, :-1] - clean["action"][:, 1:]).mean(axis=-1)[pairs].mean(),
+    }
+    expected["loss"] = (expected["z_nll"] + expected["reward_mse"] + 10.0 * expected["done_bce"]
+                        + 0.5 * expected["action_mse"])
+    assert pairs.sum() == 3 + 6 + 0
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=2e-5, err_msg=key)
+    assert expected["action_mse"] > 0.01  # the head's term is not a negligible part of the check
+
+
+def test_the_action_loss_is_masked_at_episode_ends():
+    rng = np.random.default_rng(21)
+    model = MDNRNN(**SMALL, action_head=True, seed=8)
+    batch = make_batch(rng, lengths=[5, 8], total_length=8)
+    reference = losses_np(model, batch)
+    # Nothing after an episode's end counts, not even NaN.
+    np.testing.assert_allclose(losses_np(model, pad(batch, 12, rng))["action_mse"], reference["action_mse"], rtol=1e-6)
+    # The last real action is a target (of the step before it): the mask is not too narrow.
+    changed = {key: value.copy() for key, value in batch.items()}
+    changed["action"][0, 4] += 0.5
+    assert abs(losses_np(model, changed)["action_mse"] - reference["action_mse"]) > 1e-4
+    # A one-frame episode has no target: it adds nothing, and alone it scores 0 (no NaN).
+    single = make_batch(rng, lengths=[1], total_length=8)
+    assert losses_np(model, single)["action_mse"] == 0.0
+    both = {key: np.concatenate([batch[key][:1], single[key]]) for key in batch}
+    np.testing.assert_allclose(losses_np(model, both)["action_mse"],
+                               losses_np(model, {key: v[:1] for key, v in batch.items()})["action_mse"], rtol=1e-6)
+
+
+def test_the_head_changes_no_other_output_and_adds_only_its_weighted_term():
+    rng = np.random.default_rng(22)
+    off = MDNRNN(**SMALL, seed=9)
+    on = with_shared_weights(off, action_head=True, action_weight=2.0)
+    batch = make_batch(rng, lengths=[6, 3], total_length=6)
+    a, b = losses_np(off, batch), losses_np(on, batch)
+    for key in ("z_nll", "reward_mse", "done_bce"):
+        assert a[key] == b[key], key
+    np.testing.assert_allclose(b["loss"], a["loss"] + 2.0 * b["action_mse"], rtol=1e-6)
+    state = off.initial_state(2)
+    step_off = off.step(batch["mu"][:, 0], batch["action"][:, 0], state)
+    step_on = on.step(batch["mu"][:, 0], batch["action"][:, 0], state)
+    assert "action" not in step_off and tuple(step_on["action"].shape) == (2, 3)
+    for key in ("log_pi", "mu", "log_sigma", "reward", "done_prob"):
+        np.testing.assert_array_equal(step_on[key], step_off[key], err_msg=key)
+    sequence = on(np.concatenate([batch["mu"], batch["action"]], -1))
+    np.testing.assert_allclose(step_on["action"], sequence["action"][:, 0], atol=1e-6)
+    on.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0))
+    history = on.fit(batch, batch_size=2, epochs=30, verbose=0, shuffle=False).history
+    assert "action_mse" in history and history["action_mse"][-1] < history["action_mse"][0]
+
+
+def test_an_old_m_without_the_head_loads_and_gives_the_same_outputs(tmp_path):
+    """tests/data/old_mdn_rnn.keras was trained and saved by M's code before the action head existed."""
+    with np.load(OLD_M.with_name("old_mdn_rnn_outputs.npz")) as data:
+        old = {key: data[key] for key in data.files}
+    model = keras.models.load_model(OLD_M, compile=False)
+    assert isinstance(model, MDNRNN) and not model.action_head
+    assert "action_head" not in model.get_config() and "action_weight" not in model.get_config()
+    batch = {key: old[key] for key in ("mu", "logvar", "action", "reward", "done", "mask")}
+    sequence = model(np.concatenate([batch["mu"], batch["action"]], -1))
+    assert set(sequence) == {"mdn", "reward", "done"}
+    for key, value in sequence.items():
+        np.testing.assert_allclose(value, old[f"seq_{key}"], atol=1e-6, err_msg=key)
+    step = model.step(batch["mu"][:, 0], batch["action"][:, 0], model.initial_state(2))
+    for key in ("log_pi", "mu", "log_sigma", "reward", "done_prob"):
+        np.testing.assert_allclose(step[key], old[f"step_{key}"], atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(step["state"][0], old["step_h"], atol=1e-6)
+    losses = losses_np(model, batch)
+    assert set(losses) == {key[len("loss_"):] for key in old if key.startswith("loss_")}
+    for key, value in losses.items():
+        np.testing.assert_allclose(value, old[f"loss_{key}"], rtol=1e-6, err_msg=key)
+    # Its weights fit a new M built from its config, and saving it again keeps the old config.
+    fresh = MDNRNN.from_config(model.get_config())
+    fresh.set_weights(model.get_weights())
+    np.testing.assert_allclose(fresh(np.concatenate([batch["mu"], batch["action"]], -1))["mdn"], old["seq_mdn"],
+                               atol=1e-6)
+    model.save(tmp_path / "again.keras")
+    assert keras.models.load_model(tmp_path / "again.keras").get_config() == model.get_config()
+
+
+def test_keras_round_trip_with_the_action_head(tmp_path):
+    batch = make_batch(np.random.default_rng(23), lengths=[6, 4], total_length=6)
+    model = MDNRNN(**SMALL, action_head=True, action_weight=0.3, seed=10)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.action_head and loaded.action_weight == 0.3 and loaded.get_config() == model.get_config()
+    assert losses_np(loaded, batch) == pytest.approx(losses_np(model, batch), rel=1e-6)

@@ -165,6 +165,29 @@ def test_evaluation_scores_every_transition_and_frame_once(series_paths):
     assert sampled[0] != sequences.evaluate_model(model, series_paths, 5, 3)["z_nll"]
 
 
+def test_the_action_head_is_scored_on_every_transition_once_against_its_baselines(series_paths):
+    from models.mdn_rnn import MDNRNN
+
+    model = MDNRNN(z_size=4, hidden_units=8, num_mixtures=2, seed=0, action_head=True)
+    assert "action_mse" not in sequences.evaluate_model(small_model(), series_paths, 5, 3)
+    actions = [storage.load_episode(p, "series")["action"].astype(np.float64) for p in series_paths]
+    persistence = np.concatenate([np.square(a[1:] - a[:-1]) for a in actions]).mean()
+    mean = np.array([0.1, 0.5, 0.2])
+    train_mean = np.concatenate([np.square(a[1:] - mean) for a in actions]).mean()
+    results = [sequences.evaluate_model(model, series_paths, length, batch_size=3, action_mean=mean)
+               for length in (2, 5, 40)]
+    for result in results:
+        assert result["action_mse_persistence"] == pytest.approx(persistence, rel=1e-9)
+        assert result["action_mse_train_mean"] == pytest.approx(train_mean, rel=1e-9)
+        assert result["action_mse"] == pytest.approx(np.mean(result["action_mse_per_component"]))
+    assert results[0]["action_mse"] != pytest.approx(persistence, rel=1e-3)
+    # The streamed metric is the model's own action loss on the same window (M restarts at each window).
+    episode = series_paths[LENGTHS.index(13)]
+    window = next(iter(sequences.sequence_dataset([episode], 12, batch_size=1, shuffle=False)))
+    np.testing.assert_allclose(sequences.evaluate_model(model, [episode], 40, 1)["action_mse"],
+                               float(model.compute_losses(window)["action_mse"]), rtol=1e-5)
+
+
 def test_latent_noise_is_the_same_for_a_window_and_its_episode():
     long = sequences.latent_noise(3, "episode_000007.npz", 50, 4)
     np.testing.assert_array_equal(sequences.latent_noise(3, "episode_000007.npz", 20, 4), long[:20])
@@ -359,3 +382,45 @@ def test_incompatible_series_or_rnn_folder_is_refused(tmp_path, smoke_rnn):
     proc = run_script(SCRIPT, "--set", "rnn.hidden_units=64", data_dir=tmp_path, check=False)
     assert_user_error(proc, tmp_path / "rnn", "rnn.hidden_units: artifact has 256, current config has 64")
     assert not (tmp_path / "rnn" / "checkpoint").exists()
+
+
+def test_old_rnn_config_without_the_action_head_loads_as_off(smoke_rnn, tmp_path):
+    from worldmodels import artifacts
+
+    saved = json.loads((smoke_rnn / "rnn" / "config.json").read_text())
+    for key in ("action_head", "action_weight"):
+        saved["rnn"].pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = config.load_config(tmp_path / "config.json")
+    assert old == SMOKE and old.rnn.action_head is False
+    config.check_compatible(old, SMOKE, artifacts.RNN_KEYS, "M")
+    with pytest.raises(config.ConfigError, match="rnn.action_head: artifact has False, current config has True"):
+        config.check_compatible(old, config.make_config("smoke", {"rnn.action_head": "true"}), artifacts.RNN_KEYS, "M")
+
+
+def test_stage_4_with_the_action_head_writes_the_action_metric(smoke_rnn, tmp_path):
+    from worldmodels import artifacts
+
+    shutil.copytree(smoke_rnn / "series", tmp_path / "series")
+    proc = run_script(SCRIPT, "--set", "rnn.action_head=true", "--set", "rnn.action_weight=0.5", data_dir=tmp_path)
+    assert "next action MSE" in proc.stdout and "a_t+1 = a_t" in proc.stdout
+    cfg = config.load_config(tmp_path / "rnn" / "config.json")
+    assert cfg.rnn.action_head and cfg.rnn.action_weight == 0.5
+    metrics = json.loads((tmp_path / "rnn" / "metrics.json").read_text())
+    for key in ("action_mse", "action_mse_persistence", "action_mse_train_mean"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0, key
+    assert len(metrics["action_mse_per_component"]) == 3
+    assert metrics["beats_action_baselines"] == (
+        metrics["action_mse"] < min(metrics["action_mse_persistence"], metrics["action_mse_train_mean"]))
+    assert metrics["fingerprint"]["rnn.action_weight"] == 0.5
+    # The smoke run without the head has none of these, and its fingerprint is the one from before the option.
+    plain = json.loads((smoke_rnn / "rnn" / "metrics.json").read_text())
+    assert not any(key.startswith(("action", "beats_action")) for key in plain)
+    assert "rnn.action_weight" not in plain["fingerprint"]
+    model = artifacts.load_rnn(tmp_path, cfg)
+    assert model.action_head and model.action_weight == 0.5
+    history = json.loads((tmp_path / "rnn" / "checkpoint" / "training_state.json").read_text())["history"]
+    assert "action_mse" in history[-1] and "heldout_action_mse" in history[-1]
+    # An M without the head is refused by a run with it, and the other way round.
+    proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
+    assert_user_error(proc, tmp_path / "rnn", "rnn.action_head: artifact has True, current config has False")

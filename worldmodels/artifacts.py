@@ -58,7 +58,10 @@ VISION_KEYS = ("vae.model", "vae.z_size")
 VAE_KEYS = VISION_KEYS + ("vae.kl_tolerance",)
 # What a series file's contents depend on: the V that encoded it and the rollouts it encoded.
 SERIES_KEYS = VISION_KEYS + ROLLOUT_KEYS
-RNN_KEYS = VISION_KEYS + ("rnn.hidden_units", "rnn.num_mixtures", "rnn.reward_head", "rnn.done_head")
+# rnn.action_head adds a layer to M; configs saved before it existed load with its default (off), which is
+# how those M were made.
+RNN_KEYS = VISION_KEYS + ("rnn.hidden_units", "rnn.num_mixtures", "rnn.reward_head", "rnn.done_head",
+                          "rnn.action_head")
 # What defines a controller search: a controller folder made with other values is not continued.
 CONTROLLER_KEYS = RNN_KEYS + (
     "controller.env", "controller.population", "controller.rollouts_per_member", "controller.sigma_init",

@@ -201,7 +201,9 @@ def _build_step(model):
 
     Inputs: z (B, Z), action (B, 3), h, c, mask (B, H), unique seeds (U, 2) int64, ``inverse``
     (B,) int32 (row i uses ``seeds[inverse[i]]``), tau () float32. Returns z_next (B, Z),
-    h', c' (B, H), reward (B,), done_prob (B,), done_uniform (B,). Row i's z_next equals
+    h', c' (B, H), reward (B,), done_prob (B,), done_uniform (B,), and with M's action head
+    its predicted next action (B, 3) (without the head the graph is the one built before the
+    option existed). Row i's z_next equals
     ``sample_mixture(row i's mixture, tau, seed=seeds[inverse[i]])`` (the per-row mode).
     """
     z_size, k, hidden = model.z_size, model.num_mixtures, model.hidden_units
@@ -227,7 +229,8 @@ def _build_step(model):
         z_next = mixture_draw(out["log_pi"], out["mu"], out["log_sigma"], tau, uniform, normal)
         h_new, c_new = out["state"]
         extra = [out[name] if present else tf.zeros_like(done_uniform) for name, present in zeros_if_absent.items()]
-        return z_next, h_new, c_new, extra[0], extra[1], done_uniform
+        outputs = (z_next, h_new, c_new, extra[0], extra[1], done_uniform)
+        return outputs + (out["action"],) if getattr(model, "action_head", False) else outputs
 
     return step
 
@@ -250,7 +253,10 @@ class DreamWorld:
     Interface: ``reset(seeds (B,) int) -> (z (B, Z), h (B, H))`` and ``step(env_actions (B, 3),
     active (B,) bool) -> ((z, h), reward (B,), terminated (B,), truncated (B,))`` with h the
     state after (z_t, a_t). Only active rows are stepped; the others keep their values.
-    After a step, :attr:`start_rows` (B,) tells which row of ``starts`` each episode began from.
+    After a step, :attr:`start_rows` (B,) tells which row of ``starts`` each episode began from,
+    and, for an M with an action head, :attr:`predicted_action` float32 (B, 3) holds M's
+    prediction of the next action a_{t+1} (a diagnostic: C still chooses the actions; None
+    without the head, zeros before a row's first step).
     """
 
     def __init__(self, model, starts: StartStates, temperature: float = 1.15, max_steps: int = 1000,
@@ -279,6 +285,7 @@ class DreamWorld:
         self.dropout = model.dropout > 0 if dropout is None else bool(dropout)
         self.z_size = int(model.z_size)
         self.hidden_size = int(model.hidden_units)
+        self._action_head = bool(getattr(model, "action_head", False))
         self._tau = tf.constant(temperature, tf.float32)
         self._step = _build_step(model)
         # (N, H) each: M's state at each start frame, after reading the real frames before it.
@@ -298,6 +305,7 @@ class DreamWorld:
         self._key = np.zeros(batch, np.int64)
         self._t = np.zeros(batch, np.int64)
         self.start_rows = np.zeros(batch, np.int64)
+        self.predicted_action = np.zeros((batch, ACTION_SIZE), np.float32) if self._action_head else None
 
     def begin(self, rows, rngs) -> None:
         """Start new episodes in ``rows`` (indices), episode i drawing from generator ``rngs[i]``."""
@@ -311,6 +319,8 @@ class DreamWorld:
         self._c[rows] = self._c0[self.start_rows[rows]]
         self._t[rows] = 0
         self._mask[rows] = 1.0
+        if self._action_head:
+            self.predicted_action[rows] = 0.0
         if self.dropout and len(rows):
             keys, inverse = np.unique(self._key[rows], return_inverse=True)
             masks = np.concatenate([self.model.sample_dropout_mask(1, seed=tf.constant([key, -1], tf.int64)).numpy()
@@ -347,10 +357,12 @@ class DreamWorld:
             pick = slice(None) if everyone else index
             seeds, inverse = np.unique(np.stack([self._key[pick], self._t[pick]], axis=1), axis=0,
                                        return_inverse=True)
-            z, h, c, r, done_prob, done_uniform = (x.numpy() for x in self._step(
+            z, h, c, r, done_prob, done_uniform, *predicted = (x.numpy() for x in self._step(
                 self._z[pick], actions[pick], self._h[pick], self._c[pick], self._mask[pick],
                 seeds, inverse.reshape(-1).astype(np.int32), self._tau))
             self._z[pick], self._h[pick], self._c[pick] = z, h, c
+            if predicted:
+                self.predicted_action[pick] = predicted[0]
             self._t[pick] += 1
             reward[pick] = r
             if self.done == "sample":

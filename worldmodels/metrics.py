@@ -7,7 +7,8 @@
   :func:`grid_frames` picks the frames every reconstruction grid shows.
 * M: :func:`rnn_baselines` fits the two baselines of ``models.mdn_rnn.baseline_nlls`` on the
   training series and scores them on the evaluated ones; :func:`informative_comparison`
-  compares M with them on the latent dimensions V uses (stage 4's ``metrics.json``).
+  compares M with them on the latent dimensions V uses (stage 4's ``metrics.json``);
+  :func:`train_action_mean` is the constant baseline of M's optional action head.
 * C: :func:`score_summary` is the mean, standard deviation, minimum and maximum of a
   controller's returns on held-out tracks (``rollout.evaluate``, so every controller ``metrics.json``).
 
@@ -107,6 +108,12 @@ def vision_metrics(model, paths, batch_size: int) -> dict:
 # --------------------------------------------------------------------------- M
 
 
+def baseline_fit_paths(train_paths) -> list:
+    """The training episodes M's baselines are fitted on: at most BASELINE_EPISODES, evenly spread."""
+    picks = np.unique(np.linspace(0, len(train_paths) - 1, min(BASELINE_EPISODES, len(train_paths))).astype(int))
+    return [train_paths[i] for i in picks]
+
+
 def rnn_baselines(train_paths, eval_paths, seed: int) -> dict:
     """``models.mdn_rnn.baseline_nlls`` on ``eval_paths`` for z = mu and for sampled z, and a reward baseline.
 
@@ -122,8 +129,7 @@ def rnn_baselines(train_paths, eval_paths, seed: int) -> dict:
     from models.vae import kl_per_dimension
 
     keys = ("mu", "logvar", "reward")
-    picks = np.unique(np.linspace(0, len(train_paths) - 1, min(BASELINE_EPISODES, len(train_paths))).astype(int))
-    fit_paths = [train_paths[i] for i in picks]
+    fit_paths = baseline_fit_paths(train_paths)
     fit = [storage.load_episode(p, "series", keys=keys) for p in fit_paths]
     train_z = {"mu": [f["mu"] for f in fit],
                "sampled": [sequences.sampled_latents(f, seed, p.name) for f, p in zip(fit, fit_paths)]}
@@ -156,6 +162,19 @@ def rnn_baselines(train_paths, eval_paths, seed: int) -> dict:
         "fitted_on_episodes": len(fit_paths),
         "reward_mse_of_train_mean": reward_error / steps,
     }
+
+
+def train_action_mean(train_paths) -> np.ndarray:
+    """float64 (A,): the mean recorded action over the action head's targets a_1..a_{T-1} of the training series.
+
+    The constant prediction of the action head's "train mean" baseline (``sequences.evaluate_model``),
+    fitted on at most BASELINE_EPISODES evenly spread training episodes, as :func:`rnn_baselines`.
+    """
+    actions = np.concatenate([storage.load_episode(p, "series", keys=("action",))["action"][1:]
+                              for p in baseline_fit_paths(train_paths)])
+    if not len(actions):
+        raise ValueError("the training episodes have no transition: every episode has a single frame")
+    return actions.astype(np.float64).mean(axis=0)
 
 
 def informative_comparison(z_nll_per_dimension, base: dict) -> dict:

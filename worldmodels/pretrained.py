@@ -124,12 +124,11 @@ def load(name_or_path):
     from models.controller import num_parameters
     from models.mdn_rnn import MDNRNN
     from models.vae import ConvVAE
+    from worldmodels.rnn_training import model_arguments
 
     cfg = config.load_config(path / CONFIG)
     vision = ConvVAE(z_size=cfg.vae.z_size, kl_tolerance=cfg.vae.kl_tolerance)
-    rnn = MDNRNN(z_size=cfg.vae.z_size, hidden_units=cfg.rnn.hidden_units, num_mixtures=cfg.rnn.num_mixtures,
-                 reward_head=cfg.rnn.reward_head, done_head=cfg.rnn.done_head, dropout=cfg.rnn.dropout,
-                 done_weight=cfg.rnn.done_weight)
+    rnn = MDNRNN(**model_arguments(cfg))
     with np.load(path / VISION) as data:
         arrays = {key: data[key] for key in data.files}
     _set_weights(vision.encoder, arrays, "encoder/", path / VISION)

@@ -4,7 +4,8 @@
 writes ``<data>/rnn/``: ``rnn.keras`` (the trained M), ``config.json``, ``split.json``,
 ``metrics.json`` (on every held-out episode: NLL per z dimension, reward MSE, done accuracy
 and AUC, and the two baselines of ``models.mdn_rnn.baseline_nlls`` measured in the same run,
-see ``worldmodels.metrics``), ``logs/`` (TensorBoard) and ``checkpoint/``.
+see ``worldmodels.metrics``; with ``rnn.action_head`` also the next action's MSE against the
+baselines a_{t+1} = a_t and the training episodes' mean action), ``logs/`` (TensorBoard) and ``checkpoint/``.
 
 Sequence windows of ``rnn.sequence_length`` transitions stream from disk
 (``worldmodels.sequences``), so memory does not grow with the number of episodes. M is
@@ -85,15 +86,27 @@ def split(cfg: config.Config, paths):
     return datasets.split_episodes(paths, cfg.rnn.heldout_fraction, cfg.vae.split_seed)
 
 
+def model_arguments(cfg: config.Config) -> dict:
+    """``MDNRNN``'s keyword arguments from the config (all but ``seed``): its network and loss weights.
+
+    The action head's arguments are given only when it is on, so an M without it is built exactly as
+    before the option existed.
+    """
+    arguments = dict(z_size=cfg.vae.z_size, hidden_units=cfg.rnn.hidden_units, num_mixtures=cfg.rnn.num_mixtures,
+                     reward_head=cfg.rnn.reward_head, done_head=cfg.rnn.done_head, dropout=cfg.rnn.dropout,
+                     done_weight=cfg.rnn.done_weight)
+    if cfg.rnn.action_head:
+        arguments.update(action_head=True, action_weight=cfg.rnn.action_weight)
+    return arguments
+
+
 def build_model(cfg: config.Config, total_steps: int):
     """A compiled MDNRNN from ``cfg.rnn``: Adam on a cosine-decayed learning rate, global-norm clipping."""
     import keras
 
     from models.mdn_rnn import MDNRNN
 
-    model = MDNRNN(z_size=cfg.vae.z_size, hidden_units=cfg.rnn.hidden_units, num_mixtures=cfg.rnn.num_mixtures,
-                   reward_head=cfg.rnn.reward_head, done_head=cfg.rnn.done_head, dropout=cfg.rnn.dropout,
-                   done_weight=cfg.rnn.done_weight, seed=cfg.rnn.seed)
+    model = MDNRNN(**model_arguments(cfg), seed=cfg.rnn.seed)
     # Cosine rather than exponential decay: it stays near the initial rate for longer and lands on
     # min_learning_rate exactly at the last step (alpha is the final fraction of the initial rate).
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -112,10 +125,14 @@ def check_learning_rates(cfg: config.Config) -> None:
 
 
 def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
-    """What fixes M's batches and updates (see ``datasets.training_fingerprint``)."""
+    """What fixes M's batches and updates (see ``datasets.training_fingerprint``).
+
+    ``rnn.action_weight`` counts only with the action head (without it the weight changes nothing),
+    so the fingerprint of a run without the head is the one it had before the option existed.
+    """
     keys = ("vae.seed", "vae.split_seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
             "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed",
-            "rnn.mixed_precision")
+            "rnn.mixed_precision") + (("rnn.action_weight",) if cfg.rnn.action_head else ())
     return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
 
 
@@ -146,6 +163,10 @@ def results_table(result: dict) -> str:
                     f"always 'not done' {1.0 - result['done_positives'] / result['evaluated_steps']:.4f}")
         rows.append(f"  {'done AUC':<30}{_number(result['done_auc'])}   "
                     f"{result.get('done_auc_note') or 'chance 0.5000'}")
+    if "action_mse" in result:
+        rows.append(f"  {'next action MSE (per comp.)':<30}{_number(result['action_mse'])}   "
+                    f"a_t+1 = a_t {result['action_mse_persistence']:.4f}, "
+                    f"train mean {result['action_mse_train_mean']:.4f}")
     informative = result.get("beats_baselines_informative")
     rows.append(f"  beats both z baselines: {'yes' if result['beats_baselines'] else 'no'} (z = mu), "
                 f"{'yes' if result['beats_baselines_sampled'] else 'no'} (sampled z)"
@@ -272,8 +293,9 @@ def evaluate(cfg: config.Config, model, state: dict, run: RnnRun) -> dict:
     """The metrics of metrics.json for a trained M: held-out NLL, reward and done, and the baselines."""
     length, batch_size = cfg.rnn.sequence_length, cfg.rnn.batch_size
     log(f"evaluating M on every window of {len(run.eval_paths)} {run.evaluated_on} episode(s); fitting the baselines")
+    action_mean = metrics.train_action_mean(run.train_paths) if cfg.rnn.action_head else None
     with datasets.surface_corrupt_files():
-        evaluation = sequences.evaluate_model(model, run.eval_paths, length, batch_size)
+        evaluation = sequences.evaluate_model(model, run.eval_paths, length, batch_size, action_mean=action_mean)
         sampled = sequences.evaluate_model(model, run.eval_paths, length, batch_size, sample_seed=cfg.rnn.seed)
     base = metrics.rnn_baselines(run.train_paths, run.eval_paths, cfg.rnn.seed)
     last = state["history"][-1]
@@ -302,9 +324,13 @@ def evaluate(cfg: config.Config, model, state: dict, run: RnnRun) -> dict:
         **metrics.informative_comparison(evaluation["z_nll_per_dimension"], base),
         "fingerprint": run.prints,
     }
-    for key in ("reward_mse", "done_accuracy", "done_auc", "done_positives"):
+    for key in ("reward_mse", "done_accuracy", "done_auc", "done_positives", "action_mse",
+                "action_mse_per_component", "action_mse_persistence", "action_mse_train_mean"):
         if key in evaluation:
             result[key] = evaluation[key]
+    if cfg.rnn.action_head:
+        result["beats_action_baselines"] = bool(
+            evaluation["action_mse"] < min(evaluation["action_mse_persistence"], evaluation["action_mse_train_mean"]))
     if cfg.rnn.done_head and evaluation["done_auc"] is None:
         result["done_auc_note"] = ("undefined: the evaluated steps hold no positive done label"
                                    if evaluation["done_positives"] == 0 else

@@ -320,8 +320,65 @@ def sampled_latents(series: dict[str, np.ndarray], seed: int, name: str) -> np.n
     return mu + np.exp(0.5 * logvar) * latent_noise(seed, name, *mu.shape)
 
 
+class _HeadScores:
+    """Running sums of the reward, done and action heads' metrics over the batches of :func:`evaluate_model`.
+
+    ``action_mean`` (A,), optional: the constant prediction of the "train mean" action baseline.
+    """
+
+    def __init__(self, model, action_mean=None):
+        self.model, self.action_mean = model, action_mean
+        self.reward_error, self.tile_error, self.tile_steps = 0.0, 0.0, 0
+        self.done_labels, self.done_scores = [], []
+        self.action_errors: dict[str, np.ndarray | float] = {"model": 0.0, "persistence": 0.0, "train_mean": 0.0}
+
+    def add(self, out: dict, batch: dict, own: np.ndarray, pairs: np.ndarray) -> None:
+        """One batch: M's outputs, the batch, ``own`` (B, W) its frames not scored before and ``pairs``
+        (B, W - 1) its transitions."""
+        import tensorflow as tf
+
+        if "reward" in out:
+            squared = np.square(out["reward"].numpy() - batch["reward"].numpy())
+            tiles = own & (batch["reward"].numpy() > 0)
+            self.reward_error += float(squared[own].sum())
+            self.tile_error += float(squared[tiles].sum())
+            self.tile_steps += int(tiles.sum())
+        if "done" in out:
+            self.done_scores.append(tf.sigmoid(out["done"]).numpy()[own])
+            self.done_labels.append(batch["done"].numpy()[own] > 0.5)
+        if "action" in out:
+            # The target of step t is a_{t+1}; the baselines predict a_t ("persistence") and a constant.
+            action = batch["action"].numpy().astype(np.float64)
+            guesses = {"model": out["action"].numpy()[:, :-1], "persistence": action[:, :-1]}
+            if self.action_mean is not None:
+                guesses["train_mean"] = np.broadcast_to(self.action_mean, action[:, :-1].shape)
+            for name, guess in guesses.items():
+                squared = np.square(guess - action[:, 1:])[pairs]
+                self.action_errors[name] = self.action_errors[name] + squared.sum(axis=0)
+
+    def result(self, steps: int, transitions: int) -> dict:
+        """The heads' entries of :func:`evaluate_model`'s result."""
+        result = {}
+        if self.model.reward_head:
+            result["reward_mse"] = self.reward_error / steps
+            result["reward_mse_tiles"] = self.tile_error / self.tile_steps if self.tile_steps else None
+        if self.model.done_head:
+            labels, scores = np.concatenate(self.done_labels), np.concatenate(self.done_scores)
+            result["done_accuracy"] = float(np.mean((scores > 0.5) == labels))
+            result["done_auc"] = roc_auc(labels, scores)
+            result["done_positives"] = int(labels.sum())
+        if getattr(self.model, "action_head", False):
+            per_component = self.action_errors["model"] / transitions
+            result["action_mse"] = float(np.mean(per_component))
+            result["action_mse_per_component"] = [float(v) for v in per_component]
+            result["action_mse_persistence"] = float(np.mean(self.action_errors["persistence"] / transitions))
+            if self.action_mean is not None:
+                result["action_mse_train_mean"] = float(np.mean(self.action_errors["train_mean"] / transitions))
+        return result
+
+
 def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: int, batch_size: int,
-                   sample_seed: int | None = None) -> dict:
+                   sample_seed: int | None = None, action_mean=None) -> dict:
     """M's metrics on every window of ``paths``, streamed.
 
     z is V's posterior mean (``sample_seed=None``, as ``MDNRNN.test_step``) or a draw from V's
@@ -336,7 +393,11 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
         (list of Z), ``transitions``, ``steps``; with a reward head ``reward_mse`` and
         ``reward_mse_tiles`` (on the steps with a positive reward, CarRacing's new tiles; ``None``
         without any); with a done head ``done_accuracy`` (threshold 0.5), ``done_auc`` (``None`` without both
-        classes), ``done_positives``.
+        classes), ``done_positives``; with an action head (``model.action_head``) ``action_mse``
+        (mean over the action components of the squared error of the predicted a_{t+1}, on the
+        transitions), ``action_mse_per_component`` (list of A), ``action_mse_persistence`` (the
+        baseline a_{t+1} = a_t) and, when ``action_mean`` (A,) is given, ``action_mse_train_mean``
+        (the baseline a_{t+1} = ``action_mean``).
     """
     import tensorflow as tf
 
@@ -344,9 +405,8 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
 
     names = [Path(p).name for p in paths]
     noise: dict[str, np.ndarray] = {}
-    nll_sum, transitions = 0.0, 0
-    reward_error, done_labels, done_scores, steps = 0.0, [], [], 0
-    tile_error, tile_steps = 0.0, 0
+    nll_sum, transitions, steps = 0.0, 0, 0
+    heads = _HeadScores(model, action_mean)
     for batch in sequence_dataset(paths, sequence_length, batch_size, shuffle=False):
         mask = batch["mask"].numpy() > 0
         z = np.array(batch["mu"])
@@ -370,25 +430,9 @@ def evaluate_model(model, paths: Sequence[str | os.PathLike], sequence_length: i
         own = mask.copy()
         own[:, 0] &= starts == 0
         steps += int(own.sum())
-        if "reward" in out:
-            squared = np.square(out["reward"].numpy() - batch["reward"].numpy())
-            tiles = own & (batch["reward"].numpy() > 0)
-            reward_error += float(squared[own].sum())
-            tile_error, tile_steps = tile_error + float(squared[tiles].sum()), tile_steps + int(tiles.sum())
-        if "done" in out:
-            done_scores.append(tf.sigmoid(out["done"]).numpy()[own])
-            done_labels.append(batch["done"].numpy()[own] > 0.5)
+        heads.add(out, batch, own, pairs)
     if transitions == 0:
         raise ValueError("the episodes have no transition to score: every episode has a single frame")
     per_dimension = nll_sum / transitions
-    result = {"z_nll": float(per_dimension.mean()), "z_nll_per_dimension": [float(v) for v in per_dimension],
-              "transitions": transitions, "steps": steps}
-    if model.reward_head:
-        result["reward_mse"] = reward_error / steps
-        result["reward_mse_tiles"] = tile_error / tile_steps if tile_steps else None
-    if model.done_head:
-        labels, scores = np.concatenate(done_labels), np.concatenate(done_scores)
-        result["done_accuracy"] = float(np.mean((scores > 0.5) == labels))
-        result["done_auc"] = roc_auc(labels, scores)
-        result["done_positives"] = int(labels.sum())
-    return result
+    return {"z_nll": float(per_dimension.mean()), "z_nll_per_dimension": [float(v) for v in per_dimension],
+            "transitions": transitions, "steps": steps, **heads.result(steps, transitions)}
