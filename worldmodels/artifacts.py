@@ -26,6 +26,9 @@ DREAM_CONTROLLER_PREFIX = "controller_dream_t"
 # A real-environment search started from another controller (controller.init_from): the hybrid.
 HYBRID_CONTROLLER = "controller_hybrid"
 CONTROLLER_FILE = "controller.npz"
+# The iterative procedure (06_iterate.py): its folder and its table of one row per iteration.
+ITERATIONS = "iterations"
+ITERATIONS_TABLE = "iterations.csv"
 TEMPERATURE_STUDY = "temperature_study"
 COMPARE = "compare"
 CONFIG_FILE = "config.json"
@@ -113,6 +116,18 @@ def rnn_path(data_dir: Path) -> Path:
 def dream_controller_dir(data_dir: Path, temperature: float) -> Path:
     """``<data>/controller_dream_t<tau:g>``: 1.15 -> ``t1.15``, 1.0 -> ``t1``."""
     return Path(data_dir) / f"{DREAM_CONTROLLER_PREFIX}{temperature:g}"
+
+
+def initial_controller_dir(data_dir: Path, temperature: float) -> Path | None:
+    """The folder whose ``controller.npz`` the iterative procedure starts from (its iteration 1 collects with it):
+    ``controller/`` (real-trained), else ``controller_dream_t<temperature>``, else the first other dream folder
+    by name; None if none holds a controller (the iterations then start from zeros)."""
+    data_dir = Path(data_dir)
+    others = sorted(data_dir.glob(f"{DREAM_CONTROLLER_PREFIX}*"))
+    for folder in [data_dir / CONTROLLER, dream_controller_dir(data_dir, temperature), *others]:
+        if (folder / CONTROLLER_FILE).is_file():
+            return folder
+    return None
 
 
 def controller_dir(data_dir: Path, cfg: config.Config) -> Path:

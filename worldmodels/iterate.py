@@ -70,8 +70,8 @@ from worldmodels import (artifacts, collect, controller_evaluation, controller_t
                          figures, recording, repair, rnn_training, sequences, stage, storage)
 from worldmodels.env import episode_seed
 
-ITERATIONS = "iterations"
-CSV_NAME = "iterations.csv"
+ITERATIONS = artifacts.ITERATIONS
+CSV_NAME = artifacts.ITERATIONS_TABLE
 # Episode files of iteration i are numbered from i * EPISODE_BLOCK (stage 1 uses 0.. data.episodes - 1).
 EPISODE_BLOCK = 1_000_000
 # ... and its repair episodes from i * EPISODE_BLOCK + REPAIR_FIRST (so iterate.episodes must stay below it).
@@ -283,14 +283,11 @@ def controller_config(cfg: config.Config) -> config.Config:
 def initial_controller(cfg: config.Config, data_dir) -> tuple[np.ndarray, str]:
     """Iteration 1's controller ``(params (N,), where from)``: stage 5's real-trained one, else a dream-trained
     one (``dream.temperature``'s first), else zeros (the CMA starting point)."""
-    data_dir = Path(data_dir)
-    tau_dir = artifacts.dream_controller_dir(data_dir, cfg.dream.temperature)
-    others = sorted(data_dir.glob(f"{artifacts.DREAM_CONTROLLER_PREFIX}*"))
-    for folder in [data_dir / artifacts.CONTROLLER, tau_dir, *others]:
+    folder = artifacts.initial_controller_dir(data_dir, cfg.dream.temperature)
+    if folder is not None:
         path = folder / artifacts.CONTROLLER_FILE
-        if path.is_file():
-            params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
-            return params, str(path)
+        params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+        return params, str(path)
     return np.zeros(num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)), "zeros (no controller in the data dir)"
 
 
@@ -339,11 +336,6 @@ def _cell(value) -> str:
     if value is None:
         return "nan"
     return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
-
-
-def _series_steps(folder: Path, paths=None) -> int:
-    """Environment steps recorded in a folder of series (one per frame), or in its files ``paths``."""
-    return int(sum(sequences.check_series(storage.list_episodes(folder, artifacts.SERIES) if paths is None else paths)))
 
 
 def policy_counts(data_dir, iteration: int) -> str:
@@ -408,8 +400,10 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
     metrics = storage.read_json(out / artifacts.METRICS_FILE)
     evals = controller_training.read_evals(out / controller_training.EVAL_NAME)
     eval_steps = int(sum(row.get("env_steps", 0) for row in evals.values())) + int(metrics["steps"])
-    collect_steps = _series_steps(artifacts.series_dir(folder), collected_paths(artifacts.series_dir(folder), iteration))
-    before = _series_steps(artifacts.series_dir(data_dir)) if previous is None else int(previous["real_env_steps"])
+    series = artifacts.series_dir(folder)
+    collect_steps = sequences.series_steps(series, collected_paths(series, iteration))
+    before = sequences.series_steps(artifacts.series_dir(data_dir)) if previous is None \
+        else int(previous["real_env_steps"])
     m = rnn_on_new_episodes(cfg, iteration, data_dir)
     curious, repaired = curiosity_row(cfg, iteration, data_dir), repair_row(iteration, data_dir)
     dream, real = metrics["dream"]["mean"], metrics["mean"]

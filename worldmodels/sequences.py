@@ -91,6 +91,12 @@ def check_series(paths: Sequence[str | os.PathLike], z_size: int | None = None) 
     return lengths
 
 
+def series_steps(folder: str | os.PathLike, paths: Sequence[str | os.PathLike] | None = None) -> int:
+    """Environment steps recorded in a folder of series (one per frame), or in its files ``paths``;
+    a missing or empty folder is a :class:`~worldmodels.storage.MissingDataError`."""
+    return int(sum(check_series(storage.list_episodes(folder, "series") if paths is None else paths)))
+
+
 def window_starts(length: int, sequence_length: int) -> list[int]:
     """First frames of the windows of an episode of ``length`` frames: 0, L, 2L, ... (one window at least).
 
