@@ -20,7 +20,10 @@ driving            a ``controller*/controller.npz``, V and M     05_train_contro
 =================  ============================================  ===============================
 
 ``python -m worldmodels.figures architecture --out results/architecture.png`` draws README's
-diagram of the agent, which needs no data.
+diagram of the agent, which needs no data. ``python -m worldmodels.figures sample_efficiency --data-dir data
+--out results/sample_efficiency.png`` draws the held-out real score of every controller (stage 5 in the real
+env and in the dream, the hybrid, the iterations) against the real environment steps behind it
+(:func:`sample_efficiency`; every real step counts, stage 1's data included).
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (no pyplot), so importing this
 module never changes the backend of a notebook that uses it.
@@ -34,6 +37,7 @@ import io
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -42,7 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import config
-from worldmodels import artifacts, datasets, metrics, storage
+from worldmodels import artifacts, datasets, metrics, sequences, storage
 
 NOT_RUN = "not run"
 # The file each figure of make_all is written to, in the order they are made.
@@ -468,6 +472,189 @@ def driving_animation(data_dir: Path | None, out: Path, episodes: int = 1, width
     return out
 
 
+# --------------------------------------------------------------------------- sample efficiency
+
+
+@dataclass
+class Curve:
+    """Held-out real scores of one kind of controller against the real environment steps behind each score.
+
+    ``steps`` (K,) counts every real step that went into the controller scored at that point (see
+    :func:`sample_efficiency_curves`), ``mean`` and ``std`` (K,) are its return on the held-out real
+    tracks; ``final`` is ``(steps, mean, std, episodes)`` of its final score (``metrics.json``) or None.
+    """
+
+    label: str
+    steps: list[int]
+    mean: list[float]
+    std: list[float]
+    final: tuple[int, float, float, int] | None = None
+
+
+def stage1_steps(data_dir: Path) -> int:
+    """Real steps of stage 1's data, which V and M were trained on: one per frame of ``series/``, as
+    ``06_iterate.py`` counts them in ``real_env_steps``; 0 without ``series/``."""
+    try:
+        return sequences.series_steps(artifacts.series_dir(data_dir))
+    except storage.MissingDataError:
+        return 0
+
+
+def _steps_cell(value) -> float:
+    """An ``env_steps`` cell as a number; missing or NaN (rows of older files) counts as 0."""
+    value = 0.0 if value is None else float(value)
+    return 0.0 if math.isnan(value) else value
+
+
+def _trained_in_reality(folder: Path) -> bool:
+    """Whether the search in ``folder`` trained in the real env (its ``config.json``, else its folder name)."""
+    path = folder / artifacts.CONFIG_FILE
+    if path.is_file():
+        return (storage.read_json(path).get("controller") or {}).get("env", "real") != "dream"
+    return not folder.name.startswith(artifacts.DREAM_CONTROLLER_PREFIX)
+
+
+def _search_curve(folder: Path, label: str, offset: int) -> tuple[Curve, int]:
+    """The held-out evaluations of the search in ``folder`` and ``offset`` + the real steps it spent in all.
+
+    A point's steps are ``offset`` plus the search's real steps up to and including that evaluation
+    (``controller_training.search_cost``): its training episodes if it trained in the real env (a dream
+    search's ``history.csv`` counts dream steps, which are not real) and its held-out evaluations. The
+    total (and the final score's steps) adds every generation run and the final evaluation.
+    """
+    from worldmodels import controller_training as ct
+
+    evals = ct.read_evals(folder / ct.EVAL_NAME)
+    history = folder / "history.csv"
+    history = _read_rows(history) if history.is_file() and _trained_in_reality(folder) else []
+    cost = ct.search_cost(history, evals)
+    g = sorted(evals)
+    total = offset + int(sum(_steps_cell(row.get("env_steps")) for row in history)
+                         + sum(_steps_cell(evals[i].get("env_steps")) for i in g))
+    m = _metrics(folder / artifacts.METRICS_FILE)
+    final = None
+    if m is not None and m.get("mean") is not None:
+        total += int(_steps_cell(m.get("steps")))
+        final = (total, float(m["mean"]), float(m.get("std", math.nan)), int(m.get("episodes", 0)))
+    curve = Curve(label, [offset + cost[i][0] for i in g], [evals[i]["mean"] for i in g],
+                  [evals[i]["std"] for i in g], final)
+    return curve, total
+
+
+def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
+    """The folder of the controller the hybrid search in ``hybrid`` started from (its ``controller.init_from``)."""
+    saved = (storage.read_json(hybrid / artifacts.CONFIG_FILE).get("controller") or {}).get("init_from")
+    if not saved:
+        raise storage.CorruptFileError(f"{hybrid / artifacts.CONFIG_FILE} names no controller.init_from; the real "
+                                       "steps behind the hybrid's start cannot be counted")
+    start = Path(data_dir) / saved
+    start = start.parent if start.suffix == ".npz" else start
+    if not start.is_dir():
+        raise storage.MissingDataError(f"{start}, the controller {hybrid} started from, is gone: the real steps "
+                                       "behind it cannot be counted")
+    return start
+
+
+def _iterations_curve(data_dir: Path) -> Curve | None:
+    """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
+    every iteration's collection, evaluations, curiosity and repair) plus the real steps spent by the search
+    its iteration 1 started from (:func:`artifacts.initial_controller_dir`, by the folders present now)."""
+    root = data_dir / artifacts.ITERATIONS
+    table = root / artifacts.ITERATIONS_TABLE
+    if not table.is_file():
+        return None
+    keys = ("real_env_steps", "real_score", "real_std")
+    try:
+        with open(table, newline="") as f:
+            rows = [{key: float(row[key]) for key in keys} for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise storage.CorruptFileError(f"{table} is not an iterations table with {', '.join(keys)} ({exc})") from exc
+    saved = root / artifacts.CONFIG_FILE
+    tau = (config.load_config(saved) if saved.is_file() else config.Config()).dream.temperature
+    start = artifacts.initial_controller_dir(data_dir, tau)
+    offset = 0 if start is None else _search_curve(start, "", 0)[1]
+    label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
+    return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],
+                 [r["real_std"] for r in rows])
+
+
+def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
+    """Every curve of :func:`sample_efficiency` that ``data_dir`` holds, with the real steps each point cost.
+
+    Every point counts stage 1's data (:func:`stage1_steps`: V and M, which every controller reads,
+    were trained on it) plus: for ``controller/`` its real training and held-out evaluations so far;
+    for each ``controller_dream_t<tau>/`` its held-out evaluations only (it trains in M's dream); for
+    ``controller_hybrid/`` everything its start controller spent (a dream one: its evaluations and final
+    score) plus its own real training and evaluations; for ``iterations/`` what :func:`_iterations_curve`
+    says. A final score adds the whole search and its final evaluation. Folders without scores are left out.
+    """
+    data_dir = Path(data_dir)
+    base = stage1_steps(data_dir)
+    curves = []
+    if (data_dir / artifacts.CONTROLLER).is_dir():
+        curves.append(_search_curve(data_dir / artifacts.CONTROLLER, "stage 5 in the real env", base)[0])
+    for tau, folder in dream_controller_dirs(data_dir):
+        curves.append(_search_curve(folder, f"stage 5 in the dream, tau={tau:g}", base)[0])
+    hybrid = data_dir / artifacts.HYBRID_CONTROLLER
+    if hybrid.is_dir():
+        start = _hybrid_start(data_dir, hybrid)
+        spent = _search_curve(start, "", base)[1]
+        curves.append(_search_curve(hybrid, f"dream + real fine-tuning (from {start.name})", spent)[0])
+    curves.append(_iterations_curve(data_dir))
+    return [c for c in curves if c is not None and (c.steps or c.final)]
+
+
+def sample_efficiency(data_dirs, out: Path) -> Path:
+    """Held-out real score against the real environment steps behind it, for every controller of ``data_dirs``.
+
+    ``data_dirs``: one data dir or a list of them (labels then start with the folder's name). One curve
+    per :func:`sample_efficiency_curves` (mean with a +- std band; a star with its std for a final
+    score); x on a log scale. Nothing to draw is a :class:`~worldmodels.storage.MissingDataError`.
+    """
+    dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, os.PathLike)) else [Path(d) for d in data_dirs]
+    curves, counted = [], []
+    for folder in dirs:
+        found = sample_efficiency_curves(folder)
+        prefix = f"{folder.name}: " if len(dirs) > 1 else ""
+        for curve in found:
+            curve.label = prefix + curve.label
+        curves += found
+        counted += [f"{prefix}{stage1_steps(folder):,}"] if found else []
+    if not curves:
+        raise storage.MissingDataError(
+            f"no held-out real score under {', '.join(map(str, dirs))} (run 05_train_controller.py in the real "
+            "env, in the dream or with controller.init_from, or 06_iterate.py)")
+    return sample_efficiency_plot(curves, out, "; ".join(counted))
+
+
+def sample_efficiency_plot(curves: list[Curve], out: Path, stage1: str = "") -> Path:
+    """Draw ``curves`` (:class:`Curve`) to ``out``; ``stage1`` says how many steps of stage 1's data are counted."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for i, curve in enumerate(curves):
+        colour = f"C{i % 10}"
+        x, mean, std = (np.asarray(v, np.float64) for v in (curve.steps, curve.mean, curve.std))
+        if len(x):
+            ax.plot(x, mean, "o-", ms=4, color=colour, label=f"{curve.label} (+- std)")
+            if len(x) > 1:
+                ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+            else:
+                ax.errorbar(x, mean, yerr=std, fmt="none", color=colour, capsize=3)
+        if curve.final is not None:
+            steps, score, spread, episodes = curve.final
+            ax.errorbar([steps], [score], yerr=[spread], fmt="*", ms=13, color=colour, capsize=3,
+                        markeredgecolor="k", label=f"{curve.label}: final score, {episodes} held-out tracks")
+    if all(v > 0 for c in curves for v in c.steps + ([c.final[0]] if c.final else [])):
+        ax.set_xscale("log")
+    ax.set_xlabel("real environment steps behind the controller\n(stage 1's data for V and M"
+                  f"{f' [{stage1} steps]' if stage1 else ''} + real training + held-out evaluations)", fontsize=8)
+    ax.set_ylabel("return on held-out real tracks")
+    ax.set_title("Sample efficiency: score in the real CarRacing-v3 against real steps", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, out, dpi=100)
+
+
 # --------------------------------------------------------------------------- all of them, and the table
 
 FIGURES = {
@@ -602,14 +789,19 @@ def results_table(data_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture"],
-                        help="a figure, all of them, or the diagram of the agent (no data needed)")
+    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "sample_efficiency"],
+                        help="a figure, all of them, the diagram of the agent (no data needed), or the held-out "
+                             "real score against real environment steps of every controller")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
     parser.add_argument("--out", type=Path, help="output file of one figure")
     parser.add_argument("--out-dir", type=Path, help="output folder of 'all'")
     parser.add_argument("--pretrained", metavar="NAME", help="'driving': the shipped agent in pretrained/NAME/ "
                                                              "drives (no --data-dir needed)")
+    parser.add_argument("--also-data-dir", type=Path, action="append", default=[], metavar="DIR",
+                        help="'sample_efficiency': another data dir whose controllers are drawn too (repeatable)")
     args = parser.parse_args(argv)
+    if args.also_data_dir and args.figure != "sample_efficiency":
+        parser.error("--also-data-dir goes with the 'sample_efficiency' figure only")
     if args.pretrained and args.figure != "driving":
         parser.error("--pretrained goes with the 'driving' figure only")
     if args.figure == "all":
@@ -626,6 +818,9 @@ def main(argv=None) -> int:
         parser.error(f"{args.figure!r} needs --out")
     if args.pretrained:
         print(f"wrote {driving_animation(None, args.out, pretrained=args.pretrained)}")
+        return 0
+    if args.figure == "sample_efficiency":
+        print(f"wrote {sample_efficiency([args.data_dir, *args.also_data_dir], args.out)}")
         return 0
     make = architecture_figure if args.figure == "architecture" else FIGURES[args.figure]
     print(f"wrote {make(args.data_dir, args.out)}")
