@@ -170,3 +170,43 @@ def kill_then_resume_controller(data: Path, out: Path, reference: Path, train: t
 
     assert scores(read_csv(out / "eval.csv")) == scores(read_csv(reference / "eval.csv"))
     return resumed
+
+
+def assert_replays_in_the_real_env(episode: dict, max_steps: int, truncation: bool = True) -> None:
+    """An episode file is one real episode: its actions from its track seed give back its frames and rewards.
+
+    ``obs[t]`` is the frame before ``action[t]``; ``terminated`` must match at every step, and so must
+    ``truncated`` unless ``truncation`` is False (a window cut out of a longer episode ends early).
+    """
+    import numpy as np
+
+    from worldmodels.env import make_env, preprocess
+
+    env = make_env(max_steps)
+    try:
+        obs, _ = env.reset(seed=int(episode["seed"]))
+        for t, action in enumerate(episode["action"]):
+            np.testing.assert_array_equal(preprocess(obs), episode["obs"][t], err_msg=f"frame {t}")
+            obs, reward, terminated, truncated, _ = env.step(action)
+            assert np.float32(reward) == episode["reward"][t], f"reward of step {t}"
+            assert terminated == episode["terminated"][t], f"terminated at step {t}"
+            assert not truncation or truncated == episode["truncated"][t], f"truncated at step {t}"
+    finally:
+        env.close()
+
+
+def assert_old_configs_match_the_option_off(tmp_path: Path, section: str, new_fields, keys, turned_on: dict) -> None:
+    """A config.json saved before ``section``'s ``new_fields`` existed is compatible with their defaults
+    (under the artifact ``keys``) and refuses a run that turns the option on (``turned_on``)."""
+    import json
+
+    import config
+
+    config.save_config(config.make_config("smoke"), tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for name in new_fields:
+        del saved[section][name]
+    old = config.from_dict(saved)
+    config.check_compatible(old, config.make_config("smoke"), keys, "old")
+    with pytest.raises(config.ConfigError, match=next(iter(turned_on))):
+        config.check_compatible(old, config.make_config("smoke", turned_on), keys, "old")

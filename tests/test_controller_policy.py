@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import config
-from tests.conftest import assert_user_error, data_dir_with, run_script
+from tests.conftest import assert_replays_in_the_real_env, assert_user_error, data_dir_with, run_script
 from worldmodels import policies, recording, storage
 
 MIX = "controller:0.5,brownian:0.5"
@@ -58,20 +58,10 @@ def test_a_mix_with_the_controller_records_each_episode_with_its_policy(mixed):
 
 def test_controller_episodes_replay_in_the_real_environment(mixed):
     """The recorded frames, actions and rewards of a controller episode are one real episode."""
-    from worldmodels.env import make_env, preprocess
-
     data, _ = mixed
     index = [i for i in range(EPISODES) if policies.episode_policy(MIX, 0, i) == "controller"][0]
     episode = storage.load_episode(data / "rollouts" / storage.episode_name(index))
-    env = make_env(len(episode["action"]))
-    try:
-        obs, _ = env.reset(seed=int(episode["seed"]))
-        for t, action in enumerate(episode["action"]):
-            np.testing.assert_array_equal(preprocess(obs), episode["obs"][t], err_msg=f"frame {t}")
-            obs, reward, _, _, _ = env.step(action)
-            assert np.float32(reward) == episode["reward"][t]
-    finally:
-        env.close()
+    assert_replays_in_the_real_env(episode, len(episode["action"]), truncation=False)
     assert np.std(episode["action"][:, 0]) > 0  # C's steering plus noise, not a constant
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (REPO, assert_user_error, data_dir_with, load_npz, read_csv, run_script,
-                            run_until_then_kill)
+from tests.conftest import (REPO, assert_old_configs_match_the_option_off, assert_replays_in_the_real_env,
+                            assert_user_error, data_dir_with, load_npz, read_csv, run_script, run_until_then_kill)
 
 SCRIPT = "06_iterate.py"
 STAGES = ("rollouts", "vae", "series", "rnn")
@@ -105,20 +105,10 @@ def test_collected_episodes_replay_in_the_real_environment(reference):
     """The recorded frames, actions and rewards are one real episode: replaying the actions on the
     recorded track reproduces the rewards and the frames (obs[t] is the frame before action[t])."""
     from worldmodels import storage
-    from worldmodels.env import make_env, preprocess
 
     path = sorted((reference[0] / "iterations" / "iter_002" / "rollouts").glob("episode_*.npz"))[0]
     episode = storage.load_episode(path, "rollout")
-    env = make_env(len(episode["action"]))
-    try:
-        obs, _ = env.reset(seed=int(episode["seed"]))
-        for t, action in enumerate(episode["action"]):
-            np.testing.assert_array_equal(preprocess(obs), episode["obs"][t], err_msg=f"frame {t}")
-            obs, reward, terminated, truncated, _ = env.step(action)
-            assert np.float32(reward) == episode["reward"][t]
-            assert (terminated, truncated) == (episode["terminated"][t], episode["truncated"][t])
-    finally:
-        env.close()
+    assert_replays_in_the_real_env(episode, len(episode["action"]))
     assert episode["truncated"][-1] or episode["terminated"][-1]
 
 
@@ -249,17 +239,7 @@ def test_the_rank_correlation_of_dream_and_real_scores_over_the_iterations():
 
 def test_old_iterations_configs_load_and_match_a_run_without_curiosity(tmp_path):
     """An iterations folder's config.json from before the curiosity keys is compatible with curiosity off."""
-    import json
-
-    import config
     from worldmodels import iterate
 
-    config.save_config(config.make_config("smoke"), tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    for key in ("curiosity", "curiosity_variants", "curiosity_steps"):
-        del saved["iterate"][key]
-    old = config.from_dict(saved)
-    config.check_compatible(old, config.make_config("smoke"), iterate.ITERATE_KEYS, "old")
-    with pytest.raises(config.ConfigError, match="iterate.curiosity_variants"):
-        config.check_compatible(old, config.make_config("smoke", {"iterate.curiosity_variants": 2}),
-                                iterate.ITERATE_KEYS, "old")
+    assert_old_configs_match_the_option_off(tmp_path, "iterate", ("curiosity", "curiosity_variants", "curiosity_steps"),
+                                            iterate.ITERATE_KEYS, {"iterate.curiosity_variants": 2})

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, data_dir_with, load_npz, read_csv, run_script, run_until_then_kill
+from tests.conftest import (REPO, assert_old_configs_match_the_option_off, assert_replays_in_the_real_env, data_dir_with,
+                            load_npz, read_csv, run_script, run_until_then_kill)
 from tests.test_iterate import SCRIPT, STAGES, load_json, snapshot, without_seconds
 
 REPAIR = ("--set", "iterate.repair_episodes=2", "--set", "iterate.repair_candidates=3",
@@ -173,18 +174,9 @@ def test_repair_episodes_are_saved_tagged_and_in_the_next_m(repaired):
 def test_repair_episodes_replay_in_the_real_environment(repaired):
     """A repair episode is one real episode: its actions from its seed give back its frames and rewards."""
     from worldmodels import storage
-    from worldmodels.env import make_env, preprocess
 
     episode = storage.load_episode(repaired[0] / "iterations" / "iter_002" / "rollouts" / "episode_2500001.npz")
-    env = make_env(60)
-    try:
-        obs, _ = env.reset(seed=int(episode["seed"]))
-        for t, action in enumerate(episode["action"]):
-            np.testing.assert_array_equal(preprocess(obs), episode["obs"][t], err_msg=f"frame {t}")
-            obs, reward, terminated, _, _ = env.step(action)
-            assert np.float32(reward) == episode["reward"][t] and terminated == episode["terminated"][t]
-    finally:
-        env.close()
+    assert_replays_in_the_real_env(episode, 60, truncation=False)
 
 
 def test_kill_while_repairing_then_resume_gives_the_same_files_and_row(repaired, smoke_rnn, tmp_path):
@@ -208,19 +200,10 @@ def test_kill_while_repairing_then_resume_gives_the_same_files_and_row(repaired,
 
 
 def test_a_folder_without_repair_refuses_it_and_old_configs_match_it_off(tmp_path):
-    import json
-
     import config
     from worldmodels import iterate
 
-    config.save_config(config.make_config("smoke"), tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    for key in ("repair_episodes", "repair_candidates", "repair_horizon"):
-        del saved["iterate"][key]
-    old = config.from_dict(saved)
-    config.check_compatible(old, config.make_config("smoke"), iterate.ITERATE_KEYS, "old")
-    with pytest.raises(config.ConfigError, match="iterate.repair_episodes"):
-        config.check_compatible(old, config.make_config("smoke", {"iterate.repair_episodes": 2}),
-                                iterate.ITERATE_KEYS, "old")
+    assert_old_configs_match_the_option_off(tmp_path, "iterate", ("repair_episodes", "repair_candidates", "repair_horizon"),
+                                            iterate.ITERATE_KEYS, {"iterate.repair_episodes": 2})
     with pytest.raises(config.ConfigError, match="repair_candidates"):
         config.make_config("smoke", {"iterate.repair_episodes": 5, "iterate.repair_candidates": 3})
