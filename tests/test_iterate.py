@@ -99,6 +99,8 @@ def test_iteration_two_starts_from_iteration_one(reference):
 
     state = pickle.loads((data / "iterations" / "iter_002" / "controller" / "evolution.pkl").read_bytes())
     np.testing.assert_allclose(state["es"].x0, previous)
+    # Iteration 1 started from zeros (the smoke data dir holds no controller), and says so for later readers.
+    assert load_json(data / "iterations" / "start.json") == {"controller": ""}
 
 
 def test_collected_episodes_replay_in_the_real_environment(reference):

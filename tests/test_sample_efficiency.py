@@ -172,3 +172,12 @@ def test_the_iterations_start_from_the_real_controller_then_a_dream_one(tmp_path
     (tmp_path / "controller" / "controller.npz").unlink()
     assert artifacts.initial_controller_dir(tmp_path, 1.15) == tmp_path / "controller_dream_t1.15"
     assert artifacts.initial_controller_dir(tmp_path, 3.0) == tmp_path / "controller_dream_t0.5"
+
+
+def test_the_recorded_start_wins_over_a_controller_trained_later(tmp_path):
+    assert artifacts.iterations_start_dir(tmp_path, 1.15, record=True) is None  # zeros, recorded
+    (tmp_path / "controller").mkdir()
+    (tmp_path / "controller" / "controller.npz").write_bytes(b"")
+    assert artifacts.iterations_start_dir(tmp_path, 1.15) is None
+    (tmp_path / "iterations" / "start.json").unlink()
+    assert artifacts.iterations_start_dir(tmp_path, 1.15) == tmp_path / "controller"  # no record: the folders

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import config
-from worldmodels.storage import MissingDataError
+from worldmodels import storage
+from worldmodels.storage import CorruptFileError, MissingDataError, read_json
 
 # --------------------------------------------------------------------------- folder and file names
 # Every artifact's folder and file names are spelled here only; everything else uses these.
@@ -29,6 +30,8 @@ CONTROLLER_FILE = "controller.npz"
 # The iterative procedure (06_iterate.py): its folder and its table of one row per iteration.
 ITERATIONS = "iterations"
 ITERATIONS_TABLE = "iterations.csv"
+# Which controller iteration 1 started from, recorded when it starts (``iterations_start_dir``).
+ITERATIONS_START = "start.json"
 TEMPERATURE_STUDY = "temperature_study"
 COMPARE = "compare"
 CONFIG_FILE = "config.json"
@@ -128,6 +131,26 @@ def initial_controller_dir(data_dir: Path, temperature: float) -> Path | None:
         if (folder / CONTROLLER_FILE).is_file():
             return folder
     return None
+
+
+def iterations_start_dir(data_dir: Path, temperature: float, record: bool = False) -> Path | None:
+    """The folder the iterative procedure's iteration 1 started from, None for zeros.
+
+    ``<data>/iterations/start.json`` keeps the choice of :func:`initial_controller_dir` made when
+    iteration 1 first ran (written there if ``record``), so a controller trained later changes neither
+    a resumed iteration 1 nor what the sample-efficiency figure counts; without the record (a folder
+    of an older run, or a look before any iteration) the choice is made from the folders present now.
+    """
+    path = Path(data_dir) / ITERATIONS / ITERATIONS_START
+    if path.is_file():
+        name = read_json(path).get("controller")
+        if not isinstance(name, str):
+            raise CorruptFileError(f"{path} does not name the start controller's folder; delete it to choose again")
+        return Path(data_dir) / name if name else None
+    folder = initial_controller_dir(data_dir, temperature)
+    if record:
+        storage.atomic_write_json(path, {"controller": folder.name if folder else ""})
+    return folder
 
 
 def controller_dir(data_dir: Path, cfg: config.Config) -> Path:

@@ -558,7 +558,7 @@ def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
 def _iterations_curve(data_dir: Path) -> Curve | None:
     """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
     every iteration's collection, evaluations, curiosity and repair) plus the real steps spent by the search
-    its iteration 1 started from (:func:`artifacts.initial_controller_dir`, by the folders present now)."""
+    its iteration 1 started from (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
     root = data_dir / artifacts.ITERATIONS
     table = root / artifacts.ITERATIONS_TABLE
     if not table.is_file():
@@ -571,7 +571,7 @@ def _iterations_curve(data_dir: Path) -> Curve | None:
         raise storage.CorruptFileError(f"{table} is not an iterations table with {', '.join(keys)} ({exc})") from exc
     saved = root / artifacts.CONFIG_FILE
     tau = (config.load_config(saved) if saved.is_file() else config.Config()).dream.temperature
-    start = artifacts.initial_controller_dir(data_dir, tau)
+    start = artifacts.iterations_start_dir(data_dir, tau)
     offset = 0 if start is None else _search_curve(start, "", 0)[1]
     label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
     return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],

@@ -283,7 +283,7 @@ def controller_config(cfg: config.Config) -> config.Config:
 def initial_controller(cfg: config.Config, data_dir) -> tuple[np.ndarray, str]:
     """Iteration 1's controller ``(params (N,), where from)``: stage 5's real-trained one, else a dream-trained
     one (``dream.temperature``'s first), else zeros (the CMA starting point)."""
-    folder = artifacts.initial_controller_dir(data_dir, cfg.dream.temperature)
+    folder = artifacts.iterations_start_dir(data_dir, cfg.dream.temperature, record=True)
     if folder is not None:
         path = folder / artifacts.CONTROLLER_FILE
         params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
