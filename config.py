@@ -154,6 +154,8 @@ class ControllerConfig:
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
     ray_address: str = _f("", "address of a Ray cluster for backend 'ray' ('' starts a local one)")
     seed: int = _f(0, "seed of CMA-ES and of the training tracks")
+    seeds: tuple[int, ...] = _f((0, 1, 2), "controller seeds of the seed study (study_seeds.py): one search per seed, "
+                                           "all scored on the final tracks of controller.seed")
     patience: int = _f(0, "training episodes stop after this many steps without a new tile, the rest booked at "
                           "-0.1 a step (0 = never; evaluations always run in full)")
     racing: bool = _f(False, "every member drives a generation's first track, only the better half the others "
@@ -496,6 +498,9 @@ def _validate(cfg: Config) -> None:
     if cfg.iterate.repair_episodes > cfg.iterate.repair_candidates:
         raise ConfigError(f"iterate.repair_episodes ({cfg.iterate.repair_episodes}) are chosen among "
                           f"iterate.repair_candidates ({cfg.iterate.repair_candidates}); set at least as many candidates")
+    seeds = cfg.controller.seeds
+    if any(not 0 <= k < 2**32 for k in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"controller.seeds must be distinct integers in [0, 2**32), got {seeds}")
     temps = (cfg.dream.temperature, *cfg.dream.temperatures)
     if any(t <= 0 for t in temps):
         raise ConfigError(f"dream temperatures must be > 0, got {temps}")

@@ -33,10 +33,9 @@ import sys
 from pathlib import Path
 
 import config
-from worldmodels import artifacts, cli, rollout, storage
-from worldmodels.controller_evaluation import (WHICH, evaluate_params, load_agent, replay_frames,
-                                               video_writer_check, write_track_csv, write_video)
-from worldmodels.metrics import summarise
+from worldmodels import artifacts, cli, storage
+from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, replay_frames,
+                                               score_on_tracks, video_writer_check, write_track_csv, write_video)
 
 # TensorFlow is imported when the models are loaded, after the checks (see 05_train_controller.py).
 
@@ -72,19 +71,16 @@ def main(argv=None) -> int:
                        controller_path=args.controller, which=args.which, replace_metrics=args.replace_metrics)
     cfg, folder, c = agent.cfg, agent.folder, agent.cfg.controller
     episodes = c.final_eval_episodes if args.episodes is None else args.episodes
-    base = rollout.FINAL_EVAL_SEED_OFFSET + c.seed if args.track_seed is None else args.track_seed
-    seeds = rollout.heldout_seeds(base, episodes, offset=0)
+    base = final_tracks_base(cfg) if args.track_seed is None else args.track_seed
     output = (folder / artifacts.METRICS_FILE if args.replace_metrics
-              else args.output or folder / f"evaluation_s{base}_n{episodes}.json")
+              else args.output or evaluation_path(folder, base, episodes))
 
     print(f"[eval] {agent.description}, generation {agent.generation}, on {episodes} tracks (episode_seed({base}, i)) of "
           f"<= {c.max_steps} steps, z: {c.z_input}, {cfg.env.observation} observation")
-    metrics = evaluate_params(cfg, agent.vae, agent.rnn, agent.params, seeds, args.max_concurrent, bool(args.video))
+    metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, args.max_concurrent,
+                              bool(args.video))
     actions = metrics.pop("actions", None)
-    metrics.update(summarise(metrics["scores"]))
-    metrics.update(episodes=episodes, track_seed=base, seed_stream=f"episode_seed({base}, i)", max_steps=c.max_steps,
-                   z_input=c.z_input, observation=cfg.env.observation, preset=cfg.preset, agent=agent.description,
-                   which=args.which, generation=agent.generation,
+    metrics.update(agent=agent.description, which=args.which, generation=agent.generation,
                    command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
     if args.video:
         replayed = {}

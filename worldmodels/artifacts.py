@@ -33,6 +33,8 @@ ITERATIONS_TABLE = "iterations.csv"
 # Which controller iteration 1 started from, recorded when it starts (``iterations_start_dir``).
 ITERATIONS_START = "start.json"
 TEMPERATURE_STUDY = "temperature_study"
+# The seed study (study_seeds.py): one controller folder per CMA-ES seed under it, and its tables.
+CONTROLLER_SEEDS = "controller_seeds"
 COMPARE = "compare"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"

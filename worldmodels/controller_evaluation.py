@@ -146,6 +146,31 @@ def evaluate_params(cfg, vae, rnn, params: np.ndarray, seeds: np.ndarray, max_co
                                 progress="held-out tracks")
 
 
+def final_tracks_base(cfg) -> int:
+    """The base B of the final-evaluation stream of ``cfg``: track i is ``episode_seed(B, i)`` (``metrics.json``'s tracks)."""
+    return rollout.FINAL_EVAL_SEED_OFFSET + cfg.controller.seed
+
+
+def evaluation_path(folder: Path, base: int, episodes: int) -> Path:
+    """``<folder>/evaluation_s<base>_n<episodes>.json``, where ``evaluate_controller.py`` writes a score by default."""
+    return Path(folder) / f"evaluation_s{base}_n{episodes}.json"
+
+
+def score_on_tracks(cfg, vae, rnn, params: np.ndarray, base: int, episodes: int, max_concurrent: int,
+                    record_actions: bool = False) -> dict:
+    """``params`` (N,) on tracks ``episode_seed(base, i)``, i < ``episodes``, full episodes: :func:`evaluate_params`'
+    dict plus ``metrics.summarise`` (mean, std, sem, IQM with its bootstrap interval) and the settings used."""
+    from worldmodels.metrics import summarise
+
+    c = cfg.controller
+    metrics = evaluate_params(cfg, vae, rnn, params, rollout.heldout_seeds(base, episodes, offset=0), max_concurrent,
+                              record_actions)
+    metrics.update(summarise(metrics["scores"]))
+    metrics.update(episodes=episodes, track_seed=base, seed_stream=f"episode_seed({base}, i)", max_steps=c.max_steps,
+                   z_input=c.z_input, observation=cfg.env.observation, preset=cfg.preset)
+    return metrics
+
+
 def resolve_config(folder: Path, preset: str | None, set_arguments) -> config.Config:
     """The config of the controller in ``folder``: its saved ``config.json`` with the explicit ``--set``
     arguments applied (each change a warning on stderr) and ``env.observation`` back to 'stock' unless set.

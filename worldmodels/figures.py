@@ -363,6 +363,35 @@ def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> P
     return _save(fig, out, dpi=100)
 
 
+def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Path:
+    """Per-track returns of one controller per CMA-ES seed on the same tracks (``worldmodels.seed_study``).
+
+    ``rows``: one dict per seed with ``seed`` and ``scores`` (E,), the returns on the E shared
+    tracks, drawn as a box and the tracks as jittered points (fixed jitter). ``across``: ``mean``
+    and ``std`` (ddof 1, None for one seed) of the per-seed means, a line and a band.
+    """
+    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2.0), 3.8))
+    ax = fig.subplots()
+    scores = [np.asarray(r["scores"], np.float64) for r in rows]
+    positions = np.arange(1, len(rows) + 1)
+    ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
+    jitter = np.random.default_rng(0)
+    for x, s in zip(positions, scores):
+        ax.plot(x + jitter.uniform(-0.15, 0.15, len(s)), s, ".", ms=3, alpha=0.5, color="tab:blue")
+        ax.plot(x, s.mean(), "D", color="tab:red", ms=5)
+    ax.axhline(across["mean"], color="k", lw=1, label=f"mean over seeds {across['mean']:.1f}"
+               + (f" +- {across['std']:.1f} (std of the seed means)" if across.get("std") is not None else ""))
+    if across.get("std") is not None:
+        ax.axhspan(across["mean"] - across["std"], across["mean"] + across["std"], color="k", alpha=0.08)
+    ax.set_xticks(positions, [str(r["seed"]) for r in rows])
+    ax.set_xlabel("controller seed (diamond: its mean over the tracks)")
+    ax.set_ylabel(f"return on each of {len(scores[0])} held-out tracks")
+    ax.set_title(title or "C per CMA-ES seed, the same held-out tracks", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, dpi=100)
+
+
 def diagnostics_figure(out: Path, latent: Mapping[str, np.ndarray], gaps) -> Path:
     """Two panels: M's latent error against steps ahead, open loop and teacher-forced (``latent``, the
     dict of :func:`worldmodels.diagnostics.latent_error`), and the exploit gap (N,) of each episode."""
