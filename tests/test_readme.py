@@ -11,7 +11,8 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 # What a user runs: the numbered stages, the helpers beside them, the benchmarks, the notebooks.
 ENTRY_POINTS = sorted(
     [p.name for p in REPO.glob("[0-9][0-9]_*.py")]
-    + ["run_pipeline.py", "evaluate_controller.py", "study_temperature.py", "tools/docker_check.sh"]
+    + ["run_pipeline.py", "evaluate_controller.py", "study_temperature.py", "study_seeds.py",
+       "tools/docker_check.sh"]
     + [f"benchmarks/{p.name}" for p in (REPO / "benchmarks").glob("bench_*.py")]
     + [f"notebooks/{p.name}" for p in (REPO / "notebooks").glob("*.ipynb")]
 )

@@ -377,7 +377,7 @@ def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Pat
     ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0)
     for x, s in zip(positions, scores):
-        ax.plot(x + jitter.uniform(-0.15, 0.15, len(s)), s, ".", ms=3, alpha=0.5, color="tab:blue")
+        ax.plot(x + jitter.uniform(-0.15, 0.15, len(s)), s, ".", ms=4, alpha=0.6, color="tab:blue")
         ax.plot(x, s.mean(), "D", color="tab:red", ms=5)
     ax.axhline(across["mean"], color="k", lw=1, label=f"mean over seeds {across['mean']:.1f}"
                + (f" +- {across['std']:.1f} (std of the seed means)" if across.get("std") is not None else ""))
