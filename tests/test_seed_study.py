@@ -131,6 +131,13 @@ def test_the_table_of_two_runs_refuses_runs_scored_on_other_tracks(study, tmp_pa
     assert_user_error(table("--run", "no_equals_sign"), "NAME=DATA_DIR")
 
 
+def test_one_seed_has_no_spread_over_seeds():
+    rows = [{"seed": 3, "mean": 12.0, "iqm": 11.0}]
+    assert seed_study.across_seeds(rows) == {"seeds": 1, "mean": 12.0, "std": None, "iqm_mean": 11.0, "iqm_std": None}
+    rows.append({"seed": 4, "mean": 20.0, "iqm": 11.0})
+    assert seed_study.across_seeds(rows)["std"] == pytest.approx(np.std([12.0, 20.0], ddof=1))
+
+
 @pytest.mark.parametrize("seeds, message", [("1,1", "distinct"), ("-3", "distinct"), ("", "empty"),
                                             ("a,b", "controller.seeds")])
 def test_a_bad_seeds_list_is_a_one_line_error(tmp_path, seeds, message):

@@ -123,8 +123,8 @@ def score_seed(cfg: config.Config, run_cfg: config.Config, out: Path, data_dir, 
     metrics.update(agent=f"{out / artifacts.CONTROLLER_FILE} (params)", which="params", generation=generation,
                    selected_at_generation=selected if selected >= 0 else generation,
                    controller_seed=run_cfg.controller.seed, command=command)
-    storage.atomic_write_json(path, metrics)
     write_track_csv(path.with_suffix(".csv"), metrics)
+    storage.atomic_write_json(path, metrics)  # last: the JSON marks the score done (score_done)
     print(f"{prefix} {metrics['mean']:.1f} +- {metrics['std']:.1f} (IQM {metrics['iqm']:.1f}) on the {episodes} "
           f"shared tracks -> {path}")
     return metrics, models
