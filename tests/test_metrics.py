@@ -52,3 +52,50 @@ def test_grid_frames_spread_over_the_first_episode(tmp_path):
     picked = metrics.grid_frames(paths, count=4)
     assert [(int(f[0, 0, 0]), int(f[0, 0, 1])) for f in picked] == [(0, 0), (0, 6), (0, 12), (0, 19)]
     assert len(metrics.grid_frames(paths[1], count=50)) == 5  # never more frames than the episode has
+
+
+def test_paired_comparison_is_the_per_track_difference():
+    from worldmodels.metrics import paired_comparison
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(500, 200, size=100)
+    b = a + rng.normal(2.0, 1.0, size=100)
+    result = paired_comparison(a, b)
+    diff = b - a
+    assert result["difference"]["mean"] == pytest.approx(b.mean() - a.mean())
+    assert result["difference"]["sem"] == pytest.approx(diff.std(ddof=1) / 10)
+    low, high = result["difference"]["ci95"]
+    assert low < diff.mean() < high and high - low < 1.0  # pairing removes the 200-point track spread
+    assert result["a"]["mean"] == pytest.approx(a.mean()) and result["tracks"] == 100
+    same = paired_comparison(a, a)
+    assert same["difference"]["tracks_differing"] == 0 and same["difference"]["max_abs"] == 0.0
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_comparison(a, b[:-1])
+
+
+def test_paired_files_refuse_evaluations_on_other_tracks(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, assert_user_error
+
+    def write(name, scores, track_seed=2_000_000, **extra):
+        path = tmp_path / name
+        path.write_text(json.dumps({"scores": scores, "track_seed": track_seed, "episodes": len(scores),
+                                    "max_steps": 1000, **extra}))
+        return path
+
+    stock = write("stock.json", [1.0, 5.0, 3.0], observation="stock")
+    fast = write("fast.json", [1.0, 6.0, 3.0], observation="fast")
+    run = [sys.executable, "-m", "worldmodels.metrics", "paired"]
+    proc = subprocess.run(run + [str(stock), str(fast), "--out", str(tmp_path / "p.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["difference"]["mean"] == pytest.approx(1 / 3) and written["difference"]["tracks_differing"] == 1
+    assert (written["a"]["observation"], written["b"]["observation"]) == ("stock", "fast")
+    other = write("other.json", [1.0, 6.0, 3.0], track_seed=7)
+    proc = subprocess.run(run + [str(stock), str(other)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_user_error(proc, "other tracks", "track_seed: 2000000 vs 7")
+    assert len(proc.stderr.strip().splitlines()) == 1

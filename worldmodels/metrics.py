@@ -10,7 +10,12 @@
   compares M with them on the latent dimensions V uses (stage 4's ``metrics.json``);
   :func:`train_action_mean` is the constant baseline of M's optional action head.
 * C: :func:`score_summary` is the mean, standard deviation, minimum and maximum of a
-  controller's returns on held-out tracks (``rollout.evaluate``, so every controller ``metrics.json``).
+  controller's returns on held-out tracks (``rollout.evaluate``, so every controller ``metrics.json``);
+  :func:`paired_comparison` compares two conditions on the same tracks, e.g. stock vs fast frames:
+
+      python -m worldmodels.metrics paired stock.json fast.json --out parity_score.json
+
+  (two outputs of ``evaluate_controller.py`` on the same tracks; tracks that differ are refused).
 
 Only numpy is imported at module level; models are imported where used.
 """
@@ -227,3 +232,82 @@ def summarise(scores, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> di
     return {"mean": float(scores.mean()), "std": float(scores.std()), "sem": float(scores.std(ddof=1) / np.sqrt(n))
             if n > 1 else 0.0, "iqm": interquartile_mean(scores), "iqm_ci95": [float(low), float(high)],
             "bootstrap_resamples": resamples}
+
+
+def paired_comparison(scores_a, scores_b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Two conditions on the same tracks: per-track returns ``scores_a`` and ``scores_b`` (E,), track i in both.
+
+    Returns each side's :func:`summarise` and the per-track difference b - a: its mean, standard error,
+    95% percentile-bootstrap interval of the mean (tracks resampled with replacement from a fixed
+    ``seed``), the largest |difference| and how many tracks differ at all. Pairing removes the
+    track-to-track spread (a car finishes one track and leaves another) that dominates either mean's
+    standard error, so it answers "did the condition change the score" far more sharply.
+    """
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired scores need two equal-length 1-D lists of one score per track, got {a.shape} and {b.shape}")
+    diff = b - a
+    n = len(diff)
+    means = diff[np.random.default_rng(seed).integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"a": summarise(a, resamples, seed), "b": summarise(b, resamples, seed), "tracks": n,
+            "difference": {"mean": float(diff.mean()), "sem": float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+                           "ci95": [float(low), float(high)], "max_abs": float(np.abs(diff).max()),
+                           "tracks_differing": int(np.count_nonzero(diff))}}
+
+
+PAIRED_KEYS = ("track_seed", "episodes", "max_steps")  # what makes two evaluations' tracks the same
+CONDITION_KEYS = ("observation", "z_input", "agent", "controller", "dtype", "command")
+
+
+def paired_files(path_a, path_b) -> dict:
+    """:func:`paired_comparison` of two ``evaluate_controller.py`` outputs, with what each measured.
+
+    Refuses (CorruptFileError, one line) files without per-track ``scores`` or made on other tracks.
+    """
+    runs = []
+    for path in (path_a, path_b):
+        data = storage.read_json(path)
+        if not isinstance(data.get("scores"), list) or any(key not in data for key in PAIRED_KEYS):
+            raise storage.CorruptFileError(f"{path} is not an output of evaluate_controller.py (needs scores and "
+                                           f"{', '.join(PAIRED_KEYS)})")
+        runs.append(data)
+    a, b = runs
+    differ = [key for key in PAIRED_KEYS if a[key] != b[key]]
+    if differ:
+        raise storage.CorruptFileError(f"{path_a} and {path_b} were scored on other tracks ({', '.join(f'{k}: {a[k]} vs {b[k]}' for k in differ)}); "
+                                       f"rerun one with the other's --track-seed and --episodes")
+    result = paired_comparison(a["scores"], b["scores"])
+    result.update({key: a[key] for key in PAIRED_KEYS})
+    for side, data, path in (("a", a, path_a), ("b", b, path_b)):
+        result[side].update(file=str(path), **{key: data[key] for key in CONDITION_KEYS if key in data})
+    return result
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compare two evaluate_controller.py outputs made on the same tracks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    paired = commands.add_parser("paired", help="per-track difference B - A of two evaluations on the same tracks")
+    paired.add_argument("a", type=Path, help="the first evaluation's .json (e.g. stock frames)")
+    paired.add_argument("b", type=Path, help="the second evaluation's .json (e.g. fast frames)")
+    paired.add_argument("--out", type=Path, help="also write the comparison as JSON")
+    args = parser.parse_args(argv)
+    result = paired_files(args.a, args.b)
+    if args.out:
+        storage.atomic_write_json(args.out, result)
+    d = result["difference"]
+    for side in ("a", "b"):
+        r = result[side]
+        print(f"{side}: {r['mean']:.1f} +- {r['std']:.1f} (sem {r['sem']:.1f}, IQM {r['iqm']:.1f})  {r['file']}")
+    print(f"b - a over {result['tracks']} tracks: {d['mean']:+.2f} +- {d['sem']:.2f} (sem; 95% bootstrap "
+          f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]), {d['tracks_differing']} tracks differ, largest |difference| "
+          f"{d['max_abs']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    from worldmodels import cli
+
+    cli.run(main)
