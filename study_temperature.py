@@ -13,12 +13,9 @@ Resumable: rerun the same command after an interruption. The details are in
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 import config
 from worldmodels import cli
-from worldmodels.controller_training import DEFAULT_MAX_CONCURRENT
+from worldmodels.controller_training import parse_study_arguments
 from worldmodels.temperature_study import run_study
 
 # TensorFlow is imported when the models are loaded, after the argument checks (and not in
@@ -26,15 +23,9 @@ from worldmodels.temperature_study import run_study
 
 
 def main(argv=None) -> int:
-    parser = config.make_parser(__doc__)
-    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
-                        help=f"at most N real environments at once (default {DEFAULT_MAX_CONCURRENT})")
-    cfg, args = config.parse_args(__doc__, argv, parser)
-    if args.max_concurrent < 1:
-        parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    cfg, args, command = parse_study_arguments(__doc__, argv)
     if not cfg.dream.temperatures:
-        parser.error("dream.temperatures is empty")
-    command = shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
+        raise config.ConfigError("dream.temperatures is empty; give at least one, e.g. --set dream.temperatures=1.0,1.15")
     run_study(cfg, args.data_dir, max_concurrent=args.max_concurrent, command=command)
     return 0
 

@@ -60,10 +60,13 @@ so that a missing model is reported at once and spawned environment workers stay
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,6 +389,19 @@ class Search:
 
     def plot(self) -> None:
         plot_learning_curve(self.out / "learning_curve.png", self.evolution.history, self.evals, self.tau)
+
+
+def parse_study_arguments(description: str, argv=None) -> tuple[config.Config, argparse.Namespace, str]:
+    """``(cfg, args, command)`` of a script that runs several searches (``study_*.py``): the shared flags plus
+    ``--max-concurrent`` (checked), and the command line as typed, for the results files."""
+    parser = config.make_parser(description)
+    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
+                        help=f"at most N real environments at once (default {DEFAULT_MAX_CONCURRENT})")
+    cfg, args = config.parse_args(description, argv, parser)
+    if args.max_concurrent < 1:
+        parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    command = shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
+    return cfg, args, command
 
 
 def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
