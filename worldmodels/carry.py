@@ -48,8 +48,7 @@ OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.
 
 def folder(name_or_path) -> Path:
     """``checkpoints/<name>`` of this repository, or the folder itself if a path is given."""
-    path = Path(name_or_path)
-    return path if path.is_dir() or len(path.parts) > 1 else ROOT / str(name_or_path)
+    return storage.named_folder(ROOT, name_or_path)
 
 
 def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
@@ -133,7 +132,7 @@ def restore(name_or_path, data_dir, *, force: bool = False) -> dict:
 
 
 def available() -> list[str]:
-    return sorted(p.name for p in ROOT.glob("*") if (p / storage.MANIFEST_NAME).exists()) if ROOT.is_dir() else []
+    return storage.manifest_folders(ROOT)
 
 
 def main(argv=None) -> int:

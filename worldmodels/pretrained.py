@@ -47,8 +47,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def folder(name_or_path) -> Path:
     """``pretrained/<name>`` of this repository, or the folder itself if a path to one is given."""
-    path = Path(name_or_path)
-    return path if path.is_dir() or len(path.parts) > 1 else ROOT / str(name_or_path)
+    return storage.named_folder(ROOT, name_or_path)
 
 
 def _weights(model, prefix: str = "") -> dict[str, np.ndarray]:
@@ -114,7 +113,7 @@ def verify(path) -> None:
 
 
 def available() -> list[str]:
-    return sorted(p.name for p in ROOT.glob("*") if (p / MANIFEST).exists()) if ROOT.is_dir() else []
+    return storage.manifest_folders(ROOT)
 
 
 def load(name_or_path):

@@ -179,6 +179,18 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def named_folder(root: Path, name_or_path) -> Path:
+    """``root/<name>`` for a bare name, or the folder itself if an existing folder or a path is given."""
+    path = Path(name_or_path)
+    return path if path.is_dir() or len(path.parts) > 1 else Path(root) / str(name_or_path)
+
+
+def manifest_folders(root: Path) -> list[str]:
+    """Names of the folders under ``root`` that hold a ``MANIFEST.sha256`` (complete ones), sorted."""
+    root = Path(root)
+    return sorted(p.name for p in root.glob("*") if (p / MANIFEST_NAME).exists()) if root.is_dir() else []
+
+
 def write_manifest(folder: str | os.PathLike, names: Iterable[str]) -> Path:
     """Write ``<folder>/MANIFEST.sha256`` (``sha256sum`` format) for ``names``, paths relative to ``folder``.
 
