@@ -11,7 +11,8 @@ import config
 from models.controller import num_parameters
 from tests.conftest import (assert_user_error, data_dir_with, kill_then_resume_controller, load_npz, read_csv,
                             run_script)
-from worldmodels.controller_training import generation_fitness, race, search_cost
+from worldmodels import storage
+from worldmodels.controller_training import generation_fitness, race, search_cost, search_table
 from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, Rollouts, heldout_seeds
 
 GENERATIONS = 3
@@ -185,6 +186,26 @@ def test_search_cost_adds_training_and_evaluation_steps_and_time():
     evals = {2: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 1.0},
              3: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 2.0}}
     assert search_cost(history, evals) == {2: (150, 21.0), 3: (300, 33.0)}
+
+
+def test_search_table_reports_each_evaluation_with_its_cost(tmp_path):
+    """The README's table of a long search comes from its files: the rows are the evaluations, the cost
+    columns search_cost's, and core-hours appear only with the cores given."""
+    folder = tmp_path / "controller"
+    folder.mkdir()
+    (folder / "history.csv").write_text("generation,best,mean,std,worst,sigma,elapsed,env_steps\n"
+                                        + "".join(f"{g},0,0,0,0,0.1,{1800.0 * g},{10**6}\n" for g in (1, 2, 3)))
+    (folder / "eval.csv").write_text("generation,mean,std,env_steps,seconds\n2,612.25,100.04,32000,360\n")
+    config.save_config(SMOKE, folder)
+    table = search_table(folder, cores=2).splitlines()
+    assert table[0].startswith(f"| generation | held-out mean ± std ({SMOKE.controller.eval_episodes} tracks) |")
+    assert table[2:] == ["| 2 | 612.2 ± 100.0 | 2.03 M | 1.10 h | 2.2 |"]  # 2 M + 32,000 steps; 3600 + 360 s
+    assert "core-hours" not in search_table(folder)
+    (folder / "history.csv").write_text("generation,best\nlast,1\n")
+    with pytest.raises(storage.CorruptFileError, match="not a search history"):
+        search_table(folder)
+    with pytest.raises(storage.MissingDataError, match="holds no search"):
+        search_table(tmp_path / "nothing")
 
 
 def test_old_controller_configs_keep_the_posterior_mean():

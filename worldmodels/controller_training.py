@@ -198,6 +198,40 @@ def search_cost(history: list[dict], evals: dict) -> dict[int, tuple[int, float]
     return cost
 
 
+def search_table(folder, cores: int | None = None) -> str:
+    """The held-out evaluations of the search in ``folder`` as a markdown table, one row per evaluation.
+
+    Columns: generation, held-out mean +- std (``controller.eval_episodes`` tracks of the search's
+    ``config.json``), the real environment steps and the wall time spent so far (:func:`search_cost`:
+    generations plus evaluations, summed over restarts), and with ``cores`` the core-hours (wall time x
+    ``cores``: the cores of the machine the search ran on, which the files do not record). Reads
+    ``history.csv``, ``eval.csv`` and ``config.json`` only, so it works on a carry as on a data folder.
+    """
+    folder = Path(folder)
+    if not (folder / "history.csv").is_file():
+        raise storage.MissingDataError(f"{folder / 'history.csv'} is missing: {folder} holds no search "
+                                       "(run 05_train_controller.py, or restore a carry)")
+    if cores is not None and cores < 1:
+        raise ValueError(f"cores must be a positive number of CPU cores, got {cores!r}")
+    evals = read_evals(folder / EVAL_NAME)
+    try:
+        with open(folder / "history.csv", newline="") as f:
+            cost = search_cost(list(csv.DictReader(f)), evals)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise storage.CorruptFileError(f"{folder / 'history.csv'} is not a search history ({exc})") from exc
+    saved = folder / artifacts.CONFIG_FILE
+    tracks = config.load_config(saved).controller.eval_episodes if saved.is_file() else "?"
+    head = ["generation", f"held-out mean ± std ({tracks} tracks)", "real env steps (training + evaluations)",
+            "wall time"] + ([f"core-hours ({cores} cores)"] if cores else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for g in sorted(evals):
+        steps, seconds = cost[g]
+        row = [str(g), f"{evals[g]['mean']:.1f} ± {evals[g]['std']:.1f}", f"{steps / 1e6:.2f} M", f"{seconds / 3600:.2f} h"]
+        row += [f"{seconds * cores / 3600:.1f}"] if cores else []
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperature: float | None = None) -> None:
     """Fitness per generation and the held-out evaluations (real, and dream if any) against generations,
     real environment steps and wall time (:func:`search_cost`), as a PNG (atomically)."""

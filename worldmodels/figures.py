@@ -818,9 +818,10 @@ def results_table(data_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "sample_efficiency"],
-                        help="a figure, all of them, the diagram of the agent (no data needed), or the held-out "
-                             "real score against real environment steps of every controller")
+    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "sample_efficiency", "search_table"],
+                        help="a figure, all of them, the diagram of the agent (no data needed), the held-out "
+                             "real score against real environment steps of every controller, or (search_table) "
+                             "the held-out evaluations of one search with their cost as a markdown table")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
     parser.add_argument("--out", type=Path, help="output file of one figure")
     parser.add_argument("--out-dir", type=Path, help="output folder of 'all'")
@@ -828,7 +829,21 @@ def main(argv=None) -> int:
                                                              "drives (no --data-dir needed)")
     parser.add_argument("--also-data-dir", type=Path, action="append", default=[], metavar="DIR",
                         help="'sample_efficiency': another data dir whose controllers are drawn too (repeatable)")
+    parser.add_argument("--search", type=Path, metavar="DIR", help="'search_table': the search folder "
+                                                                      "(default: <data-dir>/controller)")
+    parser.add_argument("--cores", type=int, help="'search_table': CPU cores of the machine the search ran on, "
+                                                  "for a core-hours column")
     args = parser.parse_args(argv)
+    if args.figure == "search_table":
+        from worldmodels.controller_training import search_table
+
+        text = search_table(args.search or args.data_dir / artifacts.CONTROLLER, args.cores)
+        if args.out:
+            storage.atomic_write_text(args.out, text)
+        print(text, end="")
+        return 0
+    if (args.search or args.cores) and args.figure != "search_table":
+        parser.error("--search and --cores go with 'search_table' only")
     if args.also_data_dir and args.figure != "sample_efficiency":
         parser.error("--also-data-dir goes with the 'sample_efficiency' figure only")
     if args.pretrained and args.figure != "driving":
