@@ -125,10 +125,17 @@ def render_observation(car_racing: CarRacing) -> np.ndarray:
         fill(world_to_pixels(_PLAYFIELD_POLYGON, zoom, translation, angle)[0], car_racing.bg_color)
     vertices, centres, radii = _scene(car_racing)
     visible = _on_canvas(centres, radii, zoom, translation, angle)
-    pixels = world_to_pixels(vertices[visible], zoom, translation, angle)
+    # Up to a hundred polygons a frame: their points and colours go to Python lists in one call each
+    # rather than per polygon, which halves the cost of the loop (the fills themselves are C). The
+    # road's colours are read every frame, because a tile's colour changes when the car touches it.
+    points = world_to_pixels(vertices[visible], zoom, translation, angle).tolist()
     grass = len(grass_polygons())
-    for i, points in zip(visible.tolist(), pixels):
-        fill(points, car_racing.grass_color if i < grass else car_racing.road_poly[i - grass][1])
+    road = visible[visible >= grass] - grass
+    colours = [[int(c) for c in car_racing.grass_color]] * (len(visible) - len(road))
+    if len(road):
+        colours += np.array([car_racing.road_poly[j][1] for j in road.tolist()]).astype(np.int64).tolist()
+    for polygon, colour in zip(points, colours):
+        gfxdraw.filled_polygon(surface, polygon, colour)
     car_racing.car.draw(surface, zoom, translation, angle, False)  # no skid marks, as in state_pixels
 
     # The flip comes after the shrink, on 84 rows instead of 350 (pygame's flip of the canvas cost
