@@ -110,32 +110,33 @@ def render_observation(car_racing: CarRacing) -> np.ndarray:
     if surface is None:
         surface = car_racing._wm_canvas = pygame.Surface(CANVAS)
 
-    def fill(points: np.ndarray, color) -> None:
-        # Only the filled polygon: at this size gymnasium's extra anti-aliased outline widens every
-        # shape by a canvas pixel (see DOWNSCALE for the measurement).
-        gfxdraw.filled_polygon(surface, points.tolist(), [int(c) for c in color])
+    def fill(polygons: list, colours: list) -> None:
+        # Only the filled polygons: at this size gymnasium's extra anti-aliased outline widens every
+        # shape by a canvas pixel (see DOWNSCALE for the measurement). Points and colours come as
+        # Python lists made in one call per frame, not per polygon: with up to a hundred polygons a
+        # frame, the per-polygon conversions cost nearly as much as the fills themselves.
+        for points, colour in zip(polygons, colours):
+            gfxdraw.filled_polygon(surface, points, colour)
 
     # Away from the playfield's edge the field polygon covers everything: filling the canvas is
     # the same and 20x cheaper than scanning a polygon thousands of pixels tall. Outside the
     # field the window is black, as gymnasium's fresh surface is.
+    background = [int(c) for c in car_racing.bg_color]
     if _field_covers_canvas(zoom, translation, angle):
-        surface.fill([int(c) for c in car_racing.bg_color])
+        surface.fill(background)
     else:
         surface.fill((0, 0, 0))
-        fill(world_to_pixels(_PLAYFIELD_POLYGON, zoom, translation, angle)[0], car_racing.bg_color)
+        fill(world_to_pixels(_PLAYFIELD_POLYGON, zoom, translation, angle).tolist(), [background])
     vertices, centres, radii = _scene(car_racing)
     visible = _on_canvas(centres, radii, zoom, translation, angle)
-    # Up to a hundred polygons a frame: their points and colours go to Python lists in one call each
-    # rather than per polygon, which halves the cost of the loop (the fills themselves are C). The
-    # road's colours are read every frame, because a tile's colour changes when the car touches it.
-    points = world_to_pixels(vertices[visible], zoom, translation, angle).tolist()
+    # The grass squares come first in the scene, then the road tiles, whose colours are read every
+    # frame, because a tile's colour changes when the car touches it.
     grass = len(grass_polygons())
     road = visible[visible >= grass] - grass
     colours = [[int(c) for c in car_racing.grass_color]] * (len(visible) - len(road))
     if len(road):
         colours += np.array([car_racing.road_poly[j][1] for j in road.tolist()]).astype(np.int64).tolist()
-    for polygon, colour in zip(points, colours):
-        gfxdraw.filled_polygon(surface, polygon, colour)
+    fill(world_to_pixels(vertices[visible], zoom, translation, angle).tolist(), colours)
     car_racing.car.draw(surface, zoom, translation, angle, False)  # no skid marks, as in state_pixels
 
     # The flip comes after the shrink, on 84 rows instead of 350 (pygame's flip of the canvas cost

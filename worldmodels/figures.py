@@ -842,7 +842,7 @@ def main(argv=None) -> int:
             storage.atomic_write_text(args.out, text)
         print(text, end="")
         return 0
-    if (args.search or args.cores) and args.figure != "search_table":
+    if args.search or args.cores:
         parser.error("--search and --cores go with 'search_table' only")
     if args.also_data_dir and args.figure != "sample_efficiency":
         parser.error("--also-data-dir goes with the 'sample_efficiency' figure only")
