@@ -177,3 +177,18 @@ def test_a_fast_search_trains_on_fast_frames_and_evaluates_on_stock_ones():
     stock_cfg = config.make_config("smoke", {"controller.backend": "serial"})
     with _open_pools(stock_cfg, 2, max_concurrent=4) as (train_pool, eval_pool):
         assert train_pool is eval_pool and eval_pool.observation == "stock"
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_score_is_on_stock_pixels_unless_set_even_when_the_preset_says_fast(tmp_path, saved):
+    """The `cpu` preset trains on fast frames; evaluating a controller with it (its saved config, or
+    --preset cpu for a controller file without one) still scores on stock pixels, unless --set says fast."""
+    from worldmodels import artifacts
+    from worldmodels.controller_evaluation import resolve_config
+
+    if saved:
+        config.save_config(config.make_config("cpu"), tmp_path, artifacts.CONFIG_FILE)
+    preset = None if saved else "cpu"
+    assert resolve_config(tmp_path, preset, []).env.observation == "stock"
+    assert resolve_config(tmp_path, preset, []).controller.population == 32  # the rest is the cpu preset's
+    assert resolve_config(tmp_path, preset, ["env.observation=fast"]).env.observation == "fast"

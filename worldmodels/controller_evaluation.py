@@ -176,12 +176,15 @@ def resolve_config(folder: Path, preset: str | None, set_arguments) -> config.Co
     arguments applied (each change a warning on stderr) and ``env.observation`` back to 'stock' unless set.
 
     An explicit ``preset`` (None: not given) that differs from the saved one is a ConfigError.
-    With no saved config: ``preset`` (or the default) and the ``--set`` arguments.
+    With no saved config: ``preset`` (or the default) and the ``--set`` arguments, also on stock
+    pixels unless ``--set env.observation=...``.
     """
     overrides = config.parse_set_arguments(set_arguments)
     saved_path = folder / artifacts.CONFIG_FILE
     if not saved_path.exists():
-        return config.make_config(preset or config.DEFAULT_PRESET, overrides)
+        # A preset may name the fast observation (e.g. `cpu`, for its search); a score is still
+        # measured on stock pixels unless --set asks otherwise, as for a saved config below.
+        return config.make_config(preset or config.DEFAULT_PRESET, {"env.observation": "stock", **overrides})
     saved = config.load_config(saved_path)
     if preset is not None and preset != saved.preset:
         raise config.ConfigError(f"--preset {preset} disagrees with {saved_path} (preset {saved.preset}); "
