@@ -7,6 +7,7 @@
     python evaluate_controller.py --episodes 10 --video car.gif     # + a full-resolution video of the first track
     python evaluate_controller.py --which mean --replace-metrics    # the last CMA mean, into controller/metrics.json
     python evaluate_controller.py --set env.observation=fast        # the same tracks on the fast observation
+    python evaluate_controller.py --profile                         # + how it drove: tiles, laps, speed, grass
 
 The config (preset, step limit, V, M, what C sees) is the one saved in the controller's
 folder (``config.json``); an explicit ``--preset`` that differs is an error, and a ``--set``
@@ -21,6 +22,11 @@ and the CSV beside it): the CSV has one row per track (track, seed, return, step
 holds mean, std, its standard error, the interquartile mean (IQM, the mean of the middle
 half: per-track returns are bimodal, a car finishes a track or leaves it) with a 95%
 bootstrap interval, min, max, every track's score, length and seed, and the command line.
+``--profile`` replays every episode to read the car (physics only, a few minutes for 100 tracks) and
+adds per track the tiles visited of the track's tiles, the step that finished the lap (if any),
+the mean speed, the share of steps off the road, the mean gas and brake, and their means to the
+JSON's ``profile`` (what limits a score: a car that finishes few laps in 1000 steps is slow or
+cuts corners; one often off the road loses tiles there).
 ``metrics.json`` of stage 5 is replaced only with ``--replace-metrics``. The video replays
 the first track's recorded actions in a CarRacing-v3 rendered at full size
 (``render_mode='rgb_array'``); ``.gif`` always works, ``.mp4`` needs ``imageio`` with ffmpeg.
@@ -34,8 +40,9 @@ from pathlib import Path
 
 import config
 from worldmodels import artifacts, cli, storage
-from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, replay_frames,
-                                               score_on_tracks, video_writer_check, write_track_csv, write_video)
+from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, profile_episode,
+                                               profile_summary, replay_frames, score_on_tracks, video_writer_check,
+                                               write_track_csv, write_video)
 
 # TensorFlow is imported when the models are loaded, after the checks (see 05_train_controller.py).
 
@@ -56,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--replace-metrics", action="store_true", help="write the controller folder's metrics.json "
                                                                        "(stage 5's reported score) instead")
     parser.add_argument("--video", type=Path, metavar="PATH.gif|PATH.mp4", help="also record the first track")
+    parser.add_argument("--profile", action="store_true", help="also replay every episode to read how the car drove "
+                                                               "(tiles, laps, speed, off-road share) into the results")
     parser.add_argument("--max-concurrent", type=int, default=256, metavar="N", help="at most N environments at once")
     args = parser.parse_args(argv)
     if args.help_config:
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
     print(f"[eval] {agent.description}, generation {agent.generation}, on {episodes} tracks (episode_seed({base}, i)) of "
           f"<= {c.max_steps} steps, z: {c.z_input}, {cfg.env.observation} observation")
     metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, args.max_concurrent,
-                              bool(args.video))
+                              bool(args.video or args.profile))
     actions = metrics.pop("actions", None)
     metrics.update(agent=agent.description, which=args.which, generation=agent.generation,
                    command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
@@ -91,6 +100,20 @@ def main(argv=None) -> int:
         metrics["video"] = {"path": str(args.video), "frames": count, "seed": metrics["seeds"][0],
                             "score": metrics["scores"][0]}
         print(f"[eval] video of track {metrics['seeds'][0]} ({count} frames) -> {args.video}")
+    if args.profile:
+        from tqdm import tqdm
+
+        profiles = [profile_episode(seed, track_actions, c.max_steps) for seed, track_actions
+                    in tqdm(list(zip(metrics["seeds"], actions)), desc="profile (replay)", unit="track")]
+        mismatched = sum(p.pop("return") != score for p, score in zip(profiles, metrics["scores"]))
+        if mismatched:
+            print(f"[eval] warning: {mismatched} replayed episode(s) scored otherwise than evaluated", file=sys.stderr)
+        metrics["profile"] = {**profile_summary(profiles), "replays_mismatched": mismatched, "tracks_profile": profiles}
+        p = metrics["profile"]
+        print(f"[eval] profile: {p['laps_finished']} of {p['tracks']} laps finished; tiles visited "
+              f"{100 * p['mean_tile_share']:.1f}% on average; mean speed {p['mean_mean_speed']:.1f} units/s; "
+              f"off the road {100 * p['mean_off_road']:.1f}% of steps; gas {p['mean_mean_gas']:.2f}, "
+              f"brake {p['mean_mean_brake']:.2f}")
     storage.atomic_write_json(output, metrics)
     write_track_csv(output.with_suffix(".csv"), metrics)
     low, high = metrics["iqm_ci95"]

@@ -102,6 +102,22 @@ def test_expert_without_noise_finishes_a_lap():
     assert ep["reward"][-1] > -100, "it should finish the lap, not leave the playfield"
     assert tile_rewards > 200
 
+    # evaluate_controller.py --profile: a replay of the recorded actions reads the lap, tiles and speed.
+    from worldmodels.controller_evaluation import profile_episode, profile_summary
+
+    lap = profile_episode(seed, ep["action"], 1000)
+    assert lap["return"] == pytest.approx(float(np.sum(ep["reward"], dtype=np.float64)))
+    assert lap["finished_step"] == len(ep["action"])
+    assert lap["tiles"] >= 0.95 * lap["track_tiles"]  # CarRacing-v3 ends a lap at 95% of its tiles
+    assert lap["mean_speed"] > 20 and lap["off_road"] < 0.1 and 0 < lap["mean_gas"] <= 1
+    # Standing still for 50 steps: no speed, no gas, no tile beyond the start, no lap.
+    still = profile_episode(seed, np.zeros((50, 3), np.float32), 1000)
+    assert still["finished_step"] is None and still["mean_speed"] < 1e-3 and still["mean_gas"] == 0
+    assert still["return"] == pytest.approx(still["tiles"] * 1000 / still["track_tiles"] - 0.1 * 50)
+    summary = profile_summary([lap, still])
+    assert summary["laps_finished"] == 1 and summary["mean_finished_step"] == lap["finished_step"]
+    assert summary["mean_tile_share"] == pytest.approx((lap["tiles"] + still["tiles"]) / 2 / lap["track_tiles"])
+
 
 def test_expert_refuses_an_env_without_a_track():
     class NoTrack:
@@ -111,3 +127,4 @@ def test_expert_refuses_an_env_without_a_track():
         policies.ExpertPolicy(np.random.default_rng(0), NoTrack())
     with pytest.raises(ValueError, match="noise scale must be >= 0"):
         policies.ExpertPolicy(np.random.default_rng(0), NoTrack(), noise=-1)
+

@@ -80,8 +80,17 @@ def test_evaluate_controller_writes_per_track_scores_and_a_video(trained, tmp_pa
     data, _ = trained
     output, video = tmp_path / "metrics.json", tmp_path / "episode.gif"
     # The process backend here, serial in training: the same tracks must score the same.
-    run_script("evaluate_controller.py", *TRAIN, "--output", str(output), "--video", str(video), data_dir=data)
+    run_script("evaluate_controller.py", *TRAIN, "--output", str(output), "--video", str(video), "--profile",
+               data_dir=data)
     metrics = json.loads(output.read_text())
+    # --profile: in 30 steps no lap ends, so each return is CarRacing's 1000 / tiles per tile visited
+    # minus 0.1 per step, read from the replayed car; the CSV carries it per track.
+    profile = metrics["profile"]
+    assert profile["replays_mismatched"] == 0 and profile["laps_finished"] == 0
+    for score, steps, track in zip(metrics["scores"], metrics["lengths"], profile["tracks_profile"]):
+        assert score == pytest.approx(track["tiles"] * 1000 / track["track_tiles"] - 0.1 * steps)
+    rows = read_csv(output.with_suffix(".csv"))
+    assert [int(row["tiles"]) for row in rows] == [track["tiles"] for track in profile["tracks_profile"]]
     reference = json.loads((data / "controller" / "metrics.json").read_text())
     assert metrics["seeds"] == reference["seeds"]
     assert metrics["scores"] == reference["scores"]
