@@ -27,3 +27,22 @@ def test_architecture_diagram_needs_no_data(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > image.size[1] > 0
+
+
+def test_profile_figure_from_a_profiled_evaluation_and_a_clear_error_without_one(tmp_path, capsys):
+    tracks = [{"tiles": 200 + 10 * i, "track_tiles": 300, "finished_step": None if i < 3 else 950,
+               "mean_speed": 40.0 + i, "off_road": 0.1 - 0.02 * i, "mean_gas": 0.3, "mean_brake": 0.0}
+              for i in range(4)]
+    profiled = storage.atomic_write_json(tmp_path / "eval.json", {"scores": [500.0, 600.0, 650.0, 900.0],
+                                                                  "max_steps": 1000,
+                                                                  "profile": {"tracks_profile": tracks}})
+    out = tmp_path / "profile.png"
+    assert figures.main(["profile", "--evaluation", str(profiled), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 0
+    plain = storage.atomic_write_json(tmp_path / "plain.json", {"scores": [1.0]})
+    with pytest.raises(storage.MissingDataError, match="--profile"):
+        figures.profile_figure(plain, tmp_path / "no.png")
+    with pytest.raises(SystemExit):
+        figures.main(["profile", "--out", str(out)])  # no --evaluation

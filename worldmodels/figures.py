@@ -23,7 +23,9 @@ driving            a ``controller*/controller.npz``, V and M     05_train_contro
 diagram of the agent, which needs no data. ``python -m worldmodels.figures sample_efficiency --data-dir data
 --out results/sample_efficiency.png`` draws the held-out real score of every controller (stage 5 in the real
 env and in the dream, the hybrid, the iterations) against the real environment steps behind it
-(:func:`sample_efficiency`; every real step counts, stage 1's data included).
+(:func:`sample_efficiency`; every real step counts, stage 1's data included). ``python -m worldmodels.figures
+profile --evaluation FILE.json --out results/profile.png`` draws how a controller drove (:func:`profile_figure`)
+from a results file of ``evaluate_controller.py --profile``.
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (no pyplot), so importing this
 module never changes the backend of a notebook that uses it.
@@ -389,6 +391,40 @@ def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Pat
     ax.set_title(title or "C per CMA-ES seed, the same held-out tracks", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, out, dpi=100)
+
+
+def profile_figure(evaluation: Path, out: Path) -> Path:
+    """How a controller drove, from an ``evaluate_controller.py --profile`` results file.
+
+    Left: each track's return against the car's mean speed, coloured by the share of steps it
+    spent off the road. Right: the share of the track's tiles visited (CarRacing-v3 ends a lap
+    at 95% of them), the laps finished in 1000 steps counted in the title.
+    """
+    results = storage.read_json(evaluation)
+    if "profile" not in results:
+        raise storage.MissingDataError(f"{evaluation} has no profile: score with "
+                                       "python evaluate_controller.py ... --profile --output FILE.json")
+    tracks = results["profile"]["tracks_profile"]
+    scores = np.asarray(results["scores"], np.float64)
+    speed = np.array([t["mean_speed"] for t in tracks])
+    off = np.array([t["off_road"] for t in tracks])
+    share = np.array([t["tiles"] / t["track_tiles"] for t in tracks])
+    finished = sum(t["finished_step"] is not None for t in tracks)
+    fig = Figure(figsize=(9.0, 3.6))
+    left, right = fig.subplots(1, 2)
+    points = left.scatter(speed, scores, c=100 * off, cmap="viridis_r", s=14)
+    fig.colorbar(points, ax=left, label="steps off the road (%)")
+    left.set_xlabel("mean speed (world units/s; a tile is 3.5 units)")
+    left.set_ylabel("return")
+    left.set_title(f"{len(scores)} tracks: mean {scores.mean():.1f}, mean speed {speed.mean():.1f}", fontsize=9)
+    left.grid(alpha=0.3)
+    right.hist(100 * share, bins=np.arange(0, 102, 2.5), color="tab:blue", alpha=0.8)
+    right.axvline(95, color="k", lw=1, ls="--", label="a lap ends at 95%")
+    right.set_xlabel("tiles visited (% of the track's)")
+    right.set_ylabel("tracks")
+    right.set_title(f"laps finished in {results.get('max_steps', 1000)} steps: {finished} of {len(tracks)}", fontsize=9)
+    right.legend(fontsize=8)
     return _save(fig, out, dpi=100)
 
 
@@ -818,8 +854,10 @@ def results_table(data_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "sample_efficiency", "search_table"],
-                        help="a figure, all of them, the diagram of the agent (no data needed), the held-out "
+    parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "profile", "sample_efficiency",
+                                                             "search_table"],
+                        help="a figure, all of them, the diagram of the agent (no data needed), how a controller "
+                             "drove (profile, from --evaluation), the held-out "
                              "real score against real environment steps of every controller, or (search_table) "
                              "the held-out evaluations of one search with their cost as a markdown table")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
@@ -833,7 +871,16 @@ def main(argv=None) -> int:
                                                                       "(default: <data-dir>/controller)")
     parser.add_argument("--cores", type=int, help="'search_table': CPU cores of the machine the search ran on, "
                                                   "for a core-hours column")
+    parser.add_argument("--evaluation", type=Path, metavar="FILE.json", help="'profile': a results file of "
+                                                                             "evaluate_controller.py --profile")
     args = parser.parse_args(argv)
+    if (args.evaluation is None) != (args.figure != "profile"):
+        parser.error("'profile' needs --evaluation FILE.json (and only 'profile' takes it)")
+    if args.figure == "profile":
+        if args.out is None:
+            parser.error("'profile' needs --out")
+        print(f"wrote {profile_figure(args.evaluation, args.out)}")
+        return 0
     if args.figure == "search_table":
         from worldmodels.controller_training import search_table
 
