@@ -330,6 +330,11 @@ def test_a_carried_search_continues_on_a_machine_that_kept_nothing_exactly(train
     first = data_dir_with(models_dir, tmp_path / "first", "vae", "rnn")
     run_script("05_train_controller.py", "--set", "controller.generations=1", "--set", "controller.max_steps=30",
                "--no-final-eval", data_dir=first)
+    # Scores of the search (a seed study's, evaluate_controller.py's default files) travel with it; figures do not.
+    scores = {"evaluation_s5_n2.json": '{"mean": 1.0}', "evaluation_s5_n2.csv": "track,seed,return,steps\n"}
+    for name, text in scores.items():
+        (first / "controller" / name).write_text(text)
+    (first / "controller" / "other.png").write_bytes(b"not carried")
     carry = tmp_path / "checkpoints" / "run"
     saved = run_plain("-m", "worldmodels.carry", "save", "--data-dir", str(first), "--name", str(carry),
                       "--command", "python 05_train_controller.py --preset smoke")
@@ -338,11 +343,13 @@ def test_a_carried_search_continues_on_a_machine_that_kept_nothing_exactly(train
     listed = sorted(line.split("  ")[1] for line in (carry / "MANIFEST.sha256").read_text().splitlines())
     assert "vae/vae.keras" in listed and "rnn/rnn.keras" in listed and "controller/evolution.pkl" in listed
     assert not any(name.startswith(("rollouts/", "series/")) for name in listed)
+    assert {f"controller/{name}" for name in scores} <= set(listed) and "controller/other.png" not in listed
 
     fresh = tmp_path / "fresh"  # holds nothing but what the carry brings
     restored = run_plain("-m", "worldmodels.carry", "restore", str(carry), "--data-dir", str(fresh))
     assert restored.returncode == 0, restored.stderr
     assert "continue with: python 05_train_controller.py --preset smoke" in restored.stdout
+    assert all((fresh / "controller" / name).read_text() == text for name, text in scores.items())
     resumed = run_script("05_train_controller.py", *TRAIN, "--no-final-eval", data_dir=fresh)
     assert f"1 of {GENERATIONS} generations done" in resumed.stdout
     got, want = load_npz(fresh / "controller" / "controller.npz"), load_npz(reference / "controller.npz")

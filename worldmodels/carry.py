@@ -16,7 +16,8 @@ uninterrupted one):
 * M: ``rnn/rnn.keras`` with its ``config.json`` (and ``metrics.json``, ``split.json``);
 * the search folder (``controller/`` or a dream folder): its checkpoint ``evolution.pkl``,
   ``history.csv``, ``eval.csv``, ``controller.npz``, ``config.json`` and ``metrics.json``
-  (the figures are redrawn from the tables);
+  (the figures are redrawn from the tables), and its scores ``evaluation_s<base>_n<count>.json``/``.csv``
+  (a seed study's, or ``evaluate_controller.py``'s default), so a finished search is not scored again;
 * ``carry.json`` (the generation, the command that continues it) and ``MANIFEST.sha256``.
 
 No rollouts, latent series or training state of V and M are carried: a real-environment search
@@ -42,6 +43,7 @@ INFO = "carry.json"
 SEARCH_FILES = ("evolution.pkl", "history.csv", "eval.csv", artifacts.CONTROLLER_FILE, artifacts.CONFIG_FILE,
                 artifacts.METRICS_FILE)
 MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE, artifacts.SPLIT_FILE)
+EVALUATIONS = "evaluation_s*_n*.*"  # the search folder's scores (json with its per-track csv), when present
 # Carried when present; every other file listed above must exist.
 OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.CONTROLLER_FILE)
 
@@ -73,6 +75,9 @@ def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
                 names.append(f"{sub}/{name}")
             elif name not in OPTIONAL:
                 raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
+    # Scores on held-out tracks (evaluate_controller.py's default files, a seed study's score) are small
+    # and cost minutes of simulation each: carried too, so a finished search needs no re-scoring.
+    names += sorted(f"{search}/{path.name}" for path in (data_dir / search).glob(EVALUATIONS))
     return names
 
 
