@@ -27,6 +27,10 @@ DREAM_CONTROLLER_PREFIX = "controller_dream_t"
 # A real-environment search started from another controller (controller.init_from): the hybrid.
 HYBRID_CONTROLLER = "controller_hybrid"
 CONTROLLER_FILE = "controller.npz"
+# A controller's score on tracks episode_seed(base, i), i < count (evaluate_controller.py's default file,
+# with its per-track .csv beside it), and the pattern that finds every such score in a folder.
+EVALUATION_FILE = "evaluation_s{base}_n{count}.json"
+EVALUATIONS = "evaluation_s*_n*.*"
 # The iterative procedure (06_iterate.py): its folder and its table of one row per iteration.
 ITERATIONS = "iterations"
 ITERATIONS_TABLE = "iterations.csv"

@@ -43,7 +43,6 @@ INFO = "carry.json"
 SEARCH_FILES = ("evolution.pkl", "history.csv", "eval.csv", artifacts.CONTROLLER_FILE, artifacts.CONFIG_FILE,
                 artifacts.METRICS_FILE)
 MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE, artifacts.SPLIT_FILE)
-EVALUATIONS = "evaluation_s*_n*.*"  # the search folder's scores (json with its per-track csv), when present
 # Carried when present; every other file listed above must exist.
 OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.CONTROLLER_FILE)
 
@@ -77,7 +76,7 @@ def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
                 raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
     # Scores on held-out tracks (evaluate_controller.py's default files, a seed study's score) are small
     # and cost minutes of simulation each: carried too, so a finished search needs no re-scoring.
-    names += sorted(f"{search}/{path.name}" for path in (data_dir / search).glob(EVALUATIONS))
+    names += sorted(f"{search}/{path.name}" for path in (data_dir / search).glob(artifacts.EVALUATIONS))
     return names
 
 

@@ -207,7 +207,7 @@ def final_tracks_base(cfg) -> int:
 
 def evaluation_path(folder: Path, base: int, episodes: int) -> Path:
     """``<folder>/evaluation_s<base>_n<episodes>.json``, where ``evaluate_controller.py`` writes a score by default."""
-    return Path(folder) / f"evaluation_s{base}_n{episodes}.json"
+    return Path(folder) / artifacts.EVALUATION_FILE.format(base=base, count=episodes)
 
 
 def score_on_tracks(cfg, vae, rnn, params: np.ndarray, base: int, episodes: int, max_concurrent: int,
