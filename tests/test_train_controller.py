@@ -286,6 +286,16 @@ def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trai
     assert mine["seeds"] == heldout_seeds(5, 3, 0).tolist() and mine["lengths"] == [20, 20, 20]
 
 
+def test_the_selected_controller_carries_the_generation_it_was_selected_at():
+    from worldmodels.artifacts import selected_generation
+
+    scalars = {"generation": 187, "best_eval_generation": 180}
+    assert selected_generation(scalars, "params") == 180
+    assert selected_generation(scalars, "mean") == selected_generation(scalars, "best_member") == 187
+    assert selected_generation({"generation": 3, "best_eval_generation": -1}, "params") == 3  # nothing selected yet
+    assert selected_generation({"generation": 3}, "params") == 3  # older files
+
+
 def test_evaluate_summary_statistics():
     from worldmodels import metrics as ec
 
@@ -309,7 +319,11 @@ def test_a_pretrained_agent_scores_identically_after_a_round_trip_and_refuses_a_
     assert made.returncode == 0, made.stderr
     proc = run_plain("evaluate_controller.py", "--pretrained", str(agent), "--output", str(tmp_path / "tiny.json"))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "tiny.json").read_text())["scores"] == reference["scores"]
+    shipped = json.loads((tmp_path / "tiny.json").read_text())
+    assert shipped["scores"] == reference["scores"]
+    with np.load(data / "controller" / "controller.npz") as saved:
+        # The agent is the controller selected on the held-out tracks: its generation is the selection's.
+        assert shipped["generation"] == int(saved["best_eval_generation"]) >= 0
 
     half = tmp_path / "pretrained" / "half"
     assert run_plain("-m", "worldmodels.pretrained", "export", "--data-dir", str(data), "--name", str(half),

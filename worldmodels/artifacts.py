@@ -91,6 +91,18 @@ def controller_keys(cfg: config.Config) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- paths
 
 
+def selected_generation(scalars: dict, which: str) -> int:
+    """The generation the parameters ``which`` of a ``controller.npz`` come from.
+
+    ``scalars`` maps the file's 0-d keys to values. ``params`` is the controller selected on the
+    held-out tracks (``best_eval_generation``) when one was selected; ``mean`` and ``best_member``
+    are the search's state at its last generation (``generation``), as are ``params`` before any
+    held-out evaluation (``best_eval_generation`` is -1 then, or absent in older files).
+    """
+    selected = int(scalars.get("best_eval_generation", -1))
+    return selected if which == "params" and selected >= 0 else int(scalars["generation"])
+
+
 def rollouts_dir(data_dir: Path) -> Path:
     return Path(data_dir) / ROLLOUTS
 

@@ -292,4 +292,5 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
     artifacts.require_models(data_dir, cfg)
     params, info = load_controller(path, which, cfg.vae.z_size, cfg.rnn.hidden_units)
     vae, rnn = rollout.load_world_models(data_dir, cfg)
-    return Agent(cfg, vae, rnn, params, f"{path} ({which})", path.parent, info.get("generation"))
+    generation = artifacts.selected_generation(info, which) if "generation" in info else None
+    return Agent(cfg, vae, rnn, params, f"{path} ({which})", path.parent, generation)

@@ -152,7 +152,8 @@ def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "p
     cfg = config.load_config(source / artifacts.CONFIG_FILE)
     vision, rnn = rollout.load_world_models(data_dir, cfg)
     with np.load(source / artifacts.CONTROLLER_FILE) as data:
-        params, generation = np.array(data[which], np.float64), int(data["generation"])
+        scalars = {key: data[key].item() for key in data.files if data[key].ndim == 0}
+        params, generation = np.array(data[which], np.float64), artifacts.selected_generation(scalars, which)
     return export(vision, rnn, params, cfg, folder(name_or_path), generation=generation, dtype=dtype)
 
 
