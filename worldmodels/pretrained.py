@@ -146,15 +146,15 @@ def load(name_or_path):
 
 def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "params", dtype: str = "float32"):
     """Export the controller in ``<data_dir>/controller`` (or the folder ``controller``) with its V and M."""
-    from worldmodels import rollout
+    from worldmodels import controller_evaluation, rollout
 
     source = Path(controller) if controller else Path(data_dir) / artifacts.CONTROLLER
     cfg = config.load_config(source / artifacts.CONFIG_FILE)
+    params, scalars = controller_evaluation.load_controller(source / artifacts.CONTROLLER_FILE, which,
+                                                            cfg.vae.z_size, cfg.rnn.hidden_units)
     vision, rnn = rollout.load_world_models(data_dir, cfg)
-    with np.load(source / artifacts.CONTROLLER_FILE) as data:
-        scalars = {key: data[key].item() for key in data.files if data[key].ndim == 0}
-        params, generation = np.array(data[which], np.float64), artifacts.selected_generation(scalars, which)
-    return export(vision, rnn, params, cfg, folder(name_or_path), generation=generation, dtype=dtype)
+    return export(vision, rnn, params, cfg, folder(name_or_path), generation=artifacts.selected_generation(scalars, which),
+                  dtype=dtype)
 
 
 def main(argv=None) -> int:
