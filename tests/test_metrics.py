@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,56 @@ def test_paired_files_refuse_evaluations_on_other_tracks(tmp_path):
     proc = subprocess.run(run + [str(stock), str(other)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert_user_error(proc, "other tracks", "track_seed: 2000000 vs 7")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_vision_by_policy_scores_each_tag_on_episodes_v_did_not_train_on(smoke_vae, tmp_path):
+    """The CLI skips V's training episodes (also through a symlink), groups the rest by policy tag, and each
+    group's numbers are vision_metrics of exactly its episodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import config
+    from worldmodels import artifacts
+
+    split = json.loads((smoke_vae / "vae" / "split.json").read_text())
+    rollouts = smoke_vae / "rollouts"
+    driving = tmp_path / "driving"
+    driving.mkdir()
+    arrays = storage.load_episode(rollouts / split["train"][0])
+    storage.save_episode(driving / "episode_000000.npz", {**arrays, "policy": np.array("controller")})
+    os.symlink(rollouts / split["train"][-1], driving / "episode_000001.npz")  # a training episode under another name
+    out = tmp_path / "vision.json"
+    proc = subprocess.run([sys.executable, "-m", "worldmodels.metrics", "vision", "--data-dir", str(smoke_vae),
+                           str(rollouts), str(driving), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())["policies"]
+    assert sorted(result) == ["brownian", "controller"]
+    assert [Path(f).name for f in result["brownian"]["files"]] == split["heldout"]
+    assert result["controller"]["files"] == [str(driving / "episode_000000.npz")]
+    assert "PSNR" in proc.stdout and "controller: 1 episodes" in proc.stdout
+
+    cfg = config.load_config(smoke_vae / "vae" / "config.json")
+    model = artifacts.load_vision(smoke_vae, cfg)
+    for tag, row in result.items():
+        expected = metrics.vision_metrics(model, [Path(f) for f in row["files"]], 256)
+        assert row["psnr_db"] == pytest.approx(expected["psnr_db"], rel=1e-5)
+        assert row["kl_per_frame"] == pytest.approx(expected["kl_per_frame"], rel=1e-5)
+        assert row["frames"] == sum(len(storage.load_episode(f, keys=("obs",))["obs"]) for f in row["files"])
+
+
+def test_vision_by_policy_refuses_folders_of_training_episodes_only(smoke_vae, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    split = json.loads((smoke_vae / "vae" / "split.json").read_text())
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    for name in split["train"]:
+        (seen / name).symlink_to(smoke_vae / "rollouts" / name)
+    proc = subprocess.run([sys.executable, "-m", "worldmodels.metrics", "vision", "--data-dir", str(smoke_vae),
+                           str(seen)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "every episode is one V trained on" in proc.stderr

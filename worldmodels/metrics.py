@@ -5,6 +5,10 @@
   over every frame of some episodes with it (stage 2's ``metrics.json``), and
   ``vae_gan.compare`` feeds it the batches it scores for its own sharper metrics too.
   :func:`grid_frames` picks the frames every reconstruction grid shows.
+  :func:`vision_by_policy` scores V per policy tag on episodes it did not train on: does V see a
+  driver's frames as well as a random policy's?
+
+      python -m worldmodels.metrics vision --data-dir D --model vae_gan D/rollouts other/rollouts --out v.json
 * M: :func:`rnn_baselines` fits the two baselines of ``models.mdn_rnn.baseline_nlls`` on the
   training series and scores them on the evaluated ones; :func:`informative_comparison`
   compares M with them on the latent dimensions V uses (stage 4's ``metrics.json``);
@@ -108,6 +112,40 @@ def vision_metrics(model, paths, batch_size: int) -> dict:
         reconstruction = model.decoder(mu, training=False).numpy()
         totals.add(batch, reconstruction, mu.numpy(), logvar.numpy())
     return totals.result()
+
+
+def vision_by_policy(model, folders: Sequence[Path], exclude=(), per_policy: int = 20, batch_size: int = 256) -> dict:
+    """V's metrics (:func:`vision_metrics`) on the episodes of ``folders``, grouped by the policy that drove them.
+
+    Does V see the frames a driver meets as well as a random policy's? Episodes whose resolved path is in
+    ``exclude`` (V's own training episodes) are skipped; of each policy tag (the episode's ``policy``,
+    ``"brownian"`` for files written before tags existed) the first ``per_policy`` in sorted order count.
+    Returns ``{tag: {"episodes", "frames", "files", **metrics}}`` with tags sorted; ``kl_per_dimension``
+    is left out. Memory: one batch of frames and the mu (N, Z) of one tag's frames.
+    """
+    from worldmodels import datasets
+
+    if per_policy < 1:
+        raise ValueError(f"per_policy must be at least 1, got {per_policy}")
+    excluded = {Path(p).resolve() for p in exclude}
+    chosen: dict[str, list[Path]] = {}
+    for folder in folders:
+        for path in storage.list_episodes(folder, "rollouts"):
+            if path.resolve() in excluded:
+                continue
+            tag = str(storage.load_episode(path, keys=("policy",)).get("policy", "brownian"))
+            if len(chosen.setdefault(tag, [])) < per_policy:
+                chosen[tag].append(path)
+    if not any(chosen.values()):
+        raise storage.MissingDataError(f"{', '.join(map(str, folders))}: every episode is one V trained on; "
+                                       "give episodes V has not seen")
+    result = {}
+    for tag in sorted(chosen):
+        paths = chosen[tag]
+        found = vision_metrics(model, paths, batch_size)
+        found.pop("kl_per_dimension")
+        result[tag] = {"episodes": len(paths), "frames": datasets.count_frames(paths), "files": [str(p) for p in paths], **found}
+    return result
 
 
 # --------------------------------------------------------------------------- M
@@ -284,6 +322,28 @@ def paired_files(path_a, path_b) -> dict:
     return result
 
 
+def vision_main(args) -> int:
+    """``python -m worldmodels.metrics vision``: :func:`vision_by_policy` of a data dir's V, printed and saved."""
+    import config
+    from worldmodels import artifacts
+
+    folder = artifacts.vision_dir(args.data_dir, config.Config(vae=config.VAEConfig(model=args.model)))
+    cfg = config.load_config(folder / artifacts.CONFIG_FILE)
+    split = config.read_json(folder / artifacts.SPLIT_FILE)
+    trained = [Path(args.data_dir) / artifacts.ROLLOUTS / name for name in split["train"]]
+    model = artifacts.load_vision(args.data_dir, cfg)
+    result = {"data_dir": str(args.data_dir), "model": args.model, "episodes": [str(f) for f in args.episodes],
+              "excluded_training_episodes": len(trained),
+              "policies": vision_by_policy(model, args.episodes, trained, args.per_policy)}
+    if args.out:
+        storage.atomic_write_json(args.out, result)
+    for tag, row in result["policies"].items():
+        print(f"{tag}: {row['episodes']} episodes, {row['frames']} frames: PSNR {row['psnr_db']:.2f} dB, "
+              f"MSE {row['reconstruction_mse']:.5f}, KL {row['kl_per_frame']:.2f} nats/frame, "
+              f"{row['active_dimensions']} active dimensions")
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -293,7 +353,15 @@ def main(argv=None) -> int:
     paired.add_argument("a", type=Path, help="the first evaluation's .json (e.g. stock frames)")
     paired.add_argument("b", type=Path, help="the second evaluation's .json (e.g. fast frames)")
     paired.add_argument("--out", type=Path, help="also write the comparison as JSON")
+    vision = commands.add_parser("vision", help="V's reconstruction and KL per policy tag on episodes V did not train on")
+    vision.add_argument("--data-dir", type=Path, required=True, help="the data dir whose V is scored")
+    vision.add_argument("--model", choices=("vae", "vae_gan"), default="vae", help="which V of the data dir")
+    vision.add_argument("episodes", type=Path, nargs="+", help="rollout folders (V's own training episodes are skipped)")
+    vision.add_argument("--per-policy", type=int, default=20, help="at most this many episodes of each policy tag")
+    vision.add_argument("--out", type=Path, help="also write the result as JSON")
     args = parser.parse_args(argv)
+    if args.command == "vision":
+        return vision_main(args)
     result = paired_files(args.a, args.b)
     if args.out:
         storage.atomic_write_json(args.out, result)
