@@ -72,12 +72,14 @@ def test_the_statistics_over_seeds_are_those_of_the_per_track_scores(study):
 def test_the_score_is_what_evaluate_controller_gives_on_the_same_tracks(study, tmp_path):
     data, _ = study
     out = data / "controller_seeds" / "seed_1"
-    output = tmp_path / "eval.json"
-    run_script("evaluate_controller.py", "--controller", str(out / "controller.npz"), "--track-seed", str(BASE),
-               "--episodes", "4", "--output", str(output), "--set", "controller.backend=serial", data_dir=data)
     ours = json.loads((out / f"evaluation_s{BASE}_n4.json").read_text())
-    theirs = json.loads(output.read_text())
-    assert theirs["seeds"] == ours["seeds"] and theirs["scores"] == ours["scores"]
+    # --controller takes the controller file or its folder
+    for k, given in enumerate((out / "controller.npz", out)):
+        output = tmp_path / f"eval_{k}.json"
+        run_script("evaluate_controller.py", "--controller", str(given), "--track-seed", str(BASE),
+                   "--episodes", "4", "--output", str(output), "--set", "controller.backend=serial", data_dir=data)
+        theirs = json.loads(output.read_text())
+        assert theirs["seeds"] == ours["seeds"] and theirs["scores"] == ours["scores"]
 
 
 def test_a_rerun_is_a_no_op(study):

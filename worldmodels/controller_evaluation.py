@@ -270,7 +270,8 @@ class Agent:
 def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_name: str | None = None,
                controller_path: Path | None = None, which: str = "params", replace_metrics: bool = False) -> Agent:
     """The agent of ``pretrained/<pretrained_name>/`` (SHA-256 checked) or the controller ``which`` of
-    ``controller_path`` (default ``<data_dir>/controller/controller.npz``) with V and M of ``data_dir``.
+    ``controller_path`` (a controller.npz or its folder; default ``<data_dir>/controller/``) with V and M of
+    ``data_dir``.
 
     ``replace_metrics``: the score will replace the controller folder's ``metrics.json``, which is
     only allowed on the stock observation (a ConfigError otherwise, before any slow work).
@@ -282,7 +283,9 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
         where = pretrained.folder(pretrained_name)
         return Agent(resolve_config(where, preset, set_arguments), vae, rnn, params, f"pretrained agent {where}",
                      where, info["generation"])
-    path = controller_path or Path(data_dir) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
+    path = Path(controller_path) if controller_path else Path(data_dir) / artifacts.CONTROLLER
+    if path.is_dir():  # a controller folder (controller_dream_t1/, controller_hybrid/, ...) names its controller.npz
+        path = path / artifacts.CONTROLLER_FILE
     cfg = resolve_config(path.parent, preset, set_arguments)
     if cfg.env.observation != "stock" and replace_metrics:
         raise config.ConfigError(f"{path.parent / artifacts.METRICS_FILE} holds the reported score, always measured "
