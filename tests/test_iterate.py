@@ -245,3 +245,31 @@ def test_old_iterations_configs_load_and_match_a_run_without_curiosity(tmp_path)
 
     assert_old_configs_match_the_option_off(tmp_path, "iterate", ("curiosity", "curiosity_variants", "curiosity_steps"),
                                             iterate.ITERATE_KEYS, {"iterate.curiosity_variants": 2})
+
+
+def test_the_iterations_table_prints_each_row_with_unmeasured_values_as_dashes(tmp_path):
+    from worldmodels import figures, iterate
+
+    root = tmp_path / "iterations"
+    root.mkdir()
+    values = {"iteration": 1, "real_env_steps": 2_500_000, "episodes_by_policy": "brownian:20;controller:180",
+              "m_z_nll_new": 0.7312, "exploit_gap_same_actions": -5.04, "repair_disagreement": 12.34,
+              "repair_disagreement_all": 8.0, "dream_score": 531.6, "real_score": 47.04, "real_std": 58.47,
+              "exploit_gap": 484.56, "seconds": 5400.0}
+    iterate.append_row(root / "iterations.csv", {key: values.get(key, 0.0) for key in iterate.FIELDS})
+    iterate.append_row(root / "iterations.csv", {**{key: values.get(key, 0.0) for key in iterate.FIELDS},
+                                                 "iteration": 2, "repair_disagreement": math.nan})
+    out = tmp_path / "table.md"
+    assert figures.main(["iterations_table", "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| iteration |") and "(? tracks)" in lines[0]
+    assert lines[2] == ("| 1 | brownian 20, controller 180 | 2.50 M | 0.731 | -5.0 | 12.3 / 8.0 | 531.6 | 47.0 ± 58.5 "
+                        "| 484.6 | 1.50 h |")
+    assert "| – | 531.6 |" in lines[3]  # the repair was off in iteration 2
+
+
+def test_the_iterations_table_of_a_run_without_iterations_names_the_command(tmp_path):
+    from worldmodels import iterate, storage
+
+    with pytest.raises(storage.MissingDataError, match="06_iterate.py"):
+        iterate.iterations_table(tmp_path)

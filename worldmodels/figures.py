@@ -25,7 +25,10 @@ diagram of the agent, which needs no data. ``python -m worldmodels.figures sampl
 env and in the dream, the hybrid, the iterations) against the real environment steps behind it
 (:func:`sample_efficiency`; every real step counts, stage 1's data included). ``python -m worldmodels.figures
 profile --evaluation FILE.json --out results/profile.png`` draws how a controller drove (:func:`profile_figure`)
-from a results file of ``evaluate_controller.py --profile``.
+from a results file of ``evaluate_controller.py --profile``. Two markdown tables for a README:
+``search_table --search DIR --cores N`` (a search's held-out evaluations with their cost,
+``controller_training.search_table``) and ``iterations_table --data-dir data`` (``06_iterate.py``'s
+``iterations.csv``, ``iterate.iterations_table``).
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (no pyplot), so importing this
 module never changes the backend of a notebook that uses it.
@@ -855,11 +858,12 @@ def results_table(data_dir: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=sorted(FIGURES) + ["all", "architecture", "profile", "sample_efficiency",
-                                                             "search_table"],
+                                                             "search_table", "iterations_table"],
                         help="a figure, all of them, the diagram of the agent (no data needed), how a controller "
                              "drove (profile, from --evaluation), the held-out "
                              "real score against real environment steps of every controller, or (search_table) "
-                             "the held-out evaluations of one search with their cost as a markdown table")
+                             "the held-out evaluations of one search with their cost as a markdown table, or "
+                             "(iterations_table) <data-dir>/iterations/iterations.csv as a markdown table")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WORLDMODELS_DATA", "data")))
     parser.add_argument("--out", type=Path, help="output file of one figure")
     parser.add_argument("--out-dir", type=Path, help="output folder of 'all'")
@@ -885,6 +889,14 @@ def main(argv=None) -> int:
         from worldmodels.controller_training import search_table
 
         text = search_table(args.search or args.data_dir / artifacts.CONTROLLER, args.cores)
+        if args.out:
+            storage.atomic_write_text(args.out, text)
+        print(text, end="")
+        return 0
+    if args.figure == "iterations_table":
+        from worldmodels.iterate import iterations_table
+
+        text = iterations_table(args.data_dir)
         if args.out:
             storage.atomic_write_text(args.out, text)
         print(text, end="")

@@ -419,6 +419,45 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
     }
 
 
+def _table_number(text: str, digits: int = 1) -> str:
+    value = float(text)
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def iterations_table(data_dir) -> str:
+    """``<data>/iterations/iterations.csv`` as a markdown table (one row per iteration) for a README.
+
+    Columns: the episodes M had been trained on by policy, the real environment steps used so far (stage 1's
+    data, collections, repairs, the curiosity's episodes, every evaluation), the previous M on the episodes just
+    collected (z NLL; predicted minus real return of their recorded actions over :data:`DIAGNOSTIC_HORIZON`
+    steps), the repair's latent disagreement (kept windows / all candidates), the controller's dream and real
+    scores (on ``iterate.eval_episodes`` held-out tracks), their difference and the iteration's wall time.
+    "–" is a value that was not measured (an option that was off, or a table written before the column).
+    """
+    root = Path(data_dir) / ITERATIONS
+    rows = read_rows(root / CSV_NAME)
+    if not rows:
+        raise storage.MissingDataError(f"{root / CSV_NAME} holds no iteration yet; run: python 06_iterate.py")
+    saved = root / artifacts.CONFIG_FILE
+    tracks = config.load_config(saved).iterate.eval_episodes if saved.is_file() else "?"
+    head = ["iteration", "episodes M trained on", "real env steps so far", "M's z NLL on the new episodes",
+            f"M's return minus the real one, same actions ({DIAGNOSTIC_HORIZON} steps)",
+            "repair: dream-vs-real z error (kept / all)", "dream score", f"real score ({tracks} tracks)",
+            "dream − real", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        policies = ", ".join(part.replace(":", " ") for part in row["episodes_by_policy"].split(";"))
+        repair = f"{_table_number(row['repair_disagreement'])} / {_table_number(row['repair_disagreement_all'])}"
+        cells = [row["iteration"], policies, f"{int(row['real_env_steps']) / 1e6:.2f} M",
+                 _table_number(row["m_z_nll_new"], 3), _table_number(row["exploit_gap_same_actions"]),
+                 "–" if math.isnan(float(row["repair_disagreement"])) else repair,
+                 _table_number(row["dream_score"]),
+                 f"{_table_number(row['real_score'])} ± {_table_number(row['real_std'])}",
+                 _table_number(row["exploit_gap"]), f"{float(row['seconds']) / 3600:.2f} h"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- the procedure
 
 
