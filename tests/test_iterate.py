@@ -269,7 +269,7 @@ def test_the_iterations_table_prints_each_row_with_unmeasured_values_as_dashes(t
 
 
 def test_the_iterations_table_of_a_run_without_iterations_names_the_command(tmp_path):
-    from worldmodels import iterate, storage
+    from worldmodels import figures, storage
 
     with pytest.raises(storage.MissingDataError, match="06_iterate.py"):
-        iterate.iterations_table(tmp_path)
+        figures.iterations_table(tmp_path)

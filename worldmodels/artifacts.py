@@ -217,3 +217,26 @@ def load_rnn(data_dir: Path, cfg: config.Config):
     path = rnn_path(data_dir)
     _check_artifact(path, cfg, RNN_KEYS, "M (MDN-RNN)", f"python {MAKERS[RNN[0]]}")
     return keras.models.load_model(path, compile=False)
+
+
+def load_controller(path: Path, which: str, z_size: int, hidden: int) -> tuple[np.ndarray, dict]:
+    """Parameters ``which`` (N,) from a ``controller.npz`` of stage 5, and its scalars."""
+    import numpy as np
+
+    from models.controller import num_parameters
+
+    num_params = num_parameters(z_size, hidden)
+    if not path.exists():
+        raise MissingDataError(f"no controller at {path}; train one first with: python {MAKERS[CONTROLLER]}")
+    try:
+        with np.load(path) as data:
+            params = np.array(data[which], dtype=np.float64)
+            info = {key: data[key].item() for key in data.files if data[key].ndim == 0}
+    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
+        raise CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc})") from exc
+    if params.shape != (num_params,):
+        raise config.ConfigError(f"{path} holds parameters of shape {params.shape}, but vae.z_size={z_size} and "
+                                 f"rnn.hidden_units={hidden} need ({num_params},): use the config it was trained with")
+    if not np.all(np.isfinite(params)):
+        raise CorruptFileError(f"{path}: parameters {which!r} are not finite")
+    return params, info

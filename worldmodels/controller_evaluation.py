@@ -1,6 +1,6 @@
 """Scoring a saved controller on held-out tracks, and recording it: the library of ``evaluate_controller.py``.
 
-:func:`load_controller` reads one parameter vector of a ``controller.npz``;
+``artifacts.load_controller`` reads one parameter vector of a ``controller.npz``;
 :func:`evaluate_params` scores it with V and M on the tracks given (evaluate_controller.py: the final-evaluation
 stream, never used for training or for picking the controller), full episodes on gymnasium's
 stock pixels unless ``env.observation`` says otherwise;
@@ -19,32 +19,12 @@ from pathlib import Path
 import numpy as np
 
 import config
-from models.controller import num_parameters
 from worldmodels import artifacts, envpool, rollout, storage
 
 # TensorFlow is imported when V and M are loaded (load_agent), after the checks: a missing file is reported at once.
 
 WHICH = ("params", "mean", "best_member")
 VIDEO_FPS = 50  # CarRacing's simulation rate
-
-
-def load_controller(path: Path, which: str, z_size: int, hidden: int) -> tuple[np.ndarray, dict]:
-    """Parameters ``which`` (N,) from a ``controller.npz`` of stage 5, and its scalars."""
-    num_params = num_parameters(z_size, hidden)
-    if not path.exists():
-        raise storage.MissingDataError(f"no controller at {path}; train one first with: python {artifacts.MAKERS[artifacts.CONTROLLER]}")
-    try:
-        with np.load(path) as data:
-            params = np.array(data[which], dtype=np.float64)
-            info = {key: data[key].item() for key in data.files if data[key].ndim == 0}
-    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
-        raise storage.CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc})") from exc
-    if params.shape != (num_params,):
-        raise config.ConfigError(f"{path} holds parameters of shape {params.shape}, but vae.z_size={z_size} and "
-                                 f"rnn.hidden_units={hidden} need ({num_params},): use the config it was trained with")
-    if not np.all(np.isfinite(params)):
-        raise storage.CorruptFileError(f"{path}: parameters {which!r} are not finite")
-    return params, info
 
 
 def video_writer_check(path: Path) -> None:
@@ -283,7 +263,7 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
         where = pretrained.folder(pretrained_name)
         return Agent(resolve_config(where, preset, set_arguments), vae, rnn, params, f"pretrained agent {where}",
                      where, info["generation"])
-    path = Path(controller_path) if controller_path else Path(data_dir) / artifacts.CONTROLLER
+    path = Path(controller_path) if controller_path else Path(data_dir) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
     if path.is_dir():  # a controller folder (controller_dream_t1/, controller_hybrid/, ...) names its controller.npz
         path = path / artifacts.CONTROLLER_FILE
     cfg = resolve_config(path.parent, preset, set_arguments)
@@ -293,7 +273,7 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
                                  "elsewhere (drop --replace-metrics, or --output PATH)")
     envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
     artifacts.require_models(data_dir, cfg)
-    params, info = load_controller(path, which, cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, info = artifacts.load_controller(path, which, cfg.vae.z_size, cfg.rnn.hidden_units)
     vae, rnn = rollout.load_world_models(data_dir, cfg)
     generation = artifacts.selected_generation(info, which) if "generation" in info else None
     return Agent(cfg, vae, rnn, params, f"{path} ({which})", path.parent, generation)

@@ -287,9 +287,8 @@ def start_params(cfg: config.Config, data_dir) -> tuple[np.ndarray, Path]:
     relative to ``data_dir``), which must have been trained with ``data_dir``'s M (C reads that M's h)."""
     given = Path(data_dir) / cfg.controller.init_from
     path = given if given.suffix == ".npz" else given / artifacts.CONTROLLER_FILE
-    from worldmodels.controller_evaluation import load_controller
 
-    params, _ = load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     trained_in = artifacts.rnn_path(path.parent.parent)
     if not trained_in.is_file() or trained_in.resolve() != artifacts.rnn_path(data_dir).resolve():
         raise config.ConfigError(f"controller.init_from={cfg.controller.init_from!r}: {path} was trained with the M of "

@@ -28,7 +28,7 @@ profile --evaluation FILE.json --out results/profile.png`` draws how a controlle
 from a results file of ``evaluate_controller.py --profile``. Two markdown tables for a README:
 ``search_table --search DIR --cores N`` (a search's held-out evaluations with their cost,
 ``controller_training.search_table``) and ``iterations_table --data-dir data`` (``06_iterate.py``'s
-``iterations.csv``, ``iterate.iterations_table``).
+``iterations.csv``, :func:`iterations_table`).
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (no pyplot), so importing this
 module never changes the backend of a notebook that uses it.
@@ -518,7 +518,7 @@ def driving_animation(data_dir: Path | None, out: Path, episodes: int = 1, width
     else:
         folder = best_controller_dir(Path(data_dir))
         cfg = config.load_config(folder / artifacts.CONFIG_FILE)
-        params, _ = ec.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size,
+        params, _ = artifacts.load_controller(folder / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size,
                                        cfg.rnn.hidden_units)
         vae, rnn = rollout.load_world_models(Path(data_dir), cfg)
     cfg = config.apply_overrides(cfg, run_here)
@@ -644,6 +644,56 @@ def _iterations_curve(data_dir: Path) -> Curve | None:
     label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
     return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],
                  [r["real_std"] for r in rows])
+
+
+def _table_number(text: str, digits: int = 1) -> str:
+    value = float(text)
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def iterations_table(data_dir) -> str:
+    """``<data>/iterations/iterations.csv`` as a markdown table (one row per iteration) for a README.
+
+    Columns: the episodes M had been trained on by policy, the real environment steps used so far (stage 1's
+    data, collections, repairs, the curiosity's episodes, every evaluation), the previous M on the episodes just
+    collected (z NLL; predicted minus real return of their recorded actions over ``iterate.DIAGNOSTIC_HORIZON``
+    steps), the repair's latent disagreement (kept windows / all candidates), the controller's dream and real
+    scores (on ``iterate.eval_episodes`` held-out tracks), their difference and the iteration's wall time.
+    "–" is a value that was not measured (an option that was off, or a table written before the column).
+    """
+    root = Path(data_dir) / artifacts.ITERATIONS
+    table = root / artifacts.ITERATIONS_TABLE
+    columns = ("iteration", "episodes_by_policy", "real_env_steps", "m_z_nll_new", "exploit_gap_same_actions",
+               "repair_disagreement", "repair_disagreement_all", "dream_score", "real_score", "real_std",
+               "exploit_gap", "seconds")
+    rows = []
+    if table.is_file():
+        with open(table, newline="") as f:
+            # Columns added after a table was written read as "nan" (as worldmodels.iterate.read_rows does).
+            rows = [{key: row.get(key) or "nan" for key in columns} for row in csv.DictReader(f)]
+    if not rows:
+        raise storage.MissingDataError(f"{table} holds no iteration yet; run: python 06_iterate.py")
+    saved = root / artifacts.CONFIG_FILE
+    tracks = config.load_config(saved).iterate.eval_episodes if saved.is_file() else "?"
+    head = ["iteration", "episodes M trained on", "real env steps so far", "M's z NLL on the new episodes",
+            "M's return minus the real one, same actions",
+            "repair: dream-vs-real z error (kept / all)", "dream score", f"real score ({tracks} tracks)",
+            "dream − real", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        policies = ", ".join(part.replace(":", " ") for part in row["episodes_by_policy"].split(";"))
+        try:
+            repair = f"{_table_number(row['repair_disagreement'])} / {_table_number(row['repair_disagreement_all'])}"
+            cells = [row["iteration"], policies, f"{int(row['real_env_steps']) / 1e6:.2f} M",
+                     _table_number(row["m_z_nll_new"], 3), _table_number(row["exploit_gap_same_actions"]),
+                     "–" if math.isnan(float(row["repair_disagreement"])) else repair,
+                     _table_number(row["dream_score"]),
+                     f"{_table_number(row['real_score'])} ± {_table_number(row['real_std'])}",
+                     _table_number(row["exploit_gap"]), f"{float(row['seconds']) / 3600:.2f} h"]
+        except ValueError as exc:
+            raise storage.CorruptFileError(f"{table} is not an iterations table ({exc})") from exc
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
@@ -894,8 +944,6 @@ def main(argv=None) -> int:
         print(text, end="")
         return 0
     if args.figure == "iterations_table":
-        from worldmodels.iterate import iterations_table
-
         text = iterations_table(args.data_dir)
         if args.out:
             storage.atomic_write_text(args.out, text)

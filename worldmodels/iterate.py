@@ -66,7 +66,7 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_evaluation, controller_training, curiosity, diagnostics, encode,
+from worldmodels import (artifacts, collect, controller_training, curiosity, diagnostics, encode,
                          figures, recording, repair, rnn_training, sequences, stage, storage)
 from worldmodels.env import episode_seed
 
@@ -286,7 +286,7 @@ def initial_controller(cfg: config.Config, data_dir) -> tuple[np.ndarray, str]:
     folder = artifacts.iterations_start_dir(data_dir, cfg.dream.temperature, record=True)
     if folder is not None:
         path = folder / artifacts.CONTROLLER_FILE
-        params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+        params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
         return params, str(path)
     return np.zeros(num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)), "zeros (no controller in the data dir)"
 
@@ -296,7 +296,7 @@ def current_controller(cfg: config.Config, data_dir, iteration: int) -> tuple[np
     if iteration == 1:
         return initial_controller(cfg, data_dir)
     path = iteration_dir(data_dir, iteration - 1) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
-    params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     return params, str(path)
 
 
@@ -417,45 +417,6 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
         "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS}, **curious,
         RANK_FIELD: score_rank_correlation(rows, dream, real), **repaired,
     }
-
-
-def _table_number(text: str, digits: int = 1) -> str:
-    value = float(text)
-    return "–" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def iterations_table(data_dir) -> str:
-    """``<data>/iterations/iterations.csv`` as a markdown table (one row per iteration) for a README.
-
-    Columns: the episodes M had been trained on by policy, the real environment steps used so far (stage 1's
-    data, collections, repairs, the curiosity's episodes, every evaluation), the previous M on the episodes just
-    collected (z NLL; predicted minus real return of their recorded actions over :data:`DIAGNOSTIC_HORIZON`
-    steps), the repair's latent disagreement (kept windows / all candidates), the controller's dream and real
-    scores (on ``iterate.eval_episodes`` held-out tracks), their difference and the iteration's wall time.
-    "–" is a value that was not measured (an option that was off, or a table written before the column).
-    """
-    root = Path(data_dir) / ITERATIONS
-    rows = read_rows(root / CSV_NAME)
-    if not rows:
-        raise storage.MissingDataError(f"{root / CSV_NAME} holds no iteration yet; run: python 06_iterate.py")
-    saved = root / artifacts.CONFIG_FILE
-    tracks = config.load_config(saved).iterate.eval_episodes if saved.is_file() else "?"
-    head = ["iteration", "episodes M trained on", "real env steps so far", "M's z NLL on the new episodes",
-            f"M's return minus the real one, same actions ({DIAGNOSTIC_HORIZON} steps)",
-            "repair: dream-vs-real z error (kept / all)", "dream score", f"real score ({tracks} tracks)",
-            "dream − real", "wall time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in rows:
-        policies = ", ".join(part.replace(":", " ") for part in row["episodes_by_policy"].split(";"))
-        repair = f"{_table_number(row['repair_disagreement'])} / {_table_number(row['repair_disagreement_all'])}"
-        cells = [row["iteration"], policies, f"{int(row['real_env_steps']) / 1e6:.2f} M",
-                 _table_number(row["m_z_nll_new"], 3), _table_number(row["exploit_gap_same_actions"]),
-                 "–" if math.isnan(float(row["repair_disagreement"])) else repair,
-                 _table_number(row["dream_score"]),
-                 f"{_table_number(row['real_score'])} ± {_table_number(row['real_std'])}",
-                 _table_number(row["exploit_gap"]), f"{float(row['seconds']) / 3600:.2f} h"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the procedure

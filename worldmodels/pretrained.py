@@ -146,11 +146,11 @@ def load(name_or_path):
 
 def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "params", dtype: str = "float32"):
     """Export the controller in ``<data_dir>/controller`` (or the folder ``controller``) with its V and M."""
-    from worldmodels import controller_evaluation, rollout
+    from worldmodels import rollout
 
     source = Path(controller) if controller else Path(data_dir) / artifacts.CONTROLLER
     cfg = config.load_config(source / artifacts.CONFIG_FILE)
-    params, scalars = controller_evaluation.load_controller(source / artifacts.CONTROLLER_FILE, which,
+    params, scalars = artifacts.load_controller(source / artifacts.CONTROLLER_FILE, which,
                                                             cfg.vae.z_size, cfg.rnn.hidden_units)
     vision, rnn = rollout.load_world_models(data_dir, cfg)
     return export(vision, rnn, params, cfg, folder(name_or_path), generation=artifacts.selected_generation(scalars, which),

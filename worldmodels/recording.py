@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-from worldmodels import artifacts, controller_evaluation, envpool, rollout, storage
+from worldmodels import artifacts, envpool, rollout, storage
 from worldmodels.env import ACTION_HIGH, ACTION_LOW, BrownianPolicy, episode_seed
 from worldmodels.policies import CONTROLLER_POLICY, episode_policy
 
@@ -218,7 +218,7 @@ def record_controller_share(cfg: config.Config, data_dir, folder, pending, ray_a
     if not set(pending) & set(indices):
         return 0
     path, vision, models = controller_source(cfg, data_dir)
-    params, _ = controller_evaluation.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     vae, rnn = artifacts.load_vision(vision, cfg), artifacts.load_rnn(models, cfg)
     log(f"[01] driving {len(set(pending) & set(indices))} episode(s) with the controller {path} "
         f"(V of {vision}, M of {models}) plus action noise of std {cfg.data.controller_noise}")

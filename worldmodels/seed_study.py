@@ -51,7 +51,7 @@ import numpy as np
 
 import config
 from worldmodels import artifacts, storage
-from worldmodels.controller_evaluation import (evaluation_path, final_tracks_base, load_controller,
+from worldmodels.controller_evaluation import (evaluation_path, final_tracks_base,
                                                score_on_tracks, write_track_csv)
 from worldmodels.controller_training import DEFAULT_MAX_CONCURRENT, train_controller
 
@@ -108,7 +108,7 @@ def score_seed(cfg: config.Config, run_cfg: config.Config, out: Path, data_dir, 
     """
     base, episodes = final_tracks(cfg)
     path = evaluation_path(out, base, episodes)
-    params, info = load_controller(out / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, info = artifacts.load_controller(out / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     generation = int(info["generation"])
     if score_done(path, generation, cfg):
         print(f"{prefix} already scored on the {episodes} shared tracks: {path}")
