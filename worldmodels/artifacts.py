@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import config
+from models.controller import num_parameters
 from worldmodels import storage
 from worldmodels.storage import CorruptFileError, MissingDataError, read_json
 
@@ -219,12 +222,14 @@ def load_rnn(data_dir: Path, cfg: config.Config):
     return keras.models.load_model(path, compile=False)
 
 
+def controller_file(path) -> Path:
+    """A stage-5 ``controller.npz`` named as itself or as the folder holding it (``controller_dream_t1/``, ...)."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path / CONTROLLER_FILE
+
+
 def load_controller(path: Path, which: str, z_size: int, hidden: int) -> tuple[np.ndarray, dict]:
     """Parameters ``which`` (N,) from a ``controller.npz`` of stage 5, and its scalars."""
-    import numpy as np
-
-    from models.controller import num_parameters
-
     num_params = num_parameters(z_size, hidden)
     if not path.exists():
         raise MissingDataError(f"no controller at {path}; train one first with: python {MAKERS[CONTROLLER]}")

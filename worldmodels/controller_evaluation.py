@@ -263,9 +263,7 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
         where = pretrained.folder(pretrained_name)
         return Agent(resolve_config(where, preset, set_arguments), vae, rnn, params, f"pretrained agent {where}",
                      where, info["generation"])
-    path = Path(controller_path) if controller_path else Path(data_dir) / artifacts.CONTROLLER / artifacts.CONTROLLER_FILE
-    if path.is_dir():  # a controller folder (controller_dream_t1/, controller_hybrid/, ...) names its controller.npz
-        path = path / artifacts.CONTROLLER_FILE
+    path = artifacts.controller_file(controller_path or Path(data_dir) / artifacts.CONTROLLER)
     cfg = resolve_config(path.parent, preset, set_arguments)
     if cfg.env.observation != "stock" and replace_metrics:
         raise config.ConfigError(f"{path.parent / artifacts.METRICS_FILE} holds the reported score, always measured "

@@ -285,9 +285,7 @@ def final_metrics_done(path, generation: int, episodes: int, max_steps: int) -> 
 def start_params(cfg: config.Config, data_dir) -> tuple[np.ndarray, Path]:
     """``(params (N,), path)`` of the controller ``controller.init_from`` names (a folder or its ``controller.npz``,
     relative to ``data_dir``), which must have been trained with ``data_dir``'s M (C reads that M's h)."""
-    given = Path(data_dir) / cfg.controller.init_from
-    path = given if given.suffix == ".npz" else given / artifacts.CONTROLLER_FILE
-
+    path = artifacts.controller_file(Path(data_dir) / cfg.controller.init_from)
     params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     trained_in = artifacts.rnn_path(path.parent.parent)
     if not trained_in.is_file() or trained_in.resolve() != artifacts.rnn_path(data_dir).resolve():

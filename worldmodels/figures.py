@@ -935,22 +935,19 @@ def main(argv=None) -> int:
             parser.error("'profile' needs --out")
         print(f"wrote {profile_figure(args.evaluation, args.out)}")
         return 0
-    if args.figure == "search_table":
-        from worldmodels.controller_training import search_table
-
-        text = search_table(args.search or args.data_dir / artifacts.CONTROLLER, args.cores)
-        if args.out:
-            storage.atomic_write_text(args.out, text)
-        print(text, end="")
-        return 0
-    if args.figure == "iterations_table":
-        text = iterations_table(args.data_dir)
-        if args.out:
-            storage.atomic_write_text(args.out, text)
-        print(text, end="")
-        return 0
-    if args.search or args.cores:
+    if (args.search or args.cores) and args.figure != "search_table":
         parser.error("--search and --cores go with 'search_table' only")
+    if args.figure in ("search_table", "iterations_table"):
+        if args.figure == "search_table":
+            from worldmodels.controller_training import search_table
+
+            text = search_table(args.search or args.data_dir / artifacts.CONTROLLER, args.cores)
+        else:
+            text = iterations_table(args.data_dir)
+        if args.out:
+            storage.atomic_write_text(args.out, text)
+        print(text, end="")
+        return 0
     if args.also_data_dir and args.figure != "sample_efficiency":
         parser.error("--also-data-dir goes with the 'sample_efficiency' figure only")
     if args.pretrained and args.figure != "driving":

@@ -144,7 +144,8 @@ def vision_by_policy(model, folders: Sequence[Path], exclude=(), per_policy: int
         paths = chosen[tag]
         found = vision_metrics(model, paths, batch_size)
         found.pop("kl_per_dimension")
-        result[tag] = {"episodes": len(paths), "frames": datasets.count_frames(paths), "files": [str(p) for p in paths], **found}
+        result[tag] = {"episodes": len(paths), "frames": datasets.count_frames(paths), "files": [str(p) for p in paths],
+                       **found}
     return result
 
 

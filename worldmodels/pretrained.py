@@ -150,11 +150,11 @@ def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "p
 
     source = Path(controller) if controller else Path(data_dir) / artifacts.CONTROLLER
     cfg = config.load_config(source / artifacts.CONFIG_FILE)
-    params, scalars = artifacts.load_controller(source / artifacts.CONTROLLER_FILE, which,
-                                                            cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, scalars = artifacts.load_controller(source / artifacts.CONTROLLER_FILE, which, cfg.vae.z_size,
+                                                cfg.rnn.hidden_units)
     vision, rnn = rollout.load_world_models(data_dir, cfg)
-    return export(vision, rnn, params, cfg, folder(name_or_path), generation=artifacts.selected_generation(scalars, which),
-                  dtype=dtype)
+    generation = artifacts.selected_generation(scalars, which)
+    return export(vision, rnn, params, cfg, folder(name_or_path), generation=generation, dtype=dtype)
 
 
 def main(argv=None) -> int:

@@ -51,8 +51,7 @@ import numpy as np
 
 import config
 from worldmodels import artifacts, storage
-from worldmodels.controller_evaluation import (evaluation_path, final_tracks_base,
-                                               score_on_tracks, write_track_csv)
+from worldmodels.controller_evaluation import evaluation_path, final_tracks_base, score_on_tracks, write_track_csv
 from worldmodels.controller_training import DEFAULT_MAX_CONCURRENT, train_controller
 
 RESULTS = "results.json"
@@ -108,7 +107,8 @@ def score_seed(cfg: config.Config, run_cfg: config.Config, out: Path, data_dir, 
     """
     base, episodes = final_tracks(cfg)
     path = evaluation_path(out, base, episodes)
-    params, info = artifacts.load_controller(out / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
+    params, info = artifacts.load_controller(out / artifacts.CONTROLLER_FILE, "params", cfg.vae.z_size,
+                                             cfg.rnn.hidden_units)
     generation = int(info["generation"])
     if score_done(path, generation, cfg):
         print(f"{prefix} already scored on the {episodes} shared tracks: {path}")
