@@ -181,3 +181,38 @@ def test_the_recorded_start_wins_over_a_controller_trained_later(tmp_path):
     assert artifacts.iterations_start_dir(tmp_path, 1.15) is None
     (tmp_path / "iterations" / "start.json").unlink()
     assert artifacts.iterations_start_dir(tmp_path, 1.15) == tmp_path / "controller"  # no record: the folders
+
+
+def write_rollouts(folder, lengths, data: dict) -> None:
+    """Rollout files of ``lengths`` frames and the ``rollouts/config.json`` stage 1 writes (its ``data`` section)."""
+    for i, length in enumerate(lengths):
+        arrays = {"obs": np.zeros((length, 64, 64, 3), np.uint8), "action": np.zeros((length, 3), np.float32),
+                  "reward": np.zeros(length, np.float32), "terminated": np.zeros(length, bool),
+                  "truncated": np.zeros(length, bool), "seed": np.int64(i)}
+        storage.save_episode(folder / storage.episode_name(i), arrays, "rollout")
+    storage.atomic_write_json(folder / artifacts.CONFIG_FILE, {"data": data})
+
+
+def test_data_driven_by_a_trained_controller_counts_its_training(data, tmp_path):
+    # The driver's search: 3 generations of 2000 real steps, evaluated at 3 (100 steps), final score on 400 steps.
+    driver = tmp_path / "driver"
+    write_search(driver, "real", [2000] * 3, {3: (500.0, 9.0, 100)}, final=(480.0, 8.0, 100, 400))
+    write_rollouts(data / "rollouts", STAGE1, {"policy": "controller:0.9,brownian:0.1",
+                                               "controller": str(driver / "controller.npz")})
+    assert figures.collector_steps(data) == 6000 + 100 + 400
+    curves = by_label(figures.sample_efficiency_curves(data))
+    assert curves["stage 5 in the dream, tau=1.15"].steps == [6500 + 150 + 40, 6500 + 150 + 80]
+    assert curves["iterative dream (06_iterate.py, from controller)"].steps == [6500 + 9600 + 1000,
+                                                                                 6500 + 9600 + 2000]
+    # A bare copy of the driver's controller.npz: its cost is unknown, which is an error, not zero.
+    (driver / "eval.csv").unlink()
+    with pytest.raises(storage.MissingDataError, match="cannot be counted") as error:
+        figures.sample_efficiency(data, tmp_path / "x.png")
+    assert "\n" not in str(error.value) and str(driver) in str(error.value)
+
+
+def test_stage1_is_counted_from_the_rollouts_when_the_series_are_gone(data):
+    write_rollouts(data / "rollouts", (7, 5), {"policy": "brownian"})
+    assert figures.stage1_steps(data) == 150  # the series come first
+    shutil.rmtree(data / "series")
+    assert figures.stage1_steps(data) == 12 and figures.collector_steps(data) == 0

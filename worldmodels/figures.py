@@ -561,11 +561,42 @@ class Curve:
 
 def stage1_steps(data_dir: Path) -> int:
     """Real steps of stage 1's data, which V and M were trained on: one per frame of ``series/``, as
-    ``06_iterate.py`` counts them in ``real_env_steps``; 0 without ``series/``."""
+    ``06_iterate.py`` counts them in ``real_env_steps``; without ``series/`` one per frame of ``rollouts/``
+    (read from the file headers); 0 without either."""
     try:
         return sequences.series_steps(artifacts.series_dir(data_dir))
     except storage.MissingDataError:
+        pass
+    try:
+        paths = storage.list_episodes(artifacts.rollouts_dir(data_dir))
+    except storage.MissingDataError:
         return 0
+    return int(sum(datasets.check_episodes(paths)))
+
+
+def collector_steps(data_dir: Path) -> int:
+    """Real steps behind the controller that drove stage 1's data (``data.policy`` with ``controller``, as
+    ``rollouts/config.json`` records it): everything its search spent (:func:`_search_curve`); 0 for data of
+    the built-in policies. Data driven by a trained controller cost that controller's training too, so a
+    dream-trained controller learning from it is not counted as if it had started from nothing.
+
+    A collecting controller whose ``eval.csv`` is missing (a bare copy of ``controller.npz``) is a
+    :class:`~worldmodels.storage.MissingDataError` that says so: its cost is then unknown, not zero.
+    """
+    path = artifacts.rollouts_dir(data_dir) / artifacts.CONFIG_FILE
+    data = (storage.read_json(path).get("data") or {}) if path.is_file() else {}
+    if "controller" not in dict(config.parse_policy_mix(data.get("policy") or "brownian")):
+        return 0
+    folder = Path(data.get("controller") or "")
+    folder = folder.parent if folder.suffix == ".npz" else folder
+    from worldmodels import controller_training as ct
+
+    if not (folder / ct.EVAL_NAME).is_file():
+        raise storage.MissingDataError(
+            f"stage 1's data of {data_dir} was driven by the controller in {folder}, which has no {ct.EVAL_NAME} "
+            "(and history.csv): the real steps behind it cannot be counted; copy them there from the search it "
+            "came from, keeping the rows up to the generation it was taken at")
+    return _search_curve(folder, "", 0)[1]
 
 
 def _steps_cell(value) -> float:
@@ -625,8 +656,8 @@ def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
 
 def _iterations_curve(data_dir: Path) -> Curve | None:
     """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
-    every iteration's collection, evaluations, curiosity and repair) plus the real steps spent by the search
-    its iteration 1 started from (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
+    every iteration's collection, evaluations, curiosity and repair) plus the real steps behind stage 1's driver
+    (:func:`collector_steps`) and those spent by the search its iteration 1 started from (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
     root = data_dir / artifacts.ITERATIONS
     table = root / artifacts.ITERATIONS_TABLE
     if not table.is_file():
@@ -640,7 +671,7 @@ def _iterations_curve(data_dir: Path) -> Curve | None:
     saved = root / artifacts.CONFIG_FILE
     tau = (config.load_config(saved) if saved.is_file() else config.Config()).dream.temperature
     start = artifacts.iterations_start_dir(data_dir, tau)
-    offset = 0 if start is None else _search_curve(start, "", 0)[1]
+    offset = collector_steps(data_dir) + (0 if start is None else _search_curve(start, "", 0)[1])
     label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
     return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],
                  [r["real_std"] for r in rows])
@@ -700,14 +731,15 @@ def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
     """Every curve of :func:`sample_efficiency` that ``data_dir`` holds, with the real steps each point cost.
 
     Every point counts stage 1's data (:func:`stage1_steps`: V and M, which every controller reads,
-    were trained on it) plus: for ``controller/`` its real training and held-out evaluations so far;
+    were trained on it) and the real steps behind the controller that drove it, if one did
+    (:func:`collector_steps`), plus: for ``controller/`` its real training and held-out evaluations so far;
     for each ``controller_dream_t<tau>/`` its held-out evaluations only (it trains in M's dream); for
     ``controller_hybrid/`` everything its start controller spent (a dream one: its evaluations and final
     score) plus its own real training and evaluations; for ``iterations/`` what :func:`_iterations_curve`
     says. A final score adds the whole search and its final evaluation. Folders without scores are left out.
     """
     data_dir = Path(data_dir)
-    base = stage1_steps(data_dir)
+    base = stage1_steps(data_dir) + collector_steps(data_dir)
     curves = []
     if (data_dir / artifacts.CONTROLLER).is_dir():
         curves.append(_search_curve(data_dir / artifacts.CONTROLLER, "stage 5 in the real env", base)[0])
@@ -737,17 +769,22 @@ def sample_efficiency(data_dirs, out: Path) -> Path:
         for curve in found:
             curve.label = prefix + curve.label
         curves += found
-        counted += [f"{prefix}{stage1_steps(folder):,}"] if found else []
+        driver = collector_steps(folder)
+        counted += [f"{prefix}{stage1_steps(folder):,}" + (f" + {driver:,} of its driver's training" if driver else "")
+                    ] if found else []
+    stage1 = "; ".join(counted)
+    if len(stage1) > 70:  # one line per data dir rather than a label wider than the figure
+        stage1 = "\n" + "\n".join(counted)
     if not curves:
         raise storage.MissingDataError(
             f"no held-out real score under {', '.join(map(str, dirs))} (run 05_train_controller.py in the real "
             "env, in the dream or with controller.init_from, or 06_iterate.py)")
-    return sample_efficiency_plot(curves, out, "; ".join(counted))
+    return sample_efficiency_plot(curves, out, stage1)
 
 
 def sample_efficiency_plot(curves: list[Curve], out: Path, stage1: str = "") -> Path:
     """Draw ``curves`` (:class:`Curve`) to ``out``; ``stage1`` says how many steps of stage 1's data are counted."""
-    fig = Figure(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(8.5, 4.8))
     ax = fig.subplots()
     for i, curve in enumerate(curves):
         colour = f"C{i % 10}"
@@ -764,8 +801,8 @@ def sample_efficiency_plot(curves: list[Curve], out: Path, stage1: str = "") -> 
                         markeredgecolor="k", label=f"{curve.label}: final score, {episodes} held-out tracks")
     if all(v > 0 for c in curves for v in c.steps + ([c.final[0]] if c.final else [])):
         ax.set_xscale("log")
-    ax.set_xlabel("real environment steps behind the controller\n(stage 1's data for V and M"
-                  f"{f' [{stage1} steps]' if stage1 else ''} + real training + held-out evaluations)", fontsize=8)
+    ax.set_xlabel("real environment steps behind the controller\n(stage 1's data for V and M + real training + "
+                  f"held-out evaluations){f'; stage 1: {stage1} steps' if stage1 else ''}", fontsize=7)
     ax.set_ylabel("return on held-out real tracks")
     ax.set_title("Sample efficiency: score in the real CarRacing-v3 against real steps", fontsize=9)
     ax.grid(alpha=0.3, which="both")
