@@ -195,6 +195,8 @@ def test_search_cost_adds_training_and_evaluation_steps_and_time():
     evals = {2: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 1.0},
              3: {"mean": 0.0, "std": 0.0, "env_steps": 50.0, "seconds": 2.0}}
     assert search_cost(history, evals) == {2: (150, 21.0), 3: (300, 33.0)}
+    # A search in the dream records dream steps in its history: only its real evaluations are real steps.
+    assert search_cost(history, evals, real_training=False) == {2: (50, 21.0), 3: (100, 33.0)}
 
 
 def test_search_table_reports_each_evaluation_with_its_cost(tmp_path):
@@ -210,6 +212,8 @@ def test_search_table_reports_each_evaluation_with_its_cost(tmp_path):
     assert table[0].startswith(f"| generation | held-out mean ± std ({SMOKE.controller.eval_episodes} tracks) |")
     assert table[2:] == ["| 2 | 612.2 ± 100.0 | 2.03 M | 1.10 h | 2.2 |"]  # 2 M + 32,000 steps; 3600 + 360 s
     assert "core-hours" not in search_table(folder)
+    config.save_config(config.make_config("smoke", {"controller.env": "dream"}), folder)  # dream steps: not real
+    assert search_table(folder).splitlines()[2] == "| 2 | 612.2 ± 100.0 | 0.03 M | 1.10 h |"
     (folder / "history.csv").write_text("generation,best\nlast,1\n")
     with pytest.raises(storage.CorruptFileError, match="not a search history"):
         search_table(folder)

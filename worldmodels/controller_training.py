@@ -176,10 +176,11 @@ def _number(value) -> float:
     return 0.0 if math.isnan(value) else value
 
 
-def search_cost(history: list[dict], evals: dict) -> dict[int, tuple[int, float]]:
+def search_cost(history: list[dict], evals: dict, real_training: bool = True) -> dict[int, tuple[int, float]]:
     """What the search had cost when each evaluation was made: {generation: (env_steps, seconds)}.
 
-    Real environment steps of training (history ``env_steps``) and of the held-out evaluations
+    Real environment steps of training (history ``env_steps``; only with ``real_training``: a search in
+    the dream records dream steps there, which are not real) and of the held-out evaluations
     (``eval.csv``) up to and including that generation's evaluation; seconds likewise: the time
     spent in generations (history ``elapsed``, summed over restarts) plus the evaluations'. Rows
     of older files without these columns count as 0.
@@ -187,7 +188,7 @@ def search_cost(history: list[dict], evals: dict) -> dict[int, tuple[int, float]
     steps_by_generation, elapsed = {}, {}
     total = 0.0
     for row in history:
-        total += _number(row.get("env_steps"))
+        total += _number(row.get("env_steps")) if real_training else 0.0
         steps_by_generation[int(row["generation"])] = total
         elapsed[int(row["generation"])] = _number(row.get("elapsed"))
     cost, eval_steps, eval_seconds = {}, 0.0, 0.0
@@ -214,13 +215,14 @@ def search_table(folder, cores: int | None = None) -> str:
     if cores is not None and cores < 1:
         raise ValueError(f"cores must be a positive number of CPU cores, got {cores!r}")
     evals = read_evals(folder / EVAL_NAME)
+    saved = folder / artifacts.CONFIG_FILE
+    cfg = config.load_config(saved) if saved.is_file() else None
     try:
         with open(folder / "history.csv", newline="") as f:
-            cost = search_cost(list(csv.DictReader(f)), evals)
+            cost = search_cost(list(csv.DictReader(f)), evals, real_training=cfg is None or cfg.controller.env != "dream")
     except (KeyError, TypeError, ValueError) as exc:
         raise storage.CorruptFileError(f"{folder / 'history.csv'} is not a search history ({exc})") from exc
-    saved = folder / artifacts.CONFIG_FILE
-    tracks = config.load_config(saved).controller.eval_episodes if saved.is_file() else "?"
+    tracks = cfg.controller.eval_episodes if cfg is not None else "?"
     head = ["generation", f"held-out mean ± std ({tracks} tracks)", "real env steps (training + evaluations)",
             "wall time"] + ([f"core-hours ({cores} cores)"] if cores else [])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -248,7 +250,7 @@ def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperatur
     ax.plot(generations, [row["best"] for row in history], label=f"best member ({where})")
     ax.plot(generations, [row["mean"] for row in history], label=f"population mean ({where})")
     g = sorted(evals)
-    cost = search_cost(history, evals)
+    cost = search_cost(history, evals, real_training=dream_temperature is None)
     for axis, x in ((axes[0], g), (axes[1], [cost[i][0] for i in g]), (axes[2], [cost[i][1] / 3600 for i in g])):
         if not g:
             continue
@@ -260,7 +262,8 @@ def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperatur
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
-    axes[1].set_xlabel("real environment steps (training + evaluations)")
+    axes[1].set_xlabel("real environment steps (training + evaluations)" if dream_temperature is None else
+                       "real environment steps (held-out evaluations; the dream's steps are not real)")
     axes[2].set_xlabel("wall time of generations + evaluations (hours)")
     if dream_temperature is not None:
         ax.set_title(f"controller trained in the dream (tau={dream_temperature:g})", fontsize=10)

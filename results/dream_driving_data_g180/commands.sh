@@ -14,6 +14,7 @@ python 03_generate_rnn_data.py --preset small --data-dir $D $S      # 2.5 min
 python 04_train_rnn.py --preset small --data-dir $D $S              # 1000 steps, 41 min
 python 05_train_controller.py --preset small --data-dir $D $S --env dream --set dream.temperature=1.0 \
   --set controller.population=32 --set controller.rollouts_per_member=16 --set controller.generations=100 \
-  --set controller.eval_every=20 --set controller.eval_episodes=32
+  --set controller.eval_every=20 --set controller.eval_episodes=32  # 100 dream generations 67 min + 5 evaluations on
+  # 32 real tracks 37 min + the final one on 100 tracks 19 min (over two sessions)
 python evaluate_controller.py --data-dir $D --controller $D/controller_dream_t1 --episodes 10 --track-seed 3000000 \
   --profile --output profile_g20_s3000000_n10.json  # how generation 20 drives in reality (10 validation tracks; 3 min)
