@@ -41,9 +41,9 @@ from pathlib import Path
 
 import config
 from worldmodels import artifacts, cli, storage
-from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, profile_episode,
-                                               profile_summary, replay_frames, score_on_tracks, video_writer_check,
-                                               write_track_csv, write_video)
+from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, replay_frames,
+                                               score_on_tracks, video_writer_check, write_track_csv, write_video)
+from worldmodels.driving import profile_episode, profile_summary
 
 # TensorFlow is imported when the models are loaded, after the checks (see 05_train_controller.py).
 

@@ -103,7 +103,7 @@ def test_expert_without_noise_finishes_a_lap():
     assert tile_rewards > 200
 
     # evaluate_controller.py --profile: a replay of the recorded actions reads the lap, tiles and speed.
-    from worldmodels.controller_evaluation import profile_episode, profile_summary
+    from worldmodels.driving import profile_episode, profile_summary
 
     lap = profile_episode(seed, ep["action"], 1000)
     assert lap["return"] == pytest.approx(float(np.sum(ep["reward"], dtype=np.float64)))
@@ -111,8 +111,10 @@ def test_expert_without_noise_finishes_a_lap():
     assert lap["tiles"] >= 0.95 * lap["track_tiles"]  # CarRacing-v3 ends a lap at 95% of its tiles
     assert lap["mean_speed"] > 20 and lap["off_road"] < 0.1 and 0 < lap["mean_gas"] <= 1
     # Standing still for 50 steps: no speed, no gas, no tile beyond the start, no lap.
+    assert 0 <= lap["off_road_fast"] <= lap["off_road"] and not lap["left_playfield"]
     still = profile_episode(seed, np.zeros((50, 3), np.float32), 1000)
     assert still["finished_step"] is None and still["mean_speed"] < 1e-3 and still["mean_gas"] == 0
+    assert (still["off_road"], still["off_road_fast"], still["excursions"], still["left_playfield"]) == (0, 0, 0, False)
     assert still["return"] == pytest.approx(still["tiles"] * 1000 / still["track_tiles"] - 0.1 * 50)
     summary = profile_summary([lap, still])
     assert summary["laps_finished"] == 1 and summary["mean_finished_step"] == lap["finished_step"]
@@ -128,3 +130,25 @@ def test_expert_refuses_an_env_without_a_track():
     with pytest.raises(ValueError, match="noise scale must be >= 0"):
         policies.ExpertPolicy(np.random.default_rng(0), NoTrack(), noise=-1)
 
+
+
+def test_recorded_episodes_are_profiled_per_policy_by_an_exact_replay(smoke_rollouts, tmp_path):
+    """python -m worldmodels.metrics driving: every recorded episode replays to its recorded return."""
+    from worldmodels import driving, metrics, storage
+
+    folder = smoke_rollouts / "rollouts"
+    paths = storage.list_episodes(folder, "rollouts")
+    found = driving.profile_rollouts([folder], per_policy=2)
+    assert list(found) == ["brownian"] and found["brownian"]["episodes"] == min(2, len(paths))
+    row = found["brownian"]
+    assert row["replays_mismatched"] == 0
+    lengths = [len(storage.load_episode(p, keys=("reward",))["reward"]) for p in paths[:2]]
+    assert row["steps"] == sum(lengths) and row["files"] == [str(p) for p in paths[:2]]
+    returns = [float(np.sum(storage.load_episode(p, keys=("reward",))["reward"], dtype=np.float64)) for p in paths[:2]]
+    assert row["return_mean"] == pytest.approx(np.mean(returns))
+    assert 0 <= row["mean_off_road_fast"] <= row["mean_off_road"] <= 1 and row["laps_finished"] == 0
+    out = tmp_path / "driving.json"
+    assert metrics.main(["driving", str(folder), "--per-policy", "1", "--out", str(out)]) == 0
+    assert storage.read_json(out)["policies"]["brownian"]["episodes"] == 1
+    with pytest.raises(ValueError, match="per_policy"):
+        driving.profile_rollouts([folder], per_policy=0)

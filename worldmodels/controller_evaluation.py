@@ -20,6 +20,7 @@ import numpy as np
 
 import config
 from worldmodels import artifacts, envpool, rollout, storage
+from worldmodels.driving import PROFILE_FIELDS
 
 # TensorFlow is imported when V and M are loaded (load_agent), after the checks: a missing file is reported at once.
 
@@ -62,55 +63,6 @@ def replay_frames(seed: int, actions: np.ndarray, max_steps: int, result: dict):
     finally:
         env.close()
         result["return"] = total
-
-
-PROFILE_FIELDS = ("tiles", "track_tiles", "finished_step", "mean_speed", "off_road", "mean_gas", "mean_brake")
-
-
-def profile_episode(seed: int, actions: np.ndarray, max_steps: int) -> dict:
-    """How an evaluated episode drove: replay ``actions`` (T, 3) on track ``seed`` and read the car.
-
-    The replay is the evaluated episode (episodes are deterministic given the seed and actions);
-    it draws the fast observation, which leaves physics and rewards untouched. Returns ``tiles``
-    visited of ``track_tiles``, ``finished_step`` (the step that completed the lap, or None),
-    ``mean_speed`` (world units per second, the norm of the hull's velocity; a tile is 3.5
-    units long), ``off_road`` (share of steps with no wheel touching a road tile), ``mean_gas``
-    and ``mean_brake`` (of the actions as applied, in [0, 1]) and ``return`` (for a check).
-    """
-    from worldmodels.env import make_env
-
-    env = make_env(max_steps, observation="fast")
-    speeds, off, total, finished = [], 0, 0.0, None
-    try:
-        env.reset(seed=int(seed))
-        car_racing = env.unwrapped
-        for step, action in enumerate(actions, start=1):
-            _, reward, terminated, truncated, info = env.step(action)
-            total += reward
-            speeds.append(float(np.hypot(*car_racing.car.hull.linearVelocity)))
-            off += not any(wheel.tiles for wheel in car_racing.car.wheels)
-            if info.get("lap_finished"):
-                finished = step
-            if terminated or truncated:
-                break
-        applied = np.clip(np.asarray(actions[:len(speeds)], dtype=np.float64), -1.0, 1.0)
-        return {"tiles": int(car_racing.tile_visited_count), "track_tiles": len(car_racing.track),
-                "finished_step": finished, "mean_speed": float(np.mean(speeds)) if speeds else 0.0,
-                "off_road": off / max(len(speeds), 1), "mean_gas": float(np.clip(applied[:, 1], 0, 1).mean()),
-                "mean_brake": float(np.clip(applied[:, 2], 0, 1).mean()), "return": total}
-    finally:
-        env.close()
-
-
-def profile_summary(profiles: list[dict]) -> dict:
-    """Means over tracks of :func:`profile_episode`'s numbers, the share of tiles visited and the laps finished."""
-    share = [p["tiles"] / p["track_tiles"] for p in profiles]
-    finished = [p["finished_step"] for p in profiles if p["finished_step"] is not None]
-    return {"tracks": len(profiles), "laps_finished": len(finished),
-            "mean_finished_step": float(np.mean(finished)) if finished else None,
-            "mean_tile_share": float(np.mean(share)),
-            **{f"mean_{key}": float(np.mean([p[key] for p in profiles]))
-               for key in ("mean_speed", "off_road", "mean_gas", "mean_brake")}}
 
 
 def write_video(frames, path: Path, fps: int = VIDEO_FPS) -> int:

@@ -20,6 +20,11 @@
       python -m worldmodels.metrics paired stock.json fast.json --out parity_score.json
 
   (two outputs of ``evaluate_controller.py`` on the same tracks; tracks that differ are refused).
+* The data: ``driving`` replays recorded episodes in the physics, per policy tag
+  (``worldmodels.driving.profile_rollouts``): how fast the car went, how often it left the road
+  (and fast), the laps it finished and the episodes that left the playfield:
+
+      python -m worldmodels.metrics driving D/rollouts --per-policy 40 --out driving.json
 
 Only numpy is imported at module level; models are imported where used.
 """
@@ -345,6 +350,27 @@ def vision_main(args) -> int:
     return 0
 
 
+def driving_main(args) -> int:
+    """``python -m worldmodels.metrics driving``: :func:`worldmodels.driving.profile_rollouts`, printed and saved."""
+    from tqdm import tqdm
+
+    from worldmodels import driving
+
+    found = driving.profile_rollouts(args.episodes, args.per_policy,
+                                     progress=lambda jobs: tqdm(jobs, desc="replay", unit="episode"))
+    if args.out:
+        storage.atomic_write_json(args.out, {"episodes": [str(f) for f in args.episodes], "fast_speed": driving.FAST_SPEED,
+                                             "policies": found})
+    for tag, row in found.items():
+        print(f"{tag}: {row['episodes']} episodes, return {row['return_mean']:.1f} +- {row['return_std']:.1f}; "
+              f"mean speed {row['mean_mean_speed']:.1f} units/s; off the road {100 * row['mean_off_road']:.1f}% of "
+              f"steps, {100 * row['mean_off_road_fast']:.1f}% at >= {driving.FAST_SPEED:g} units/s; "
+              f"{row['mean_excursions']:.1f} excursions onto the grass per episode; {row['laps_finished']} laps "
+              f"finished, {row['left_playfield']} left the playfield; tiles {100 * row['mean_tile_share']:.1f}%"
+              + (f"; {row['replays_mismatched']} replays MISMATCHED" if row["replays_mismatched"] else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -360,9 +386,16 @@ def main(argv=None) -> int:
     vision.add_argument("episodes", type=Path, nargs="+", help="rollout folders (V's own training episodes are skipped)")
     vision.add_argument("--per-policy", type=int, default=20, help="at most this many episodes of each policy tag")
     vision.add_argument("--out", type=Path, help="also write the result as JSON")
+    driving = commands.add_parser("driving", help="how the car drove in recorded episodes, per policy tag (a "
+                                  "physics replay: speed, time off the road, laps)")
+    driving.add_argument("episodes", type=Path, nargs="+", help="rollout folders (stage 1's, an iteration's)")
+    driving.add_argument("--per-policy", type=int, default=40, help="at most this many episodes of each policy tag")
+    driving.add_argument("--out", type=Path, help="also write the result as JSON")
     args = parser.parse_args(argv)
     if args.command == "vision":
         return vision_main(args)
+    if args.command == "driving":
+        return driving_main(args)
     result = paired_files(args.a, args.b)
     if args.out:
         storage.atomic_write_json(args.out, result)
