@@ -219,7 +219,8 @@ def search_table(folder, cores: int | None = None) -> str:
     cfg = config.load_config(saved) if saved.is_file() else None
     try:
         with open(folder / "history.csv", newline="") as f:
-            cost = search_cost(list(csv.DictReader(f)), evals, real_training=cfg is None or cfg.controller.env != "dream")
+            real = cfg is None or cfg.controller.env != "dream"  # a dream search's history counts dream steps
+            cost = search_cost(list(csv.DictReader(f)), evals, real_training=real)
     except (KeyError, TypeError, ValueError) as exc:
         raise storage.CorruptFileError(f"{folder / 'history.csv'} is not a search history ({exc})") from exc
     tracks = cfg.controller.eval_episodes if cfg is not None else "?"

@@ -359,8 +359,8 @@ def driving_main(args) -> int:
     found = driving.profile_rollouts(args.episodes, args.per_policy,
                                      progress=lambda jobs: tqdm(jobs, desc="replay", unit="episode"))
     if args.out:
-        storage.atomic_write_json(args.out, {"episodes": [str(f) for f in args.episodes], "fast_speed": driving.FAST_SPEED,
-                                             "policies": found})
+        storage.atomic_write_json(args.out, {"episodes": [str(f) for f in args.episodes],
+                                             "fast_speed": driving.FAST_SPEED, "policies": found})
     for tag, row in found.items():
         print(f"{tag}: {row['episodes']} episodes, return {row['return_mean']:.1f} +- {row['return_std']:.1f}; "
               f"mean speed {row['mean_mean_speed']:.1f} units/s; off the road {100 * row['mean_off_road']:.1f}% of "
