@@ -93,14 +93,7 @@ def profile_rollouts(folders: Sequence[Path], per_policy: int = 40, max_steps: i
     replayed return differs from the recorded rewards' sum by more than 1e-3 (then the numbers are not
     about those episodes). ``progress``: an optional callable wrapping the list of episodes (e.g. tqdm).
     """
-    if per_policy < 1:
-        raise ValueError(f"per_policy must be at least 1, got {per_policy}")
-    chosen: dict[str, list[Path]] = {}
-    for folder in folders:
-        for path in storage.list_episodes(folder, "rollouts"):
-            tag = str(storage.load_episode(path, keys=("policy",)).get("policy", "brownian"))
-            if len(chosen.setdefault(tag, [])) < per_policy:
-                chosen[tag].append(path)
+    chosen = storage.episodes_by_policy(folders, per_policy)
     jobs = [(tag, path) for tag in sorted(chosen) for path in chosen[tag]]
     profiles: dict[str, list[dict]] = {tag: [] for tag in sorted(chosen)}
     recorded: dict[str, list[float]] = {tag: [] for tag in sorted(chosen)}

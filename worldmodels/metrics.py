@@ -130,17 +130,7 @@ def vision_by_policy(model, folders: Sequence[Path], exclude=(), per_policy: int
     """
     from worldmodels import datasets
 
-    if per_policy < 1:
-        raise ValueError(f"per_policy must be at least 1, got {per_policy}")
-    excluded = {Path(p).resolve() for p in exclude}
-    chosen: dict[str, list[Path]] = {}
-    for folder in folders:
-        for path in storage.list_episodes(folder, "rollouts"):
-            if path.resolve() in excluded:
-                continue
-            tag = str(storage.load_episode(path, keys=("policy",)).get("policy", "brownian"))
-            if len(chosen.setdefault(tag, [])) < per_policy:
-                chosen[tag].append(path)
+    chosen = storage.episodes_by_policy(folders, per_policy, exclude)
     if not any(chosen.values()):
         raise storage.MissingDataError(f"{', '.join(map(str, folders))}: every episode is one V trained on; "
                                        "give episodes V has not seen")

@@ -292,6 +292,26 @@ def list_episodes(folder: str | os.PathLike, what: str = "episodes", hint: str =
     return paths
 
 
+def episodes_by_policy(folders: Iterable[str | os.PathLike], per_policy: int, exclude=()) -> dict[str, list[Path]]:
+    """``{tag: [path, ...]}``: the first ``per_policy`` rollout files of each policy tag in ``folders``, in order.
+
+    The tag is an episode's ``policy`` (``"brownian"`` for files written before tags existed); files whose
+    resolved path is in ``exclude`` are skipped. Reads only each file's ``policy`` array.
+    """
+    if per_policy < 1:
+        raise ValueError(f"per_policy must be at least 1, got {per_policy}")
+    excluded = {Path(p).resolve() for p in exclude}
+    chosen: dict[str, list[Path]] = {}
+    for folder in folders:
+        for path in list_episodes(folder, "rollouts"):
+            if path.resolve() in excluded:
+                continue
+            tag = str(load_episode(path, keys=("policy",)).get("policy", "brownian"))
+            if len(chosen.setdefault(tag, [])) < per_policy:
+                chosen[tag].append(path)
+    return chosen
+
+
 def _check_schema_shape(path, name, dtype, shape, schema, sizes):
     want_dtype, want_shape = schema[name]
     # A string dtype of size 0 in a schema stands for strings of any length.
