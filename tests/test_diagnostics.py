@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from models.mdn_rnn import MDNRNN
-from worldmodels import diagnostics, figures
-from worldmodels.diagnostics import ReplayModel, exploit_gap, latent_error, rank_correlation
+from worldmodels import diagnostics
+from worldmodels.diagnostics import ReplayModel, diagnostics_figure, exploit_gap, latent_error, rank_correlation
 
 Z, HIDDEN = 8, 16  # a small M keeps the tests fast
 
@@ -122,7 +122,7 @@ def test_diagnostics_figure_writes_a_png(tmp_path):
     data = episodes(np.random.default_rng(7), [20, 16])
     replay = ReplayModel(data)
     curves = latent_error(MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=0), data, 2, 10)
-    out = figures.diagnostics_figure(tmp_path / "diag.png", curves, exploit_gap(replay, data, 2, 10)["gaps"])
+    out = diagnostics_figure(tmp_path / "diag.png", curves, exploit_gap(replay, data, 2, 10)["gaps"])
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > image.size[1] > 0
 

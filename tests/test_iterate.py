@@ -263,6 +263,7 @@ def test_the_iterations_table_prints_each_row_with_unmeasured_values_as_dashes(t
     assert figures.main(["iterations_table", "--data-dir", str(tmp_path), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| iteration |") and "(? tracks)" in lines[0]
+    assert f"same actions ({iterate.DIAGNOSTIC_HORIZON} steps)" in lines[0]
     assert lines[2] == ("| 1 | brownian 20, controller 180 | 2.50 M | 0.731 | -5.0 | 12.3 / 8.0 | 531.6 | 47.0 ± 58.5 "
                         "| 484.6 | 1.50 h |")
     assert "| – | 531.6 |" in lines[3]  # the repair was off in iteration 2

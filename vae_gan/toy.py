@@ -446,12 +446,10 @@ def run_toy_experiment(n_train: int = 4000, epochs: int = 200, seed: int = 0, ou
 
 def save_figure(path, data: np.ndarray, recons: dict, results: dict) -> Path:
     """Three panels side by side (data, VAE and VAE-GAN reconstructions) on the same axes."""
-    import io
-
     # A bare Figure renders PNGs with the Agg canvas without touching pyplot's global backend.
     from matplotlib.figure import Figure
 
-    from worldmodels.storage import atomic_write_bytes
+    from worldmodels.storage import save_figure
 
     panels = [("data (held-out)", data, results["data"]), ("VAE reconstructions", recons["vae"], results["vae"]),
               ("VAE-GAN reconstructions", recons["vae_gan"], results["vae_gan"])]
@@ -465,10 +463,7 @@ def save_figure(path, data: np.ndarray, recons: dict, results: dict) -> Path:
                      f"dist = {m['mean_distance_to_data']:.3f}", fontsize=10)
         ax.set_xlim(*PLOT_LIMITS[0])
         ax.set_ylim(*PLOT_LIMITS[1])
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=100)
 
 
 def format_table(results: dict) -> str:

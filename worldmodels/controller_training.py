@@ -238,14 +238,12 @@ def search_table(folder, cores: int | None = None) -> str:
 def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperature: float | None = None) -> None:
     """Fitness per generation and the held-out evaluations (real, and dream if any) against generations,
     real environment steps and wall time (:func:`search_cost`), as a PNG (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 
     where = "training tracks" if dream_temperature is None else f"dream, tau={dream_temperature:g}"
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3, sharey=True)
     ax = axes[0]
     generations = [row["generation"] for row in history]
     ax.plot(generations, [row["best"] for row in history], label=f"best member ({where})")
@@ -271,11 +269,7 @@ def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperatur
     for axis in axes:
         axis.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    storage.atomic_write_bytes(path, buffer.getvalue())
+    storage.save_figure(fig, path, dpi=100)
 
 
 def final_metrics_done(path, generation: int, episodes: int, max_steps: int) -> bool:

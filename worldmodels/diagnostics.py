@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
 from models.controller import ACTION_SIZE
+from worldmodels import storage
 from worldmodels.dream import read_prefix
 
 
@@ -224,3 +226,26 @@ class ReplayModel:
         return {"log_pi": np.zeros((n, self.z_size, 1), np.float32), "mu": following[..., None],
                 "log_sigma": np.full((n, self.z_size, 1), -30.0, np.float32), "reward": reward,
                 "state": (tf.constant(h + 1.0), tf.constant(c))}
+
+
+def diagnostics_figure(out, latent: dict, gaps) -> Path:
+    """Two panels: M's latent error against steps ahead, open loop and teacher-forced (``latent``, the
+    dict of :func:`worldmodels.diagnostics.latent_error`), and the exploit gap (N,) of each episode."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3))
+    left, right = fig.subplots(1, 2)
+    left.plot(latent["steps"], latent["open_loop"], "o-", ms=3, label="open loop (M's own z)")
+    left.plot(latent["steps"], latent["teacher_forced"], "s--", ms=3, label="teacher-forced (V's z)")
+    left.set_xlabel(f"steps ahead of frame {latent['start']}")
+    left.set_ylabel("squared error of predicted z")
+    left.legend(fontsize=8)
+    gaps = np.asarray(gaps, np.float64)
+    right.bar(np.arange(len(gaps)), gaps, color=np.where(gaps > 0, "tab:red", "tab:blue"))
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_xlabel("episode")
+    right.set_ylabel("predicted - real return")
+    right.set_title(f"exploit gap, mean {gaps.mean():+.2f}", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return storage.save_figure(fig, out)

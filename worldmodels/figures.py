@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import math
 import os
 import re
@@ -63,25 +62,6 @@ FILE_NAMES = {
     "driving": "driving.gif",
 }
 _DREAM_DIR = re.compile(rf"^{artifacts.DREAM_CONTROLLER_PREFIX}(.+)$")
-
-
-def _save(fig: Figure, out: Path, dpi: int = 80) -> Path:
-    """Write ``fig`` as a 256-colour PNG to ``out`` atomically (a killed run never leaves half a file).
-
-    A palette PNG is a third to a quarter of the size of the RGBA one for these figures
-    (flat plots and blurry 64x64 frames), which keeps the repository's README images small.
-    """
-    from PIL import Image
-
-    out = Path(out)
-    if not fig.get_axes() or fig.get_axes()[0].get_subplotspec() is not None:
-        fig.tight_layout()  # plots made with add_subplot(s); a hand-placed diagram keeps its layout
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                                                       dither=Image.Dither.NONE)
-    storage.atomic_write(out, lambda f: image.save(f, format="PNG", optimize=True))
-    return out
 
 
 def architecture_figure(data_dir: Path | None, out: Path) -> Path:
@@ -124,7 +104,7 @@ def architecture_figure(data_dir: Path | None, out: Path) -> Path:
     arrow((5.8, 1.0), (1.3, 2.8), "dream: z_t+1 ~ P(z | a_t, z_t, h_t) at temperature tau,\n"
           "plus M's predicted reward and done", at=(2.9, 0.15), dashed=True, rad=-0.25)
     ax.text(9.7, 3.5, "action", ha="left", va="center", fontsize=9)
-    return _save(fig, out, dpi=90)
+    return storage.save_figure(fig, out, dpi=90)
 
 
 def _image_grid(rows: list[np.ndarray], labels: list[str], titles: list[str] | None = None) -> Figure:
@@ -164,7 +144,7 @@ def reconstruction_grid(models: Mapping[str, object], frames: np.ndarray, out: P
         recon = vision.decode(vision.encode(frames)[0])
         rows.append(recon)
         labels.append(f"{name}\nMSE {float(np.mean((recon - rows[0]) ** 2)):.5f}")
-    return _save(_image_grid(rows, labels), out)
+    return storage.save_figure(_image_grid(rows, labels), out)
 
 
 def reconstruction_figure(data_dir: Path, out: Path, count: int = metrics.GRID_FRAMES) -> Path:
@@ -262,7 +242,7 @@ def dream_strip_figure(data_dir: Path, out: Path, temperatures=(0.5, 1.15), step
     fig = _image_grid(rows, labels, [f"t+{c}" for c in columns])
     fig.suptitle(f"M dreaming in open loop from frame {start} of held-out {names[0]} under its recorded actions",
                  fontsize=8)
-    return _save(fig, out)
+    return storage.save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------- C
@@ -341,7 +321,7 @@ def learning_curve_figure(data_dir: Path, out: Path) -> Path:
         ax.set_ylabel("return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    return _save(fig, out)
+    return storage.save_figure(fig, out)
 
 
 def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> Path:
@@ -365,7 +345,7 @@ def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> P
     ax.set_title("C trained in M's dream")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out, dpi=100)
+    return storage.save_figure(fig, out, dpi=100)
 
 
 def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Path:
@@ -394,7 +374,7 @@ def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Pat
     ax.set_title(title or "C per CMA-ES seed, the same held-out tracks", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out, dpi=100)
+    return storage.save_figure(fig, out, dpi=100)
 
 
 def profile_figure(evaluation: Path, out: Path) -> Path:
@@ -428,28 +408,7 @@ def profile_figure(evaluation: Path, out: Path) -> Path:
     right.set_ylabel("tracks")
     right.set_title(f"laps finished in {results.get('max_steps', 1000)} steps: {finished} of {len(tracks)}", fontsize=9)
     right.legend(fontsize=8)
-    return _save(fig, out, dpi=100)
-
-
-def diagnostics_figure(out: Path, latent: Mapping[str, np.ndarray], gaps) -> Path:
-    """Two panels: M's latent error against steps ahead, open loop and teacher-forced (``latent``, the
-    dict of :func:`worldmodels.diagnostics.latent_error`), and the exploit gap (N,) of each episode."""
-    fig = Figure(figsize=(8, 3))
-    left, right = fig.subplots(1, 2)
-    left.plot(latent["steps"], latent["open_loop"], "o-", ms=3, label="open loop (M's own z)")
-    left.plot(latent["steps"], latent["teacher_forced"], "s--", ms=3, label="teacher-forced (V's z)")
-    left.set_xlabel(f"steps ahead of frame {latent['start']}")
-    left.set_ylabel("squared error of predicted z")
-    left.legend(fontsize=8)
-    gaps = np.asarray(gaps, np.float64)
-    right.bar(np.arange(len(gaps)), gaps, color=np.where(gaps > 0, "tab:red", "tab:blue"))
-    right.axhline(0.0, color="k", lw=0.8)
-    right.set_xlabel("episode")
-    right.set_ylabel("predicted - real return")
-    right.set_title(f"exploit gap, mean {gaps.mean():+.2f}", fontsize=10)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return storage.save_figure(fig, out, dpi=100)
 
 
 def temperature_figure(data_dir: Path, out: Path) -> Path:
@@ -654,25 +613,26 @@ def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
     return start
 
 
-def _iterations_curve(data_dir: Path) -> Curve | None:
+def _iterations_curve(data_dir: Path, driver: int) -> Curve | None:
     """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
     every iteration's collection, evaluations, curiosity and repair) plus the real steps behind stage 1's driver
-    (:func:`collector_steps`) and those spent by the search its iteration 1 started from
+    (``driver``, :func:`collector_steps`) and those spent by the search its iteration 1 started from
     (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
+    from worldmodels import iterate
+
     root = data_dir / artifacts.ITERATIONS
     table = root / artifacts.ITERATIONS_TABLE
     if not table.is_file():
         return None
     keys = ("real_env_steps", "real_score", "real_std")
     try:
-        with open(table, newline="") as f:
-            rows = [{key: float(row[key]) for key in keys} for row in csv.DictReader(f)]
-    except (KeyError, TypeError, ValueError) as exc:
+        rows = [{key: float(row[key]) for key in keys} for row in iterate.read_rows(table)]
+    except ValueError as exc:
         raise storage.CorruptFileError(f"{table} is not an iterations table with {', '.join(keys)} ({exc})") from exc
     saved = root / artifacts.CONFIG_FILE
     tau = (config.load_config(saved) if saved.is_file() else config.Config()).dream.temperature
     start = artifacts.iterations_start_dir(data_dir, tau)
-    offset = collector_steps(data_dir) + (0 if start is None else _search_curve(start, "", 0)[1])
+    offset = driver + (0 if start is None else _search_curve(start, "", 0)[1])
     label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
     return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],
                  [r["real_std"] for r in rows])
@@ -693,22 +653,17 @@ def iterations_table(data_dir) -> str:
     scores (on ``iterate.eval_episodes`` held-out tracks), their difference and the iteration's wall time.
     "–" is a value that was not measured (an option that was off, or a table written before the column).
     """
+    from worldmodels import iterate
+
     root = Path(data_dir) / artifacts.ITERATIONS
     table = root / artifacts.ITERATIONS_TABLE
-    columns = ("iteration", "episodes_by_policy", "real_env_steps", "m_z_nll_new", "exploit_gap_same_actions",
-               "repair_disagreement", "repair_disagreement_all", "dream_score", "real_score", "real_std",
-               "exploit_gap", "seconds")
-    rows = []
-    if table.is_file():
-        with open(table, newline="") as f:
-            # Columns added after a table was written read as "nan" (as worldmodels.iterate.read_rows does).
-            rows = [{key: row.get(key) or "nan" for key in columns} for row in csv.DictReader(f)]
+    rows = iterate.read_rows(table)  # columns added after a table was written read as "nan"
     if not rows:
         raise storage.MissingDataError(f"{table} holds no iteration yet; run: python 06_iterate.py")
     saved = root / artifacts.CONFIG_FILE
     tracks = config.load_config(saved).iterate.eval_episodes if saved.is_file() else "?"
     head = ["iteration", "episodes M trained on", "real env steps so far", "M's z NLL on the new episodes",
-            "M's return minus the real one, same actions",
+            f"M's return minus the real one, same actions ({iterate.DIAGNOSTIC_HORIZON} steps)",
             "repair: dream-vs-real z error (kept / all)", "dream score", f"real score ({tracks} tracks)",
             "dream − real", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -728,7 +683,7 @@ def iterations_table(data_dir) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
+def sample_efficiency_curves(data_dir: Path, driver: int | None = None) -> list[Curve]:
     """Every curve of :func:`sample_efficiency` that ``data_dir`` holds, with the real steps each point cost.
 
     Every point counts stage 1's data (:func:`stage1_steps`: V and M, which every controller reads,
@@ -738,9 +693,11 @@ def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
     ``controller_hybrid/`` everything its start controller spent (a dream one: its evaluations and final
     score) plus its own real training and evaluations; for ``iterations/`` what :func:`_iterations_curve`
     says. A final score adds the whole search and its final evaluation. Folders without scores are left out.
+    ``driver``: :func:`collector_steps` of ``data_dir`` if the caller has it already.
     """
     data_dir = Path(data_dir)
-    base = stage1_steps(data_dir) + collector_steps(data_dir)
+    driver = collector_steps(data_dir) if driver is None else driver
+    base = stage1_steps(data_dir) + driver
     curves = []
     if (data_dir / artifacts.CONTROLLER).is_dir():
         curves.append(_search_curve(data_dir / artifacts.CONTROLLER, "stage 5 in the real env", base)[0])
@@ -751,7 +708,7 @@ def sample_efficiency_curves(data_dir: Path) -> list[Curve]:
         start = _hybrid_start(data_dir, hybrid)
         spent = _search_curve(start, "", base)[1]
         curves.append(_search_curve(hybrid, f"dream + real fine-tuning (from {start.name})", spent)[0])
-    curves.append(_iterations_curve(data_dir))
+    curves.append(_iterations_curve(data_dir, driver))
     return [c for c in curves if c is not None and (c.steps or c.final)]
 
 
@@ -765,12 +722,12 @@ def sample_efficiency(data_dirs, out: Path) -> Path:
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, os.PathLike)) else [Path(d) for d in data_dirs]
     curves, counted = [], []
     for folder in dirs:
-        found = sample_efficiency_curves(folder)
+        driver = collector_steps(folder)
+        found = sample_efficiency_curves(folder, driver)
         prefix = f"{folder.name}: " if len(dirs) > 1 else ""
         for curve in found:
             curve.label = prefix + curve.label
         curves += found
-        driver = collector_steps(folder)
         counted += [f"{prefix}{stage1_steps(folder):,}" + (f" + {driver:,} of its driver's training" if driver else "")
                     ] if found else []
     stage1 = "; ".join(counted)
@@ -808,7 +765,7 @@ def sample_efficiency_plot(curves: list[Curve], out: Path, stage1: str = "") -> 
     ax.set_title("Sample efficiency: score in the real CarRacing-v3 against real steps", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, out, dpi=100)
+    return storage.save_figure(fig, out, dpi=100)
 
 
 # --------------------------------------------------------------------------- all of them, and the table

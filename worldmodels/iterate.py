@@ -66,8 +66,8 @@ import numpy as np
 
 import config
 from models.controller import num_parameters
-from worldmodels import (artifacts, collect, controller_training, curiosity, diagnostics, encode,
-                         figures, recording, repair, rnn_training, sequences, stage, storage)
+from worldmodels import (artifacts, collect, controller_training, curiosity, diagnostics, encode, recording,
+                         repair, rnn_training, sequences, stage, storage)
 from worldmodels.env import episode_seed
 
 ITERATIONS = artifacts.ITERATIONS
@@ -372,7 +372,7 @@ def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
     episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
     args = (rnn, episodes, cfg.dream.skip_initial_frames, DIAGNOSTIC_HORIZON, cfg.dream.temperature, cfg.iterate.seed)
     gap, latent = diagnostics.exploit_gap(*args), diagnostics.latent_error(*args)
-    figures.diagnostics_figure(figure, latent, gap["gaps"])
+    diagnostics.diagnostics_figure(figure, latent, gap["gaps"])
     row = {"exploit_gap_same_actions": gap["mean"]}
     for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
         row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan
