@@ -123,3 +123,31 @@ def test_corrupt_json(tmp_path):
     (tmp_path / "c.json").write_text("{nope")
     with pytest.raises(storage.CorruptFileError, match="c.json is not valid JSON"):
         storage.read_json(tmp_path / "c.json")
+
+
+def test_a_stopwatch_adds_up_runs_and_keeps_the_time_of_a_killed_one(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "seconds.json"
+    with storage.Stopwatch(path, every=0.05) as watch:
+        time.sleep(0.2)
+    first = storage.read_json(path)["seconds"]
+    assert 0.2 <= first < 2.0 and watch.seconds == first
+    # A run killed with SIGKILL (no exit handler runs) keeps what the thread saved last.
+    code = (f"import time; from worldmodels import storage\n"
+            f"with storage.Stopwatch({str(path)!r}, every=0.05):\n    time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(3.0)
+    child.kill()
+    child.wait()
+    killed = storage.read_json(path)["seconds"]
+    assert first + 0.5 < killed < first + 3.5
+    with storage.Stopwatch(path, every=10.0) as watch:  # the next run starts from the saved total
+        assert watch.seconds >= killed
+    assert storage.read_json(path)["seconds"] >= killed
+    path.write_text("{not json")  # a damaged file counts as nothing rather than stopping the work
+    with storage.Stopwatch(path) as watch:
+        pass
+    assert watch.seconds < 1.0

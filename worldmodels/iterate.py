@@ -30,7 +30,8 @@ in ``<data>/iterations/iter_<iii>/``:
    starting from the previous controller (``controller_training.train_controller``, stage 5's
    code, the dream starting from ``<data>/series``), then scored on ``iterate.eval_episodes``
    held-out real tracks (stock pixels, full episodes) and as many dream episodes.
-5. ``diagnostics.png`` and a row of ``<data>/iterations/iterations.csv`` (:data:`FIELDS`), written last.
+5. ``diagnostics.png`` and a row of ``<data>/iterations/iterations.csv`` (:data:`FIELDS`), written last;
+   its ``seconds`` are the iteration's wall time over every run of it (``seconds.json``, :data:`CLOCK_FILE`).
 
 Resumable after SIGKILL anywhere: every step skips what is complete (the stages' own resume
 logic: episode files are atomic, M and the search resume from their checkpoints, a finished run
@@ -59,7 +60,6 @@ import collections
 import csv
 import io
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,8 @@ COLLECT_SEED_OFFSET = 3 * 10**6
 CURIOSITY_SEED_OFFSET = 4 * 10**6
 CURIOSITY_FILE = "curiosity.npz"
 REPAIR_FILE = repair.REPAIR_FILE
+# The iteration's wall time so far, over all the runs that resumed it (storage.Stopwatch).
+CLOCK_FILE = "seconds.json"
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
     "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
@@ -423,8 +425,15 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
 
 
 def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: str = "") -> float:
-    """Steps 1-4 of ``iteration`` (each skipped when complete); returns the seconds this call took."""
-    start = time.perf_counter()
+    """Steps 1-4 of ``iteration`` (each skipped when complete); returns the iteration's wall time in seconds,
+    summed over every run of it (a resumed iteration counts its earlier runs, :data:`CLOCK_FILE`)."""
+    iteration_dir(data_dir, iteration).mkdir(parents=True, exist_ok=True)
+    with storage.Stopwatch(iteration_dir(data_dir, iteration) / CLOCK_FILE) as watch:
+        _run_steps(cfg, iteration, data_dir, vae, command)
+    return watch.seconds
+
+
+def _run_steps(cfg: config.Config, iteration: int, data_dir, vae, command: str) -> None:
     params, source = current_controller(cfg, data_dir, iteration)
     log(f"iteration {iteration}: controller {source}")
     previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
@@ -438,7 +447,6 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     controller_training.train_controller(controller_config(cfg), data_dir, models=(vae, rnn), command=command,
                                          prefix=f"[06 iteration {iteration}]",
                                          out=iteration_dir(data_dir, iteration) / artifacts.CONTROLLER, x0=params)
-    return time.perf_counter() - start
 
 
 def check_iterations_folder(cfg: config.Config, data_dir) -> Path:

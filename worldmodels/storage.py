@@ -33,6 +33,8 @@ import math
 import os
 import re
 import tempfile
+import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -168,6 +170,48 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_NAME = "MANIFEST.sha256"
+
+
+class Stopwatch:
+    """Wall time of a piece of work that may be killed and resumed, kept in a JSON file: ``{"seconds": s}``.
+
+    ``with Stopwatch(path) as watch:`` starts from the seconds saved by earlier runs of the same work and
+    rewrites the file every ``every`` seconds (from a daemon thread) and on exit, so a kill loses at most
+    ``every`` seconds of the count; ``watch.seconds`` is the running total. A damaged file counts as 0 s.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: float = 60.0):
+        self.path, self.every = Path(path), float(every)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.before = float(read_json(self.path)["seconds"])
+        except (MissingDataError, CorruptFileError, KeyError, TypeError, ValueError):
+            self.before = 0.0
+        self._start = None
+
+    @property
+    def seconds(self) -> float:
+        return self.before + (0.0 if self._start is None else time.monotonic() - self._start)
+
+    def save(self, seconds: float | None = None) -> None:
+        atomic_write_json(self.path, {"seconds": self.seconds if seconds is None else seconds})
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self.save()
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._tick, name=f"stopwatch {self.path.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.before, self._start = self.seconds, None
+        self.save(self.before)
 
 
 def sha256(path: str | os.PathLike) -> str:
