@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     parser = config.make_parser(__doc__)
     parser.set_defaults(preset=None)  # None: the controller's own preset (an explicit one is checked against it)
     parser.add_argument("--controller", type=Path, help="controller file or its folder, e.g. "
-                                                        "<data-dir>/controller_dream_t1 (default: <data-dir>/controller)")
+                                                        "<data-dir>/controller_dream_t1 (default: <data-dir>/controller); "
+                                                        "it drives with the M beside its folder (an iteration's "
+                                                        "controller: its iteration's M), else <data-dir>'s")
     parser.add_argument("--pretrained", metavar="NAME", help="score the agent in pretrained/NAME/ (checked against "
                                                              "its SHA-256 manifest) instead of a trained one")
     parser.add_argument("--which", choices=WHICH, default="params",

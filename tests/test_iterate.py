@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import config
 from tests.conftest import (REPO, assert_old_configs_match_the_option_off, assert_replays_in_the_real_env,
                             assert_user_error, data_dir_with, load_npz, read_csv, run_script, run_until_then_kill)
 
@@ -101,6 +103,31 @@ def test_iteration_two_starts_from_iteration_one(reference):
     np.testing.assert_allclose(state["es"].x0, previous)
     # Iteration 1 started from zeros (the smoke data dir holds no controller), and says so for later readers.
     assert load_json(data / "iterations" / "start.json") == {"controller": ""}
+
+
+def test_an_iterations_controller_is_scored_and_shipped_with_its_own_m(reference, tmp_path):
+    """evaluate_controller.py on iteration 2's controller drives with iteration 2's M (fine-tuned there), not the
+    data dir's: it reproduces the score 06 measured, and the shipped agent carries that M."""
+    from worldmodels import artifacts, pretrained
+    from worldmodels.storage import read_json
+
+    data = reference[0]
+    folder = data / "iterations" / "iter_002" / "controller"
+    measured = read_json(folder / "metrics.json")
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate_controller.py"), "--data-dir", str(data),
+                           "--controller", str(folder), "--episodes", str(measured["episodes"]), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"M of {data.absolute() / 'iterations' / 'iter_002'}" in proc.stdout
+    assert read_json(out)["scores"] == measured["scores"]
+    cfg = config.load_config(folder / "config.json")
+    shipped = pretrained.export_from_data(data, tmp_path / "agent", controller=folder)
+    rnn = pretrained.load(shipped)[2]
+    want = artifacts.load_rnn(data / "iterations" / "iter_002", cfg)
+    stage4 = artifacts.load_rnn(data, cfg)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(rnn.weights, want.weights))
+    assert not all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(rnn.weights, stage4.weights))
 
 
 def test_collected_episodes_replay_in_the_real_environment(reference):

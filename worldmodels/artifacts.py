@@ -228,6 +228,33 @@ def controller_file(path) -> Path:
     return path if path.suffix == ".npz" else path / CONTROLLER_FILE
 
 
+def controller_models(path, cfg: config.Config, data_dir: Path | None = None) -> tuple[Path, Path]:
+    """``(folder of V, folder of M)`` that the controller at ``path`` (a ``controller.npz`` or its folder) drives with.
+
+    M is the one it was trained in: ``rnn/`` beside its folder (``<data>/controller`` -> ``<data>``, and
+    ``<data>/iterations/iter_002/controller`` -> ``iter_002``, whose M was fine-tuned there), else ``data_dir``'s;
+    V is the nearest one (of ``vae.model``) from M's folder up (an iteration's folder holds M but not V), else
+    ``data_dir``'s. Neither found: a MissingDataError naming the command that makes it.
+    """
+    source = controller_file(path).absolute()
+    beside = source.parent.parent
+    fallback = [Path(data_dir).absolute()] if data_dir is not None else []
+    models = next((folder for folder in [beside, *fallback] if rnn_path(folder).is_file()), None)
+    start = beside if models is None else models
+    vision = next((folder for folder in [start, *start.parents, *fallback] if vision_path(folder, cfg).is_file()),
+                  None)
+    if vision is None:  # V first, as stage 5 reports them (V is made before M)
+        raise MissingDataError(f"no V ({vision_path(start, cfg).name}) in {start}, a folder above it"
+                               + "".join(f" or {folder}" for folder in fallback)
+                               + f", for the controller {source}; make it first with: "
+                               f"python {MAKERS[VISION[cfg.vae.model][0]]}")
+    if models is None:
+        raise MissingDataError(f"no M for the controller {source}: neither {rnn_path(beside)}"
+                               + "".join(f" nor {rnn_path(folder)}" for folder in fallback)
+                               + f" exists; make it first with: python {MAKERS[RNN[0]]}")
+    return vision, models
+
+
 def load_controller(path: Path, which: str, z_size: int, hidden: int) -> tuple[np.ndarray, dict]:
     """Parameters ``which`` (N,) from a ``controller.npz`` of stage 5, and its scalars."""
     num_params = num_parameters(z_size, hidden)

@@ -202,8 +202,9 @@ class Agent:
 def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_name: str | None = None,
                controller_path: Path | None = None, which: str = "params", replace_metrics: bool = False) -> Agent:
     """The agent of ``pretrained/<pretrained_name>/`` (SHA-256 checked) or the controller ``which`` of
-    ``controller_path`` (a controller.npz or its folder; default ``<data_dir>/controller/``) with V and M of
-    ``data_dir``.
+    ``controller_path`` (a controller.npz or its folder; default ``<data_dir>/controller/``) with the V and M
+    it was trained with (:func:`artifacts.controller_models`: an iteration's controller drives with its
+    iteration's M; a controller with no M beside its folder, with ``data_dir``'s).
 
     ``replace_metrics``: the score will replace the controller folder's ``metrics.json``, which is
     only allowed on the stock observation (a ConfigError otherwise, before any slow work).
@@ -222,8 +223,9 @@ def load_agent(data_dir: Path, preset: str | None, set_arguments, *, pretrained_
                                  f"on the stock observation; write a score on env.observation={cfg.env.observation} "
                                  "elsewhere (drop --replace-metrics, or --output PATH)")
     envpool.check_backend(cfg.controller.backend)  # e.g. Ray not installed: say so before any slow work
-    artifacts.require_models(data_dir, cfg)
+    vision_dir, models_dir = artifacts.controller_models(path, cfg, data_dir)
     params, info = artifacts.load_controller(path, which, cfg.vae.z_size, cfg.rnn.hidden_units)
-    vae, rnn = rollout.load_world_models(data_dir, cfg)
+    vae, rnn = rollout.load_world_models(data_dir, cfg, vision_dir=vision_dir, models_dir=models_dir)
     generation = artifacts.selected_generation(info, which) if "generation" in info else None
-    return Agent(cfg, vae, rnn, params, f"{path} ({which})", path.parent, generation)
+    where = "" if vision_dir == models_dir == Path(data_dir).absolute() else f", V of {vision_dir}, M of {models_dir}"
+    return Agent(cfg, vae, rnn, params, f"{path} ({which}{where})", path.parent, generation)

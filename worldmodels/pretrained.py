@@ -145,14 +145,16 @@ def load(name_or_path):
 
 
 def export_from_data(data_dir, name_or_path, *, controller=None, which: str = "params", dtype: str = "float32"):
-    """Export the controller in ``<data_dir>/controller`` (or the folder ``controller``) with its V and M."""
+    """Export the controller in ``<data_dir>/controller`` (or the folder ``controller``) with the V and M it
+    drives with (:func:`artifacts.controller_models`: an iteration's controller with its iteration's M)."""
     from worldmodels import rollout
 
     source = Path(controller) if controller else Path(data_dir) / artifacts.CONTROLLER
     cfg = config.load_config(source / artifacts.CONFIG_FILE)
     params, scalars = artifacts.load_controller(source / artifacts.CONTROLLER_FILE, which, cfg.vae.z_size,
                                                 cfg.rnn.hidden_units)
-    vision, rnn = rollout.load_world_models(data_dir, cfg)
+    vision_dir, models_dir = artifacts.controller_models(source, cfg, data_dir)
+    vision, rnn = rollout.load_world_models(data_dir, cfg, vision_dir=vision_dir, models_dir=models_dir)
     generation = artifacts.selected_generation(scalars, which)
     return export(vision, rnn, params, cfg, folder(name_or_path), generation=generation, dtype=dtype)
 

@@ -170,9 +170,8 @@ def controller_source(cfg: config.Config, data_dir) -> tuple[Path, Path, Path]:
     """``(controller.npz, folder of V, folder of M)`` of stage 1's ``controller`` policy.
 
     ``data.controller`` names a controller folder (or its ``controller.npz``), ``''`` meaning
-    ``<data-dir>/controller``. M is the one it was trained in, ``rnn/`` beside the folder; V the
-    nearest one up from there (an iteration's folder of ``06_iterate.py`` holds M but not V).
-    A missing controller, V or M is a MissingDataError naming what makes it.
+    ``<data-dir>/controller``; V and M: :func:`~worldmodels.artifacts.controller_models` (M beside the
+    controller's folder, V the nearest one up). A missing controller, V or M is a MissingDataError.
     """
     given = (Path(cfg.data.controller) if cfg.data.controller else Path(data_dir) / artifacts.CONTROLLER).absolute()
     path = given if given.suffix == ".npz" else given / artifacts.CONTROLLER_FILE
@@ -180,15 +179,7 @@ def controller_source(cfg: config.Config, data_dir) -> tuple[Path, Path, Path]:
         raise storage.MissingDataError(
             f"data.policy={cfg.data.policy!r} drives with the controller at {path}, which does not exist; train one "
             f"with python {artifacts.MAKERS[artifacts.CONTROLLER]} or name another with data.controller=<folder>")
-    models = path.parent.parent
-    if not artifacts.rnn_path(models).is_file():
-        raise storage.MissingDataError(f"the controller {path} was trained in the M of {artifacts.rnn_path(models)}, "
-                                       "which does not exist")
-    vision = next((folder for folder in [models, *models.parents] if artifacts.vision_path(folder, cfg).is_file()),
-                  None)
-    if vision is None:
-        raise storage.MissingDataError(f"no V ({cfg.vae.model}) in {models} or a folder above it, for the controller "
-                                       f"{path}; make it with python {artifacts.MAKERS[artifacts.VISION[cfg.vae.model][0]]}")
+    vision, models = artifacts.controller_models(path, cfg)
     return path, vision, models
 
 

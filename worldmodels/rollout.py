@@ -345,10 +345,10 @@ def final_evaluation(world, params, cfg, episodes: int | None = None, max_concur
 # --------------------------------------------------------------------------- loading V and M
 
 
-def load_world_models(data_dir, cfg):
-    """(V, M) from ``data_dir`` via :mod:`worldmodels.artifacts` (missing: MissingDataError naming
-    the command that makes it; incompatible config: ConfigError), with a damaged ``.keras``
-    file reported as :class:`~worldmodels.storage.CorruptFileError` naming the file."""
+def load_world_models(data_dir, cfg, *, vision_dir=None, models_dir=None):
+    """(V, M) from ``data_dir`` (or V from ``vision_dir``, M from ``models_dir``) via :mod:`worldmodels.artifacts`
+    (missing: MissingDataError naming the command that makes it; incompatible config: ConfigError), with a
+    damaged ``.keras`` file reported as :class:`~worldmodels.storage.CorruptFileError` naming the file."""
     from worldmodels import artifacts
     from worldmodels.cli import USER_ERRORS
     from worldmodels.storage import CorruptFileError
@@ -362,9 +362,11 @@ def load_world_models(data_dir, cfg):
             raise CorruptFileError(f"{path} cannot be loaded, it is truncated or corrupt "
                                    f"({type(exc).__name__}: {exc}); remake it") from exc
 
-    vae = guarded(lambda _: artifacts.load_vision(data_dir, cfg), artifacts.vision_path(data_dir, cfg))
-    rnn = guarded(lambda _: artifacts.load_rnn(data_dir, cfg), artifacts.rnn_path(data_dir))
+    vision_dir = data_dir if vision_dir is None else vision_dir
+    models_dir = data_dir if models_dir is None else models_dir
+    vae = guarded(lambda _: artifacts.load_vision(vision_dir, cfg), artifacts.vision_path(vision_dir, cfg))
+    rnn = guarded(lambda _: artifacts.load_rnn(models_dir, cfg), artifacts.rnn_path(models_dir))
     if not hasattr(rnn, "step") or not hasattr(vae, "encoder"):
-        raise CorruptFileError(f"{artifacts.vision_path(data_dir, cfg)} or {artifacts.rnn_path(data_dir)} "
+        raise CorruptFileError(f"{artifacts.vision_path(vision_dir, cfg)} or {artifacts.rnn_path(models_dir)} "
                                "does not hold the expected model (V with an encoder, M with step)")
     return vae, rnn
