@@ -138,12 +138,16 @@ def test_a_stopwatch_adds_up_runs_and_keeps_the_time_of_a_killed_one(tmp_path):
     # A run killed with SIGKILL (no exit handler runs) keeps what the thread saved last.
     code = (f"import time; from worldmodels import storage\n"
             f"with storage.Stopwatch({str(path)!r}, every=0.05):\n    time.sleep(60)\n")
+    spawned = time.monotonic()
     child = subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(3.0)
+    # Kill it once it has saved 0.5 s or more (polled: its start-up time on a loaded machine is unknown).
+    deadline = spawned + 60.0
+    while storage.read_json(path)["seconds"] < first + 0.5 and time.monotonic() < deadline:
+        time.sleep(0.05)
     child.kill()
     child.wait()
     killed = storage.read_json(path)["seconds"]
-    assert first + 0.5 < killed < first + 3.5
+    assert first + 0.5 <= killed < first + (time.monotonic() - spawned)
     with storage.Stopwatch(path, every=10.0) as watch:  # the next run starts from the saved total
         assert watch.seconds >= killed
     assert storage.read_json(path)["seconds"] >= killed

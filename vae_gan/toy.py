@@ -449,7 +449,7 @@ def save_figure(path, data: np.ndarray, recons: dict, results: dict) -> Path:
     # A bare Figure renders PNGs with the Agg canvas without touching pyplot's global backend.
     from matplotlib.figure import Figure
 
-    from worldmodels.storage import save_figure
+    from worldmodels import storage
 
     panels = [("data (held-out)", data, results["data"]), ("VAE reconstructions", recons["vae"], results["vae"]),
               ("VAE-GAN reconstructions", recons["vae_gan"], results["vae_gan"])]
@@ -463,7 +463,7 @@ def save_figure(path, data: np.ndarray, recons: dict, results: dict) -> Path:
                      f"dist = {m['mean_distance_to_data']:.3f}", fontsize=10)
         ax.set_xlim(*PLOT_LIMITS[0])
         ax.set_ylim(*PLOT_LIMITS[1])
-    return save_figure(fig, path, dpi=100)
+    return storage.save_figure(fig, path, dpi=100)
 
 
 def format_table(results: dict) -> str:

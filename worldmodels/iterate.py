@@ -427,7 +427,6 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
 def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: str = "") -> float:
     """Steps 1-4 of ``iteration`` (each skipped when complete); returns the iteration's wall time in seconds,
     summed over every run of it (a resumed iteration counts its earlier runs, :data:`CLOCK_FILE`)."""
-    iteration_dir(data_dir, iteration).mkdir(parents=True, exist_ok=True)
     with storage.Stopwatch(iteration_dir(data_dir, iteration) / CLOCK_FILE) as watch:
         _run_steps(cfg, iteration, data_dir, vae, command)
     return watch.seconds
