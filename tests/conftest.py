@@ -85,6 +85,12 @@ def smoke_rnn(smoke_vae, tmp_path_factory) -> Path:
     return data_dir
 
 
+def run_plain(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A script (or ``"-m", "module"``) run without the ``--preset`` and ``--data-dir`` that :func:`run_script` adds."""
+    target = [script] if script.startswith("-") else [str(REPO / script)]
+    return subprocess.run([sys.executable, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments) -> None:
     """A script refused bad input as it should: exit 2, no traceback, and a message naming what is wrong."""
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import pytest
 import config
 from models.controller import num_parameters
 from tests.conftest import (assert_user_error, data_dir_with, kill_then_resume_controller, load_npz, read_csv,
-                            run_script)
+                            run_plain, run_script)
 from worldmodels import storage
 from worldmodels.controller_training import generation_fitness, race, search_cost, search_table
 from worldmodels.rollout import EVAL_SEED_OFFSET, FINAL_EVAL_SEED_OFFSET, Rollouts, heldout_seeds
@@ -251,17 +251,6 @@ def test_early_stop_and_racing_cut_training_steps_only_and_resume_exactly(raced,
 
 
 # --------------------------------------------------------------------------- evaluation anyone can repeat
-
-
-def run_plain(script, *args):
-    """A script run without the --preset that run_script always adds."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    target = [script] if script.startswith("-") else [str(REPO / script)]  # "-m", "module" as given
-    return subprocess.run([sys.executable, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trained):

@@ -20,10 +20,15 @@ uninterrupted one):
   (a seed study's, or ``evaluate_controller.py``'s default), so a finished search is not scored again;
 * ``carry.json`` (the generation, the command that continues it) and ``MANIFEST.sha256``.
 
+Several searches on the same V and M travel as one carry (``--search`` repeated, or a pattern such as
+``'controller_seeds/seed_*'`` for a seed study, whose finished seeds keep their scores): V and M once,
+each search folder with its own files, and ``carry.json`` records every search's generation.
+
 No rollouts, latent series or training state of V and M are carried: a real-environment search
-needs none of them. Saving over an existing carry replaces only the files that changed, so a
-version-controlled carry grows by about the checkpoint (~13 MB for the paper's 867 parameters,
-whose CMA covariance is 867 x 867) per save. Restoring checks every file against the manifest
+needs none of them (a dream search starts from its data's series: after a restore, regenerate them
+with stages 1 and 3, from the same episode seeds). Saving over an existing carry replaces only the
+files that changed, so a version-controlled carry grows by about the checkpoint (~13 MB for the
+paper's 867 parameters, whose CMA covariance is 867 x 867) per save. Restoring checks every file against the manifest
 first and refuses to overwrite a different file in the data folder unless ``--force``.
 """
 
@@ -52,21 +57,42 @@ def folder(name_or_path) -> Path:
     return storage.named_folder(ROOT, name_or_path)
 
 
-def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
-    """Paths (relative to ``data_dir``) of the files a carry of the search folder ``search`` holds.
+def searches(data_dir, patterns) -> list[str]:
+    """The search folders (relative to ``data_dir``, sorted, each once) that ``patterns`` name: plain
+    folder names, or glob patterns such as ``controller_seeds/seed_*``. A pattern that matches no
+    folder with a search checkpoint is a MissingDataError naming it."""
+    data_dir, found = Path(data_dir), []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matches = sorted(path.parent.relative_to(data_dir).as_posix()
+                         for path in data_dir.glob(f"{pattern}/evolution.pkl"))
+        if not matches:
+            raise storage.MissingDataError(f"{data_dir / pattern} holds no search checkpoint (evolution.pkl and "
+                                           f"config.json); run stage 5 for at least one generation first")
+        found += [match for match in matches if match not in found]
+    return found
 
-    V's kind is read from the search's own ``config.json``. Raises MissingDataError, naming what
-    is missing, if the search has no checkpoint yet or V or M is absent.
+
+def carried_files(data_dir, search=artifacts.CONTROLLER) -> list[str]:
+    """Paths (relative to ``data_dir``) of the files a carry of the search folder(s) ``search`` holds.
+
+    ``search`` is a folder name or pattern, or a list of them (:func:`searches`); all must be searches
+    on the same V kind, read from each search's own ``config.json``. Raises MissingDataError, naming
+    what is missing, if a search has no checkpoint yet or V or M is absent, and ValueError if the
+    searches were made on different V kinds (a carry holds one V and one M).
     """
     data_dir = Path(data_dir)
-    saved = data_dir / search / artifacts.CONFIG_FILE
-    if not (data_dir / search / "evolution.pkl").exists() or not saved.exists():
-        raise storage.MissingDataError(f"{data_dir / search} holds no search checkpoint (evolution.pkl and "
-                                       f"config.json); run stage 5 for at least one generation first")
-    cfg = config.load_config(saved)
-    vision_folder, vision_name = artifacts.VISION[cfg.vae.model]
-    groups = ((vision_folder, (vision_name,) + MODEL_FILES), (artifacts.RNN[0], (artifacts.RNN[1],) + MODEL_FILES),
-              (search, SEARCH_FILES))
+    folders = searches(data_dir, search)
+    kinds = {}
+    for name in folders:
+        saved = data_dir / name / artifacts.CONFIG_FILE
+        if not saved.exists():
+            raise storage.MissingDataError(f"{saved} is missing; a carry needs it to resume")
+        kinds[name] = config.load_config(saved).vae.model
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"the searches were made on different V kinds ({kinds}); carry each kind apart")
+    vision_folder, vision_name = artifacts.VISION[kinds[folders[0]]]
+    groups = [(vision_folder, (vision_name,) + MODEL_FILES), (artifacts.RNN[0], (artifacts.RNN[1],) + MODEL_FILES)]
+    groups += [(name, SEARCH_FILES) for name in folders]
     names = []
     for sub, files in groups:
         for name in files:
@@ -74,10 +100,21 @@ def carried_files(data_dir, search: str = artifacts.CONTROLLER) -> list[str]:
                 names.append(f"{sub}/{name}")
             elif name not in OPTIONAL:
                 raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
-    # Scores on held-out tracks (evaluate_controller.py's default files, a seed study's score) are small
-    # and cost minutes of simulation each: carried too, so a finished search needs no re-scoring.
-    names += sorted(f"{search}/{path.name}" for path in (data_dir / search).glob(artifacts.EVALUATIONS))
+        # Scores on held-out tracks (evaluate_controller.py's default files, a seed study's score) are small
+        # and cost minutes of simulation each: carried too, so a finished search needs no re-scoring.
+        if sub in folders:
+            names += sorted(f"{sub}/{path.name}" for path in (data_dir / sub).glob(artifacts.EVALUATIONS))
     return names
+
+
+def _progress(data_dir: Path, search: str) -> dict:
+    """Generation, wall time and real environment steps of one search, read from its ``history.csv``."""
+    with open(data_dir / search / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    return {"generation": len(history),
+            "elapsed_seconds": float(history[-1]["elapsed"]) if history else 0.0,
+            "env_steps": int(sum(steps for steps in (float(row.get("env_steps") or "nan") for row in history)
+                                 if math.isfinite(steps)))}
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -86,26 +123,27 @@ def _copy(source: Path, target: Path) -> None:
         storage.atomic_write(target, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
-def save(data_dir, name_or_path, *, search: str = artifacts.CONTROLLER, command: str = "") -> dict:
+def save(data_dir, name_or_path, *, search=artifacts.CONTROLLER, command: str = "") -> dict:
     """Copy the files of :func:`carried_files` into the carry folder; returns its ``carry.json``.
 
-    Stop the search first: a copy taken while a generation is being written may pair a history
+    ``carry.json`` gives the first search's ``search``, ``generation``, ``elapsed_seconds`` and
+    ``env_steps`` (the fields of a one-search carry) and, under ``searches``, those of every search.
+    Stop the searches first: a copy taken while a generation is being written may pair a history
     with the checkpoint before it (each file is complete, but not the set).
     """
     data_dir, out = Path(data_dir), folder(name_or_path)
     names = carried_files(data_dir, search)
+    folders = searches(data_dir, search)
     out.mkdir(parents=True, exist_ok=True)
     for stale in set(storage.read_manifest(out, "carry")) - set(names) if (out / storage.MANIFEST_NAME).exists() else ():
         (out / stale).unlink(missing_ok=True)
     for name in names:
         if not (out / name).exists() or storage.sha256(out / name) != storage.sha256(data_dir / name):
             _copy(data_dir / name, out / name)
-    with open(data_dir / search / "history.csv", newline="") as f:
-        history = list(csv.DictReader(f))
-    info = {"search": search, "generation": len(history), "command": command,
-            "elapsed_seconds": float(history[-1]["elapsed"]) if history else 0.0,
-            "env_steps": int(sum(steps for steps in (float(row.get("env_steps") or "nan") for row in history)
-                                 if math.isfinite(steps)))}
+    progress = {name: _progress(data_dir, name) for name in folders}
+    info = {"search": folders[0], **progress[folders[0]], "command": command}
+    if len(folders) > 1:
+        info["searches"] = progress
     storage.atomic_write_json(out / INFO, info)
     storage.write_manifest(out, names + [INFO])
     return info
@@ -135,6 +173,12 @@ def restore(name_or_path, data_dir, *, force: bool = False) -> dict:
     return storage.read_json(source / INFO)
 
 
+def _generations(info: dict) -> str:
+    """'generation 186 of controller/', or one such part per search of a carry of several."""
+    progress = info.get("searches") or {info["search"]: info}
+    return ", ".join(f"generation {p['generation']} of {name}/" for name, p in progress.items())
+
+
 def available() -> list[str]:
     return storage.manifest_folders(ROOT)
 
@@ -145,8 +189,9 @@ def main(argv=None) -> int:
     put = commands.add_parser("save", help="copy a stopped search (with its V and M) into checkpoints/<name>/")
     put.add_argument("--data-dir", type=Path, required=True, help="the run's data folder")
     put.add_argument("--name", required=True, help="name under checkpoints/ (or a folder path)")
-    put.add_argument("--search", default=artifacts.CONTROLLER,
-                     help="the search folder inside the data folder (default: controller)")
+    put.add_argument("--search", action="append",
+                     help="a search folder inside the data folder, or a pattern such as 'controller_seeds/seed_*'; "
+                          "repeat it to carry several searches on the same V and M (default: controller)")
     put.add_argument("--command", dest="resume", default="", help="the command that continues the search")
     get = commands.add_parser("restore", help="copy a carry into a data folder, to continue its search")
     get.add_argument("name", help="name under checkpoints/ (or a folder path)")
@@ -154,14 +199,14 @@ def main(argv=None) -> int:
     get.add_argument("--force", action="store_true", help="replace files of the data folder that differ")
     args = parser.parse_args(argv)
     if args.command == "save":
-        info = save(args.data_dir, args.name, search=args.search, command=args.resume)
+        info = save(args.data_dir, args.name, search=args.search or [artifacts.CONTROLLER], command=args.resume)
         out = folder(args.name)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        print(f"{out}: generation {info['generation']}, {size / 1e6:.1f} MB; restore it with: "
+        print(f"{out}: {_generations(info)}, {size / 1e6:.1f} MB; restore it with: "
               f"python -m worldmodels.carry restore {args.name} --data-dir DIR")
         return 0
     info = restore(args.name, args.data_dir, force=args.force)
-    print(f"{args.data_dir}: restored generation {info['generation']} of {info['search']}/"
+    print(f"{args.data_dir}: restored {_generations(info)}"
           + (f"; continue with: {info['command']}" if info.get("command") else ""))
     return 0
 
