@@ -130,6 +130,10 @@ class RNNConfig:
                                   "the dream's actions")
     action_weight: float = _f(1.0, "weight of the action head's loss, the MSE of a_t+1 per action component")
     dropout: float = _f(0.0, "dropout on the LSTM output (Dropout's Dream Land uses 0.1)")
+    scheduled_sampling: float = _f(0.0, "probability that an input z_t of M in training is its own draw from the "
+                                        "step before instead of the real one (parallel scheduled sampling; "
+                                        "lucid-dream-racer used 0.3): M learns from inputs like its dream's; "
+                                        "costs a second forward pass per step")
     heldout_fraction: float = _f(0.05, "fraction of episodes held out for validation (same split as V)")
     encode_batch_size: int = _f(1000, "frames per V call when encoding rollouts into series")
     mixed_precision: bool = _f(False, "train the LSTM in mixed_float16 (useful on a GPU only; the MDN stays float32)")
@@ -484,6 +488,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.compresslevel must be in 1..9, got {cfg.data.compresslevel}")
     if not 0.0 <= cfg.rnn.dropout < 1.0:
         raise ConfigError(f"rnn.dropout must be in [0, 1), got {cfg.rnn.dropout}")
+    if not 0.0 <= cfg.rnn.scheduled_sampling <= 1.0:
+        raise ConfigError(f"rnn.scheduled_sampling must be a probability in [0, 1], got {cfg.rnn.scheduled_sampling}")
     if cfg.controller.population < 2:
         raise ConfigError("controller.population must be at least 2 for CMA-ES")
     if cfg.controller.racing and cfg.controller.rollouts_per_member < 2:

@@ -44,6 +44,14 @@ Land") is applied to the LSTM output before the heads with one mask per sequence
 samples one mask per episode with :meth:`MDNRNN.sample_dropout_mask` and passes it to
 every :meth:`MDNRNN.step` of that episode.
 
+Scheduled sampling (``scheduled_sampling`` = p > 0; Bengio et al. 2015, in the parallel form of
+Duckworth et al. 2019): in training, a first pass of the network (no gradient) predicts every
+z_{t+1}; each input z_t (t >= 1) is then replaced with probability p by a draw from that
+prediction (temperature 1), and the loss is that of a second pass on the mixed inputs, against the
+true targets. Teacher forcing alone shows M only real latents as inputs, while in the dream it is
+fed its own samples; with scheduled sampling its heads (the reward's included) also learn from
+inputs like those of its own dream. Validation (``test_step``) stays teacher-forced.
+
 The numpy baselines at the end (:func:`gaussian_nll`, :func:`baseline_nlls`) give the held-out
 NLL that M must beat, in the same units as :func:`mixture_nll`.
 """
@@ -219,6 +227,14 @@ def _check_temperature(temperature):
     return temperature
 
 
+def scheduled_inputs(z, imagined, replace):
+    """M's inputs under scheduled sampling: ``z`` (B, T, Z) with z_t replaced by ``imagined[:, t - 1]`` where
+    ``replace[:, t - 1]`` (``imagined``, ``replace``: (B, T - 1, Z) and (B, T - 1) bool; the first input is always
+    the real z_0, since nothing precedes it to imagine it from)."""
+    mixed = tf.where(replace[..., None], imagined, z[:, 1:])
+    return tf.concat([z[:, :1], mixed], axis=1)
+
+
 def mixture_noise(shape_gumbel, shape_normal, seed=None, generator=None, dtype=tf.float32):
     """The noise of one mixture draw: uniform (0, 1) ``shape_gumbel`` for the Gumbel trick, standard normal ``shape_normal``.
 
@@ -318,8 +334,10 @@ class MDNRNN(keras.Model):
     def __init__(self, z_size=32, action_size=3, hidden_units=256, num_mixtures=5, reward_head=True,
                  done_head=True, dropout=0.0, done_weight=DEFAULT_DONE_WEIGHT, reward_weight=1.0,
                  log_sigma_min=LOG_SIGMA_MIN, log_sigma_max=LOG_SIGMA_MAX, seed=None, name="mdn_rnn",
-                 action_head=False, action_weight=1.0, **kwargs):
+                 action_head=False, action_weight=1.0, scheduled_sampling=0.0, **kwargs):
         super().__init__(name=name, **kwargs)
+        if not 0.0 <= float(scheduled_sampling) <= 1.0:
+            raise ValueError(f"scheduled_sampling must be a probability in [0, 1], got {scheduled_sampling!r}.")
         if min(float(done_weight), float(reward_weight), float(action_weight)) < 0:
             raise ValueError(f"loss weights must be >= 0, got done_weight={done_weight}, "
                              f"reward_weight={reward_weight}, action_weight={action_weight}.")
@@ -334,6 +352,7 @@ class MDNRNN(keras.Model):
         self.action_head = bool(action_head)
         self.action_weight = float(action_weight)
         self.dropout = _check_dropout(dropout)
+        self.scheduled_sampling = float(scheduled_sampling)
         self.done_weight = float(done_weight)
         self.reward_weight = float(reward_weight)
         self.log_sigma_min = float(log_sigma_min)
@@ -357,9 +376,11 @@ class MDNRNN(keras.Model):
         return names
 
     def get_config(self):
-        """The constructor's arguments; the action head's only when it is on, so an M without it saves
-        exactly the config of an M saved before the option existed."""
+        """The constructor's arguments; the action head's and scheduled sampling's only when they are on, so
+        an M without them saves exactly the config of an M saved before the options existed."""
         action = {"action_head": True, "action_weight": self.action_weight} if self.action_head else {}
+        if self.scheduled_sampling > 0:
+            action["scheduled_sampling"] = self.scheduled_sampling
         return {
             "name": self.name, "z_size": self.z_size, "action_size": self.action_size,
             "hidden_units": self.hidden_units, "num_mixtures": self.num_mixtures,
@@ -418,7 +439,9 @@ class MDNRNN(keras.Model):
     def compute_losses(self, batch, sample_z=False, training=False):
         """Dict of scalar losses ``loss``, ``z_nll`` (+ ``reward_mse``, ``done_bce``, ``action_mse``) for a batch.
 
-        ``sample_z``: z = mu + exp(logvar / 2) * eps (training) instead of z = mu.
+        ``sample_z``: z = mu + exp(logvar / 2) * eps (training) instead of z = mu. With ``training`` and
+        ``scheduled_sampling`` > 0 the inputs are mixed with M's own draws (module docstring); the
+        targets stay the real z.
         The z NLL and the action MSE of step t (targets z_{t+1}, a_{t+1}) are counted when
         steps t and t + 1 are both real (mask[t] & mask[t + 1]); the reward and done losses
         when step t is real. ``action_mse`` is the mean over action components and those steps.
@@ -429,9 +452,12 @@ class MDNRNN(keras.Model):
         if sample_z:
             eps = keras.random.normal(tf.shape(z), seed=self.seed_generator)
             z = z + tf.exp(0.5 * data["logvar"]) * eps
-        out = self.net(tf.concat([z, data["action"]], axis=-1), training=training)
-        log_pi, mu, log_sigma = self.split(out["mdn"][:, :-1])
         pairs = keep[:, :-1] & keep[:, 1:]
+        inputs = z
+        if training and self.scheduled_sampling > 0:
+            inputs = scheduled_inputs(z, *self._imagine(z, data["action"], pairs))
+        out = self.net(tf.concat([inputs, data["action"]], axis=-1), training=training)
+        log_pi, mu, log_sigma = self.split(out["mdn"][:, :-1])
         losses = {"z_nll": mixture_nll(z[:, 1:], log_pi, mu, log_sigma, pairs)}
         total = losses["z_nll"]
         count = tf.reduce_sum(tf.cast(keep, tf.float32))
@@ -450,6 +476,19 @@ class MDNRNN(keras.Model):
             total = total + self.action_weight * losses["action_mse"]
         losses["loss"] = total
         return losses
+
+    def _imagine(self, z, action, pairs):
+        """Scheduled sampling's first pass: (``imagined`` (B, T - 1, Z), ``replace`` (B, T - 1) bool). ``imagined[:, t]``
+        is a draw (temperature 1) from M's prediction of z_{t+1} given the real z_0..z_t, without gradient;
+        ``replace`` is true with probability ``scheduled_sampling`` on pairs of real steps (``pairs``), else false."""
+        first = self.net(tf.concat([z, action], axis=-1), training=True)
+        log_pi, mu, log_sigma = self.split(tf.stop_gradient(first["mdn"][:, :-1]))
+        tiny = np.finfo(np.float32).tiny
+        uniform = keras.random.uniform(tf.shape(log_pi), minval=tiny, maxval=1.0, seed=self.seed_generator)
+        normal = keras.random.normal(tf.shape(mu)[:-1], seed=self.seed_generator)
+        imagined = mixture_draw(log_pi, mu, log_sigma, tf.constant(1.0, log_pi.dtype), uniform, normal)
+        coin = keras.random.uniform(tf.shape(pairs), seed=self.seed_generator)
+        return imagined, pairs & (coin < self.scheduled_sampling)
 
     def _record(self, losses):
         for name, tracker in self.trackers.items():

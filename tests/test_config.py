@@ -45,6 +45,7 @@ def test_set_overrides_are_typed():
     ({"data.episodes": "0"}, "must be positive"),
     ({"dream.temperature": "0"}, "> 0"),
     ({"vae.heldout_fraction": "1.5"}, "[0, 1)"),
+    ({"rnn.scheduled_sampling": "1.5"}, "rnn.scheduled_sampling must be a probability in [0, 1]"),
 ])
 def test_bad_overrides_give_clear_errors(overrides, message):
     with pytest.raises(config.ConfigError, match=None) as info:

@@ -18,6 +18,7 @@ from models.mdn_rnn import (
     mixture_log_prob,
     mixture_nll,
     sample_mixture,
+    scheduled_inputs,
     split_mixture,
 )
 
@@ -556,7 +557,7 @@ def numpy_forward(model, inputs):
         return features @ weight.astype(np.float64) + b
 
     return {"mdn": dense("mdn"), "reward": dense("reward")[..., 0], "done": dense("done")[..., 0],
-            "action": dense("action")}
+            **({"action": dense("action")} if model.action_head else {})}
 
 
 def numpy_split(y, z_size, k):
@@ -677,3 +678,75 @@ def test_keras_round_trip_with_the_action_head(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.action_head and loaded.action_weight == 0.3 and loaded.get_config() == model.get_config()
     assert losses_np(loaded, batch) == pytest.approx(losses_np(model, batch), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- scheduled sampling (rnn.scheduled_sampling)
+def test_scheduled_inputs_keep_the_first_z_and_replace_exactly_where_asked():
+    z = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    imagined = -np.ones((2, 3, 3), np.float32)
+    replace = np.array([[True, False, True], [False, False, False]])
+    mixed = scheduled_inputs(z, imagined, replace).numpy()
+    np.testing.assert_array_equal(mixed[:, 0], z[:, 0])
+    np.testing.assert_array_equal(mixed[0, 1], -1.0)
+    np.testing.assert_array_equal(mixed[0, 2], z[0, 2])
+    np.testing.assert_array_equal(mixed[0, 3], -1.0)
+    np.testing.assert_array_equal(mixed[1], z[1])
+
+
+def test_scheduled_sampling_trains_on_ms_own_draws_and_validates_teacher_forced(small_model, monkeypatch):
+    """The training loss is the loss of the network fed the mixed inputs (checked against an independent numpy
+    forward pass), against the real targets; without ``training`` the inputs stay the real z."""
+    rng = np.random.default_rng(3)
+    batch = make_batch(rng, [6, 4], 6)
+    model = with_shared_weights(small_model, scheduled_sampling=1.0)
+    imagined = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    replace = np.array([[True, False, True, True, True], [True, True, True, False, False]])
+    monkeypatch.setattr(model, "_imagine", lambda z, action, pairs: (tf.constant(imagined), tf.constant(replace)))
+    trained = {k: float(v) for k, v in model.compute_losses(batch, training=True).items()}
+    keep = batch["mask"] > 0
+    inputs = scheduled_inputs(batch["mu"], imagined, replace).numpy()
+    out = numpy_forward(model, np.concatenate([inputs, batch["action"]], axis=-1).astype(np.float64))
+    reward_mse = np.sum(np.where(keep, (out["reward"] - batch["reward"]) ** 2, 0.0)) / keep.sum()
+    np.testing.assert_allclose(trained["reward_mse"], reward_mse, rtol=1e-4)
+    log_pi, mu, log_sigma = model.split(tf.constant(out["mdn"][:, :-1], tf.float32))
+    nll = float(mixture_nll(batch["mu"][:, 1:], log_pi, mu, log_sigma, keep[:, :-1] & keep[:, 1:]))
+    np.testing.assert_allclose(trained["z_nll"], nll, rtol=1e-4)
+    # Validation and a model without the option see the real z: the same losses.
+    assert losses_np(model, batch) == pytest.approx(losses_np(small_model, batch), rel=1e-6)
+    assert trained["reward_mse"] != pytest.approx(losses_np(small_model, batch)["reward_mse"], rel=1e-3)
+
+
+def test_scheduled_sampling_replaces_a_share_p_of_real_pairs_with_draws_from_ms_prediction():
+    """``_imagine``: with M's z head fixed to one narrow component at c, every draw lies near c, and the
+    replaced share of the real pairs is p (never a padded one)."""
+    model = MDNRNN(**SMALL, seed=5, scheduled_sampling=0.3)
+    kernel, bias = model.net.get_layer("mdn").get_weights()
+    z_size, k = SMALL["z_size"], SMALL["num_mixtures"]
+    raw = np.zeros((z_size, 3, k), np.float32)  # per z dimension: K logits, K means, K raw log sigmas
+    raw[:, 1] = 0.7
+    raw[:, 2] = -100.0  # the soft bound's floor: sigma = exp(LOG_SIGMA_MIN)
+    model.net.get_layer("mdn").set_weights([np.zeros_like(kernel), raw.reshape(bias.shape)])
+    log_pi, mu, log_sigma = model.split(model.net(np.zeros((1, 1, z_size + 3), np.float32))["mdn"])
+    assert np.allclose(mu.numpy(), 0.7) and np.allclose(log_sigma.numpy(), LOG_SIGMA_MIN, atol=1e-4)
+    rng = np.random.default_rng(0)
+    batch = make_batch(rng, [200, 120, 200, 50], 200)
+    z, action = tf.constant(batch["mu"]), tf.constant(batch["action"])
+    keep = batch["mask"] > 0
+    pairs = tf.constant(keep[:, :-1] & keep[:, 1:])
+    imagined, replace = model._imagine(z, action, pairs)
+    assert tuple(imagined.shape) == (4, 199, z_size) and tuple(replace.shape) == (4, 199)
+    assert np.abs(imagined.numpy() - 0.7).max() < 6 * math.exp(LOG_SIGMA_MIN)
+    replace = replace.numpy()
+    assert not replace[~pairs.numpy()].any()
+    share = replace[pairs.numpy()].mean()
+    n = int(pairs.numpy().sum())
+    assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n), share
+
+
+def test_scheduled_sampling_is_saved_only_when_on_and_checked():
+    assert "scheduled_sampling" not in MDNRNN(**SMALL).get_config()
+    config_on = MDNRNN(**SMALL, scheduled_sampling=0.3).get_config()
+    assert config_on["scheduled_sampling"] == 0.3
+    assert MDNRNN.from_config(config_on).scheduled_sampling == 0.3
+    with pytest.raises(ValueError, match="scheduled_sampling"):
+        MDNRNN(**SMALL, scheduled_sampling=1.5)

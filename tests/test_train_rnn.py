@@ -424,3 +424,17 @@ def test_stage_4_with_the_action_head_writes_the_action_metric(smoke_rnn, tmp_pa
     # An M without the head is refused by a run with it, and the other way round.
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
     assert_user_error(proc, tmp_path / "rnn", "rnn.action_head: artifact has True, current config has False")
+
+
+def test_stage_4_with_scheduled_sampling_trains_on_ms_own_draws(smoke_rnn, tmp_path):
+    from worldmodels import artifacts
+
+    shutil.copytree(smoke_rnn / "series", tmp_path / "series")
+    run_script(SCRIPT, "--set", "rnn.scheduled_sampling=0.5", data_dir=tmp_path)
+    cfg = config.load_config(tmp_path / "rnn" / "config.json")
+    metrics = json.loads((tmp_path / "rnn" / "metrics.json").read_text())
+    assert metrics["fingerprint"]["rnn.scheduled_sampling"] == 0.5 and math.isfinite(metrics["z_nll"])
+    assert artifacts.load_rnn(tmp_path, cfg).scheduled_sampling == 0.5
+    # Off (the default), the fingerprint is the one from before the option, so older runs still resume.
+    plain = json.loads((smoke_rnn / "rnn" / "metrics.json").read_text())
+    assert "rnn.scheduled_sampling" not in plain["fingerprint"]

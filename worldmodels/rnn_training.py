@@ -89,14 +89,16 @@ def split(cfg: config.Config, paths):
 def model_arguments(cfg: config.Config) -> dict:
     """``MDNRNN``'s keyword arguments from the config (all but ``seed``): its network and loss weights.
 
-    The action head's arguments are given only when it is on, so an M without it is built exactly as
-    before the option existed.
+    The action head's and scheduled sampling's arguments are given only when they are on, so an M
+    without them is built exactly as before the options existed.
     """
     arguments = dict(z_size=cfg.vae.z_size, hidden_units=cfg.rnn.hidden_units, num_mixtures=cfg.rnn.num_mixtures,
                      reward_head=cfg.rnn.reward_head, done_head=cfg.rnn.done_head, dropout=cfg.rnn.dropout,
                      done_weight=cfg.rnn.done_weight)
     if cfg.rnn.action_head:
         arguments.update(action_head=True, action_weight=cfg.rnn.action_weight)
+    if cfg.rnn.scheduled_sampling > 0:
+        arguments.update(scheduled_sampling=cfg.rnn.scheduled_sampling)
     return arguments
 
 
@@ -127,12 +129,14 @@ def check_learning_rates(cfg: config.Config) -> None:
 def fingerprint(cfg: config.Config, train_paths, train_windows: int) -> dict:
     """What fixes M's batches and updates (see ``datasets.training_fingerprint``).
 
-    ``rnn.action_weight`` counts only with the action head (without it the weight changes nothing),
-    so the fingerprint of a run without the head is the one it had before the option existed.
+    ``rnn.action_weight`` counts only with the action head (without it the weight changes nothing), and
+    ``rnn.scheduled_sampling`` only when on, so the fingerprint of a run without them is the one it had
+    before the options existed.
     """
     keys = ("vae.seed", "vae.split_seed", "rnn.heldout_fraction", "rnn.sequence_length", "rnn.batch_size", "rnn.learning_rate",
             "rnn.min_learning_rate", "rnn.grad_clip", "rnn.steps", "rnn.dropout", "rnn.done_weight", "rnn.seed",
-            "rnn.mixed_precision") + (("rnn.action_weight",) if cfg.rnn.action_head else ())
+            "rnn.mixed_precision") + (("rnn.action_weight",) if cfg.rnn.action_head else ()) + (
+            ("rnn.scheduled_sampling",) if cfg.rnn.scheduled_sampling > 0 else ())
     return datasets.training_fingerprint(cfg, train_paths, keys, train_windows=train_windows)
 
 
