@@ -301,3 +301,45 @@ def test_the_iterations_table_of_a_run_without_iterations_names_the_command(tmp_
 
     with pytest.raises(storage.MissingDataError, match="06_iterate.py"):
         figures.iterations_table(tmp_path)
+
+
+def test_a_carried_run_records_its_episodes_again_and_goes_on_to_the_same_rows(reference, smoke_rnn, tmp_path):
+    """Iteration 1 carried without its episodes (``carry save --iterations``) and restored beside stages 1 and 3
+    only, as a fresh machine would have them after rerunning those, goes on: 06 records iteration 1's episodes
+    again (the same series as the first time, on this machine) and iteration 2's row is the uninterrupted run's."""
+    import shutil
+
+    from tests.conftest import run_plain
+
+    source = data_dir_with(smoke_rnn, tmp_path / "source", *STAGES)
+    done = reference[0] / "iterations"
+    shutil.copytree(done / "iter_001", source / "iterations" / "iter_001")
+    for name in ("config.json", "start.json"):
+        shutil.copy(done / name, source / "iterations" / name)
+    rows = (done / "iterations.csv").read_text().splitlines(keepends=True)
+    (source / "iterations" / "iterations.csv").write_text("".join(rows[:2]))
+    carry = tmp_path / "carry"
+    saved = run_plain("-m", "worldmodels.carry", "save", "--data-dir", str(source), "--name", str(carry), "--iterations")
+    assert saved.returncode == 0, saved.stderr
+    assert "1 finished iteration(s) of iterations/" in saved.stdout
+    listed = [line.split("  ")[1] for line in (carry / "MANIFEST.sha256").read_text().splitlines()]
+    for name in ("vae/vae.keras", "rnn/rnn.keras", "iterations/iterations.csv", "iterations/start.json",
+                 "iterations/iter_001/rnn/rnn.keras", "iterations/iter_001/controller/controller.npz",
+                 "iterations/iter_001/seconds.json", "iterations/iter_001/diagnostics.png"):
+        assert name in listed, name
+    assert not any("/rollouts/" in name or "/series/" in name or name.endswith("evolution.pkl") for name in listed)
+
+    fresh = data_dir_with(smoke_rnn, tmp_path / "fresh", "rollouts", "series")
+    restored = run_plain("-m", "worldmodels.carry", "restore", str(carry), "--data-dir", str(fresh))
+    assert restored.returncode == 0, restored.stderr
+    proc = run_script(SCRIPT, data_dir=fresh)
+    assert "iteration 1: its episodes are missing" in proc.stdout + proc.stderr
+    series = sorted((done / "iter_001" / "series").glob("episode_*.npz"))
+    assert [p.name for p in sorted((fresh / "iterations" / "iter_001" / "series").glob("episode_*.npz"))] == [
+        p.name for p in series]
+    for path in series:
+        got, want = load_npz(fresh / "iterations" / "iter_001" / "series" / path.name), load_npz(path)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{path.name}: {key}")
+    want = read_csv(done / "iterations.csv")
+    assert without_seconds(read_csv(fresh / "iterations" / "iterations.csv")) == without_seconds(want)

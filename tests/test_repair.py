@@ -199,6 +199,38 @@ def test_kill_while_repairing_then_resume_gives_the_same_files_and_row(repaired,
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+def test_a_finished_iterations_lost_episodes_repair_episodes_included_are_recorded_again_as_they_were(
+        repaired, smoke_rnn, tmp_path):
+    """After a carry (which leaves the episodes behind), ``iterate.refill_data`` records iteration 1's collected and
+    repair episodes again from the saved choice and encodes them: the same files, byte for byte; repair.npz, M and
+    the search are not touched. A complete iteration is left alone."""
+    import config
+    from worldmodels import artifacts, iterate
+
+    data = data_dir_with(smoke_rnn, tmp_path, *STAGES)
+    reference = repaired[0] / "iterations"
+    shutil.copytree(reference / "iter_001", data / "iterations" / "iter_001",
+                    ignore=shutil.ignore_patterns("rollouts", "series"))
+    for name in ("config.json", "start.json"):
+        shutil.copy(reference / name, data / "iterations" / name)
+    kept = snapshot(data / "iterations" / "iter_001")
+    cfg = config.make_config("smoke", {"iterate.repair_episodes": 2, "iterate.repair_candidates": 3,
+                                       "iterate.repair_horizon": 10})
+    vae = artifacts.load_vision(data, cfg)
+    assert not iterate.data_complete(cfg, 1, data)
+    assert iterate.refill_data(cfg, 1, data, vae)
+    assert iterate.data_complete(cfg, 1, data) and not iterate.refill_data(cfg, 1, data, vae)
+    for sub in ("rollouts", "series"):
+        want = sorted(p.name for p in (reference / "iter_001" / sub).glob("episode_*.npz"))
+        assert any(name.startswith("episode_15") for name in want)  # the repair's
+        assert sorted(p.name for p in (data / "iterations" / "iter_001" / sub).glob("episode_*.npz")) == want
+        for name in want:
+            assert (data / "iterations" / "iter_001" / sub / name).read_bytes() == \
+                (reference / "iter_001" / sub / name).read_bytes(), f"{sub}/{name}"
+    after = snapshot(data / "iterations" / "iter_001")
+    assert {name: after[name] for name in kept} == kept
+
+
 def test_a_folder_without_repair_refuses_it_and_old_configs_match_it_off(tmp_path):
     import config
     from worldmodels import iterate

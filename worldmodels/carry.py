@@ -20,6 +20,14 @@ uninterrupted one):
   (a seed study's, or ``evaluate_controller.py``'s default), so a finished search is not scored again;
 * ``carry.json`` (the generation, the command that continues it) and ``MANIFEST.sha256``.
 
+The iterative procedure (``06_iterate.py``) travels with ``--iterations``: V, stage 4's M, the
+controller iteration 1 started from, ``iterations/`` with its table, and per iteration its M, its
+search (the checkpoint ``evolution.pkl`` only for a search not yet finished: a finished iteration's is
+never read again), its scores, ``curiosity.npz``, ``repair.npz``, ``seconds.json`` and
+``diagnostics.png``. Its episodes do not travel (~0.8 MB of frames each): after a restore, stages 1
+and 3 make the data dir's series again, and ``06_iterate.py`` records a finished iteration's
+episodes again where they are missing (``iterate.refill_data``) before it goes on.
+
 Several searches on the same V and M travel as one carry (``--search`` repeated, or a pattern such as
 ``'controller_seeds/seed_*'`` for a seed study, whose finished seeds keep their scores): V and M once,
 each search folder with its own files, and ``carry.json`` records every search's generation.
@@ -41,7 +49,7 @@ import shutil
 from pathlib import Path
 
 import config
-from worldmodels import artifacts, storage
+from worldmodels import artifacts, iterate, storage
 
 ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 INFO = "carry.json"
@@ -50,6 +58,9 @@ SEARCH_FILES = ("evolution.pkl", "history.csv", "eval.csv", artifacts.CONTROLLER
 MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE, artifacts.SPLIT_FILE)
 # Carried when present; every other file listed above must exist.
 OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.CONTROLLER_FILE)
+# An iteration's own files besides its M and its search, carried when present.
+ITERATION_FILES = (iterate.CURIOSITY_FILE, iterate.REPAIR_FILE, iterate.CLOCK_FILE, iterate.DIAGNOSTICS_FIGURE)
+ITERATIONS = "iterations"  # carry.json's "search" of a carry of the iterative procedure
 
 
 def folder(name_or_path) -> Path:
@@ -95,15 +106,64 @@ def carried_files(data_dir, search=artifacts.CONTROLLER) -> list[str]:
     groups += [(name, SEARCH_FILES) for name in folders]
     names = []
     for sub, files in groups:
-        for name in files:
-            if (data_dir / sub / name).exists():
-                names.append(f"{sub}/{name}")
-            elif name not in OPTIONAL:
-                raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
+        names += _present(data_dir, sub, files)
         # Scores on held-out tracks (evaluate_controller.py's default files, a seed study's score) are small
         # and cost minutes of simulation each: carried too, so a finished search needs no re-scoring.
         if sub in folders:
-            names += sorted(f"{sub}/{path.name}" for path in (data_dir / sub).glob(artifacts.EVALUATIONS))
+            names += _scores(data_dir, sub)
+    return names
+
+
+def _present(data_dir: Path, sub: str, files, optional=OPTIONAL) -> list[str]:
+    """``sub/<name>`` for every name in ``files`` found in ``data_dir/sub``; a missing one not in ``optional`` is a
+    MissingDataError."""
+    names = []
+    for name in files:
+        if (data_dir / sub / name).exists():
+            names.append(f"{sub}/{name}")
+        elif name not in optional:
+            raise storage.MissingDataError(f"{data_dir / sub / name} is missing; a carry needs it to resume")
+    return names
+
+
+def _scores(data_dir: Path, sub: str) -> list[str]:
+    return sorted(f"{sub}/{path.name}" for path in (data_dir / sub).glob(artifacts.EVALUATIONS))
+
+
+def iteration_files(data_dir) -> list[str]:
+    """Paths (relative to ``data_dir``) of the files a carry of the iterative procedure holds (module docstring).
+
+    Raises MissingDataError if ``<data>/iterations`` has no ``config.json`` (06_iterate.py never ran) or V or
+    stage 4's M is missing. An iteration's M travels once complete (``metrics.json`` written); one still
+    training is trained again from the previous M on the next machine (the same steps, the same batches).
+    """
+    data_dir = Path(data_dir)
+    root = data_dir / artifacts.ITERATIONS
+    if not (root / artifacts.CONFIG_FILE).exists():
+        raise storage.MissingDataError(f"{root} holds no iterative procedure (no {artifacts.CONFIG_FILE}); run "
+                                       f"06_iterate.py first")
+    cfg = config.load_config(root / artifacts.CONFIG_FILE)
+    finished = len(iterate.read_rows(root / artifacts.ITERATIONS_TABLE))
+    vision_folder, vision_name = artifacts.VISION[cfg.vae.model]
+    names = _present(data_dir, vision_folder, (vision_name,) + MODEL_FILES)
+    names += _present(data_dir, artifacts.RNN[0], (artifacts.RNN[1],) + MODEL_FILES)
+    names += _present(data_dir, artifacts.ITERATIONS, (artifacts.CONFIG_FILE, artifacts.ITERATIONS_TABLE,
+                                                       artifacts.ITERATIONS_START),
+                      optional=(artifacts.ITERATIONS_TABLE, artifacts.ITERATIONS_START))
+    start = artifacts.iterations_start_dir(data_dir, cfg.dream.temperature)
+    if start is not None:  # the controller iteration 1 collected with and started from
+        sub = start.relative_to(data_dir).as_posix()
+        names += _present(data_dir, sub, SEARCH_FILES[1:]) + _scores(data_dir, sub)
+    for folder in sorted(root.glob("iter_[0-9][0-9][0-9]")):
+        sub = folder.relative_to(data_dir).as_posix()
+        names += _present(data_dir, sub, ITERATION_FILES, optional=ITERATION_FILES)
+        if (folder / artifacts.RNN[0] / artifacts.METRICS_FILE).exists():
+            names += _present(data_dir, f"{sub}/{artifacts.RNN[0]}", (artifacts.RNN[1],) + MODEL_FILES)
+        search = f"{sub}/{artifacts.CONTROLLER}"
+        if (data_dir / search / "history.csv").exists():
+            unfinished = int(folder.name[len("iter_"):]) > finished
+            names += _present(data_dir, search, SEARCH_FILES if unfinished else SEARCH_FILES[1:])
+            names += _scores(data_dir, search)
     return names
 
 
@@ -123,27 +183,33 @@ def _copy(source: Path, target: Path) -> None:
         storage.atomic_write(target, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
-def save(data_dir, name_or_path, *, search=artifacts.CONTROLLER, command: str = "") -> dict:
-    """Copy the files of :func:`carried_files` into the carry folder; returns its ``carry.json``.
+def save(data_dir, name_or_path, *, search=artifacts.CONTROLLER, command: str = "", iterations: bool = False) -> dict:
+    """Copy the files of :func:`carried_files` (or with ``iterations`` :func:`iteration_files`) into the carry
+    folder; returns its ``carry.json``.
 
     ``carry.json`` gives the first search's ``search``, ``generation``, ``elapsed_seconds`` and
-    ``env_steps`` (the fields of a one-search carry) and, under ``searches``, those of every search.
-    Stop the searches first: a copy taken while a generation is being written may pair a history
+    ``env_steps`` (the fields of a one-search carry) and, under ``searches``, those of every search; a carry
+    of the iterative procedure gives ``search`` "iterations" and the number of finished ``iterations``.
+    Stop the run first: a copy taken while a generation is being written may pair a history
     with the checkpoint before it (each file is complete, but not the set).
     """
     data_dir, out = Path(data_dir), folder(name_or_path)
-    names = carried_files(data_dir, search)
-    folders = searches(data_dir, search)
+    names = iteration_files(data_dir) if iterations else carried_files(data_dir, search)
+    folders = [] if iterations else searches(data_dir, search)
     out.mkdir(parents=True, exist_ok=True)
     for stale in set(storage.read_manifest(out, "carry")) - set(names) if (out / storage.MANIFEST_NAME).exists() else ():
         (out / stale).unlink(missing_ok=True)
     for name in names:
         if not (out / name).exists() or storage.sha256(out / name) != storage.sha256(data_dir / name):
             _copy(data_dir / name, out / name)
-    progress = {name: _progress(data_dir, name) for name in folders}
-    info = {"search": folders[0], **progress[folders[0]], "command": command}
-    if len(folders) > 1:
-        info["searches"] = progress
+    if iterations:
+        rows = iterate.read_rows(data_dir / artifacts.ITERATIONS / artifacts.ITERATIONS_TABLE)
+        info = {"search": ITERATIONS, "iterations": len(rows), "command": command}
+    else:
+        progress = {name: _progress(data_dir, name) for name in folders}
+        info = {"search": folders[0], **progress[folders[0]], "command": command}
+        if len(folders) > 1:
+            info["searches"] = progress
     storage.atomic_write_json(out / INFO, info)
     storage.write_manifest(out, names + [INFO])
     return info
@@ -174,7 +240,10 @@ def restore(name_or_path, data_dir, *, force: bool = False) -> dict:
 
 
 def _generations(info: dict) -> str:
-    """'generation 186 of controller/', or one such part per search of a carry of several."""
+    """'generation 186 of controller/', one such part per search of a carry of several, or '2 finished
+    iteration(s) of iterations/'."""
+    if info["search"] == ITERATIONS and "iterations" in info:
+        return f"{info['iterations']} finished iteration(s) of {ITERATIONS}/"
     progress = info.get("searches") or {info["search"]: info}
     return ", ".join(f"generation {p['generation']} of {name}/" for name, p in progress.items())
 
@@ -192,6 +261,8 @@ def main(argv=None) -> int:
     put.add_argument("--search", action="append",
                      help="a search folder inside the data folder, or a pattern such as 'controller_seeds/seed_*'; "
                           "repeat it to carry several searches on the same V and M (default: controller)")
+    put.add_argument("--iterations", action="store_true",
+                     help="carry the iterative procedure (06_iterate.py's iterations/) instead of searches")
     put.add_argument("--command", dest="resume", default="", help="the command that continues the search")
     get = commands.add_parser("restore", help="copy a carry into a data folder, to continue its search")
     get.add_argument("name", help="name under checkpoints/ (or a folder path)")
@@ -199,7 +270,10 @@ def main(argv=None) -> int:
     get.add_argument("--force", action="store_true", help="replace files of the data folder that differ")
     args = parser.parse_args(argv)
     if args.command == "save":
-        info = save(args.data_dir, args.name, search=args.search or [artifacts.CONTROLLER], command=args.resume)
+        if args.iterations and args.search:
+            parser.error("--iterations carries the iterative procedure; give it without --search")
+        info = save(args.data_dir, args.name, search=args.search or [artifacts.CONTROLLER], command=args.resume,
+                    iterations=args.iterations)
         out = folder(args.name)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         print(f"{out}: {_generations(info)}, {size / 1e6:.1f} MB; restore it with: "

@@ -41,6 +41,9 @@ a missing one (saving only the missing files), and an encoding cut short is redo
 and M's float results depend on the batch size in the last bit: an episode is reproduced
 exactly only in the batches it first ran in.
 An iteration's folder is never written by a later one; a larger ``iterate.iterations`` continues.
+A run carried to another machine (``python -m worldmodels.carry save --iterations``) travels without its
+episodes: :func:`refill_data` records a finished iteration's episodes again where they are missing
+(the only files it writes), because every later iteration fine-tunes M on them.
 
 The row's M metrics are those of the M the collecting controller was trained in (the previous
 iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, which it has never
@@ -465,14 +468,59 @@ def check_iterations_folder(cfg: config.Config, data_dir) -> Path:
     return root
 
 
+def expected_episodes(cfg: config.Config, iteration: int, data_dir) -> list[int]:
+    """Indices of the episodes ``iteration`` adds to M's data: its collected ones, then the repair's that its
+    :data:`REPAIR_FILE` chose (none without one)."""
+    first = iteration * EPISODE_BLOCK
+    indices = list(range(first, first + cfg.iterate.episodes))
+    path = iteration_dir(data_dir, iteration) / REPAIR_FILE
+    if path.is_file():
+        with np.load(path) as saved:
+            indices += [first + REPAIR_FIRST + k for k in range(len(saved["chosen"]))]
+    return indices
+
+
+def data_complete(cfg: config.Config, iteration: int, data_dir) -> bool:
+    """Whether every series of :func:`expected_episodes` is on disk (its rollouts may have been deleted)."""
+    series = artifacts.series_dir(iteration_dir(data_dir, iteration))
+    have = {storage.episode_index(path) for path in series.glob("episode_*.npz")} if series.is_dir() else set()
+    return set(expected_episodes(cfg, iteration, data_dir)) <= have
+
+
+def refill_data(cfg: config.Config, iteration: int, data_dir, vae) -> bool:
+    """Record and encode again the episodes of a finished ``iteration`` whose series are missing, as it first did
+    (same tracks, the same collecting controller, the repair's saved choice); returns whether it had to.
+
+    A carried run (``python -m worldmodels.carry save --iterations``) travels without its episodes, but every later
+    iteration fine-tunes M on them. Only the missing files of ``rollouts/`` and ``series/`` are written: M, the
+    search and the row of the iteration are left as they are. On the machine that made them the episodes come out
+    the same; on another CPU V's and M's floats, and so the controller's actions, may differ in the last bits.
+    """
+    if data_complete(cfg, iteration, data_dir):
+        return False
+    log(f"iteration {iteration}: its episodes are missing (a carried run?); recording them again for M's data")
+    params, _ = current_controller(cfg, data_dir, iteration)
+    previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
+    collect_episodes(cfg, iteration, data_dir, collecting_controller(cfg, iteration, data_dir, params, vae,
+                                                                     previous_rnn), vae, previous_rnn)
+    repair_dream(cfg, iteration, data_dir, params, vae, previous_rnn)
+    encode_episodes(cfg, iteration, data_dir, vae)
+    return True
+
+
 def run_iterations(cfg: config.Config, data_dir, command: str = "") -> list[dict]:
-    """Run (or resume) iterations 1..``iterate.iterations``; returns the rows of ``iterations.csv``."""
+    """Run (or resume) iterations 1..``iterate.iterations``; returns the rows of ``iterations.csv``.
+
+    The finished iterations' episodes are recorded again first where they are missing (:func:`refill_data`).
+    """
     root = check_iterations_folder(cfg, data_dir)
     rows = read_rows(root / CSV_NAME)
     if len(rows) >= cfg.iterate.iterations:
         log(f"all {len(rows)} iterations are complete in {root / CSV_NAME}; nothing to do")
         return rows
     vae = artifacts.load_vision(data_dir, cfg)
+    for iteration in range(1, len(rows) + 1):
+        refill_data(cfg, iteration, data_dir, vae)
     for iteration in range(len(rows) + 1, cfg.iterate.iterations + 1):
         seconds = run_iteration(cfg, iteration, data_dir, vae, command)
         row = make_row(cfg, iteration, data_dir, rows, seconds)

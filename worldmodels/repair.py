@@ -277,25 +277,39 @@ def repair(folder, summary_path, paths, first: int, params: np.ndarray, vae, rnn
     ``driving``: a ``worldmodels.recording.Driving`` (the pool's backend, workers, observation, zlib level);
     ``vae``, ``rnn``: V and the M that C was trained in. Returns the summary: ``rows``, ``t0``, ``steps``,
     ``latent``, ``reward_gap`` (N,), ``chosen`` (K,) and ``env_steps`` (the real steps of every replay).
+    With the summary saved but some of its kept episodes missing, the dream and the replays run again and the
+    missing episodes of the saved choice are written; the summary is not rewritten.
     """
     folder, summary_path = Path(folder), Path(summary_path)
+    saved = None
     if summary_path.is_file():
-        with np.load(summary_path) as saved:
-            return {key: saved[key] for key in saved.files}
+        with np.load(summary_path) as kept:
+            saved = {key: kept[key] for key in kept.files}
+        if all((folder / storage.episode_name(first + k)).exists() for k in range(len(saved["chosen"]))):
+            return saved
     lengths = [storage.array_shape(p, "action")[0] for p in paths]
     rows, t0 = choose_starts(lengths, plan)
+    if saved is not None and not (np.array_equal(rows, saved["rows"]) and np.array_equal(t0, saved["t0"])):
+        raise storage.CorruptFileError(
+            f"{summary_path} was measured on other episodes than those in {folder} (its starts differ); delete "
+            f"{summary_path} and the folder's repair episodes to repair again")
     episodes = load_episodes(paths, rows)
     dreamed = dream_from_starts(rnn, start_states(vae, episodes, rows, t0, plan.encode_batch), params, plan)
     with envpool.CarRacingPool(len(rows), plan.max_steps, driving.backend, driving.workers, driving.ray_address,
                                observation=driving.observation) as pool:
         real = replay(pool, episodes, rows, t0, dreamed["actions"])
     measured = disagreement(vae, dreamed, real, plan.encode_batch)
-    keep = chosen(measured["latent"], plan.keep)
+    # A summary already measured (the repair episodes were lost, e.g. after a carry to another machine) keeps
+    # its choice: the same candidates are saved again, as replayed now (on another CPU the dream's floats, and so
+    # its actions, may differ in the last bits).
+    keep = chosen(measured["latent"], plan.keep) if saved is None else saved["chosen"]
     for k, c in enumerate(keep):
         path = folder / storage.episode_name(first + k)
         if not path.exists():
             episode = repair_episode(episodes[int(rows[c])], int(t0[c]), dreamed["actions"], real, int(c))
             storage.save_episode(path, episode, "rollout", driving.compresslevel)
+    if saved is not None:
+        return saved
     summary = {"rows": rows, "t0": t0, "steps": real["steps"], **measured, "chosen": keep,
                "env_steps": np.int64(np.sum(t0) + np.sum(real["steps"]))}
     storage.save_npz(summary_path, summary)
