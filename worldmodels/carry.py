@@ -36,8 +36,9 @@ No rollouts, latent series or training state of V and M are carried: a real-envi
 needs none of them (a dream search starts from its data's series: after a restore, regenerate them
 with stages 1 and 3, from the same episode seeds). Saving over an existing carry replaces only the
 files that changed, so a version-controlled carry grows by about the checkpoint (~13 MB for the
-paper's 867 parameters, whose CMA covariance is 867 x 867) per save. Restoring checks every file against the manifest
-first and refuses to overwrite a different file in the data folder unless ``--force``.
+paper's 867 parameters, whose CMA covariance is 867 x 867) per save. Restoring checks every file
+against the manifest first and refuses to overwrite a different file in the data folder unless
+``--force``.
 """
 
 from __future__ import annotations
