@@ -378,16 +378,16 @@ class MDNRNN(keras.Model):
     def get_config(self):
         """The constructor's arguments; the action head's and scheduled sampling's only when they are on, so
         an M without them saves exactly the config of an M saved before the options existed."""
-        action = {"action_head": True, "action_weight": self.action_weight} if self.action_head else {}
+        optional = {"action_head": True, "action_weight": self.action_weight} if self.action_head else {}
         if self.scheduled_sampling > 0:
-            action["scheduled_sampling"] = self.scheduled_sampling
+            optional["scheduled_sampling"] = self.scheduled_sampling
         return {
             "name": self.name, "z_size": self.z_size, "action_size": self.action_size,
             "hidden_units": self.hidden_units, "num_mixtures": self.num_mixtures,
             "reward_head": self.reward_head, "done_head": self.done_head, "dropout": self.dropout,
             "done_weight": self.done_weight, "reward_weight": self.reward_weight,
             "log_sigma_min": self.log_sigma_min, "log_sigma_max": self.log_sigma_max, "seed": self.seed,
-            **action,
+            **optional,
         }
 
     @classmethod

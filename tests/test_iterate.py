@@ -310,6 +310,7 @@ def test_a_carried_run_records_its_episodes_again_and_goes_on_to_the_same_rows(r
     import shutil
 
     from tests.conftest import run_plain
+    from worldmodels import storage
 
     source = data_dir_with(smoke_rnn, tmp_path / "source", *STAGES)
     done = reference[0] / "iterations"
@@ -322,7 +323,7 @@ def test_a_carried_run_records_its_episodes_again_and_goes_on_to_the_same_rows(r
     saved = run_plain("-m", "worldmodels.carry", "save", "--data-dir", str(source), "--name", str(carry), "--iterations")
     assert saved.returncode == 0, saved.stderr
     assert "1 finished iteration(s) of iterations/" in saved.stdout
-    listed = [line.split("  ")[1] for line in (carry / "MANIFEST.sha256").read_text().splitlines()]
+    listed = storage.verify_manifest(carry, "carry")
     for name in ("vae/vae.keras", "rnn/rnn.keras", "iterations/iterations.csv", "iterations/start.json",
                  "iterations/iter_001/rnn/rnn.keras", "iterations/iter_001/controller/controller.npz",
                  "iterations/iter_001/seconds.json", "iterations/iter_001/diagnostics.png"):

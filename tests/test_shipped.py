@@ -11,7 +11,7 @@ import pytest
 
 import config
 from tests.conftest import REPO
-from worldmodels import carry, pretrained, storage
+from worldmodels import artifacts, carry, pretrained, storage
 
 # Issue #18: the best agent, V's encoder and decoder, M, C and the config, "at most ~25 MB in all".
 MAX_AGENT_BYTES = 25 * 2**20
@@ -42,7 +42,7 @@ def test_every_carried_search_matches_its_manifest(name):
     listed = storage.verify_manifest(carry.folder(name), "carry")
     assert carry.INFO in listed
     # A search's carry holds its checkpoint; one of the iterative procedure between iterations may hold none.
-    if storage.read_json(carry.folder(name) / carry.INFO)["search"] == carry.ITERATIONS:
+    if storage.read_json(carry.folder(name) / carry.INFO)["search"] == artifacts.ITERATIONS:
         assert "iterations/config.json" in listed
     else:
         assert any(path.endswith("evolution.pkl") for path in listed)

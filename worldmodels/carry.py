@@ -61,7 +61,6 @@ MODEL_FILES = (artifacts.CONFIG_FILE, artifacts.METRICS_FILE, artifacts.SPLIT_FI
 OPTIONAL = (artifacts.METRICS_FILE, artifacts.SPLIT_FILE, "eval.csv", artifacts.CONTROLLER_FILE)
 # An iteration's own files besides its M and its search, carried when present.
 ITERATION_FILES = (iterate.CURIOSITY_FILE, iterate.REPAIR_FILE, iterate.CLOCK_FILE, iterate.DIAGNOSTICS_FIGURE)
-ITERATIONS = "iterations"  # carry.json's "search" of a carry of the iterative procedure
 
 
 def folder(name_or_path) -> Path:
@@ -205,7 +204,7 @@ def save(data_dir, name_or_path, *, search=artifacts.CONTROLLER, command: str = 
             _copy(data_dir / name, out / name)
     if iterations:
         rows = iterate.read_rows(data_dir / artifacts.ITERATIONS / artifacts.ITERATIONS_TABLE)
-        info = {"search": ITERATIONS, "iterations": len(rows), "command": command}
+        info = {"search": artifacts.ITERATIONS, "iterations": len(rows), "command": command}
     else:
         progress = {name: _progress(data_dir, name) for name in folders}
         info = {"search": folders[0], **progress[folders[0]], "command": command}
@@ -243,8 +242,8 @@ def restore(name_or_path, data_dir, *, force: bool = False) -> dict:
 def _generations(info: dict) -> str:
     """'generation 186 of controller/', one such part per search of a carry of several, or '2 finished
     iteration(s) of iterations/'."""
-    if info["search"] == ITERATIONS and "iterations" in info:
-        return f"{info['iterations']} finished iteration(s) of {ITERATIONS}/"
+    if info["search"] == artifacts.ITERATIONS and "iterations" in info:
+        return f"{info['iterations']} finished iteration(s) of {artifacts.ITERATIONS}/"
     progress = info.get("searches") or {info["search"]: info}
     return ", ".join(f"generation {p['generation']} of {name}/" for name, p in progress.items())
 

@@ -435,14 +435,20 @@ def run_iteration(cfg: config.Config, iteration: int, data_dir, vae, command: st
     return watch.seconds
 
 
-def _run_steps(cfg: config.Config, iteration: int, data_dir, vae, command: str) -> None:
-    params, source = current_controller(cfg, data_dir, iteration)
-    log(f"iteration {iteration}: controller {source}")
+def record_episodes(cfg: config.Config, iteration: int, data_dir, vae, params: np.ndarray) -> int:
+    """Steps 1-2 of ``iteration`` with its controller ``params`` (N,): collect (curiosity's collector if on),
+    repair, encode; each writes only what is missing. Returns how many episodes were encoded."""
     previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
     collector = collecting_controller(cfg, iteration, data_dir, params, vae, previous_rnn)
     collect_episodes(cfg, iteration, data_dir, collector, vae, previous_rnn)
     repair_dream(cfg, iteration, data_dir, params, vae, previous_rnn)
-    encoded = encode_episodes(cfg, iteration, data_dir, vae)
+    return encode_episodes(cfg, iteration, data_dir, vae)
+
+
+def _run_steps(cfg: config.Config, iteration: int, data_dir, vae, command: str) -> None:
+    params, source = current_controller(cfg, data_dir, iteration)
+    log(f"iteration {iteration}: controller {source}")
+    encoded = record_episodes(cfg, iteration, data_dir, vae, params)
     log(f"iteration {iteration}: encoded {encoded} episode(s); fine-tuning M")
     fine_tune_rnn(cfg, iteration, data_dir)
     rnn = artifacts.load_rnn(iteration_dir(data_dir, iteration), cfg)
@@ -499,12 +505,7 @@ def refill_data(cfg: config.Config, iteration: int, data_dir, vae) -> bool:
     if data_complete(cfg, iteration, data_dir):
         return False
     log(f"iteration {iteration}: its episodes are missing (a carried run?); recording them again for M's data")
-    params, _ = current_controller(cfg, data_dir, iteration)
-    previous_rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
-    collect_episodes(cfg, iteration, data_dir, collecting_controller(cfg, iteration, data_dir, params, vae,
-                                                                     previous_rnn), vae, previous_rnn)
-    repair_dream(cfg, iteration, data_dir, params, vae, previous_rnn)
-    encode_episodes(cfg, iteration, data_dir, vae)
+    record_episodes(cfg, iteration, data_dir, vae, current_controller(cfg, data_dir, iteration)[0])
     return True
 
 
