@@ -284,11 +284,45 @@ def test_a_checkpoint_of_another_model_or_data_is_refused(tmp_path):
 # --------------------------------------------------------------------------- 02_train_vae.py end to end
 
 
+def saved_groups(path: Path) -> set[str]:
+    """The top-level groups of a saved model's weights file (``.keras`` archive or ``.weights.h5``)."""
+    import h5py
+
+    if path.suffix == ".keras":
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+            return set(h5.keys())
+    with h5py.File(path, "r") as h5:
+        return set(h5.keys())
+
+
+def test_saved_model_files_hold_no_optimizer_state_and_training_goes_on(tmp_path):
+    from worldmodels import training
+
+    model = tiny_model(0)
+    model.fit(tiny_dataset(0), epochs=1, verbose=0)
+    optimizer = model.optimizer
+    model.save(tmp_path / "keras_default.keras")  # what Keras alone writes: Adam's moments too
+    assert "optimizer" in saved_groups(tmp_path / "keras_default.keras")
+    for name in ("m.keras", "m.weights.h5"):
+        training.atomic_save_model(model, tmp_path / name)
+        assert "optimizer" not in saved_groups(tmp_path / name)
+    assert model.optimizer is optimizer  # put back: a mid-run save does not stop the training
+    import keras
+
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    before = int(optimizer.iterations.numpy())
+    model.fit(tiny_dataset(1), epochs=1, verbose=0)
+    assert int(optimizer.iterations.numpy()) == before + 10
+
+
 def test_artifacts_and_metrics(smoke_vae):
     vae = smoke_vae / "vae"
     for name in ("vae.keras", "vae.weights.h5", "config.json", "split.json", "metrics.json",
                  "checkpoint/checkpoint.npz", "checkpoint/training_state.json"):
         assert (vae / name).is_file(), name
+    assert "optimizer" not in saved_groups(vae / "vae.keras") | saved_groups(vae / "vae.weights.h5")
     cfg = config.load_config(vae / "config.json")
     assert cfg == config.make_config("smoke")
     metrics = json.loads((vae / "metrics.json").read_text())
