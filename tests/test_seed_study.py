@@ -119,8 +119,11 @@ def test_the_table_of_two_runs_refuses_runs_scored_on_other_tracks(study, tmp_pa
     write_results(tmp_path / "other", tracks, seeds=tracks["seeds"][:-1] + [tracks["seeds"][-1] + 1])
     write_results(tmp_path / "longer", tracks, max_steps=1000)
     out = tmp_path / "seeds.md"
-    proc = table("--run", f"vae={data}", "--run", f"vae_gan={tmp_path / 'same'}", "--out", str(out))
+    figure = tmp_path / "seeds.png"
+    proc = table("--run", f"vae={data}", "--run", f"vae_gan={tmp_path / 'same'}", "--out", str(out),
+                 "--figure", str(figure))
     assert proc.returncode == 0, proc.stderr
+    assert figure.stat().st_size > 0 and "vae_gan − vae: " in out.read_text()
     # The second run's seeds scored 10 and 30: mean 20, std (ddof 1) 14.1.
     assert "| vae | vae | 0, 1 |" in out.read_text() and f"{ours['mean']:.1f}" in out.read_text()
     assert "| 10.0, 30.0 | 20.0 ± 14.1 |" in out.read_text() and out.read_text() in proc.stdout
@@ -131,6 +134,14 @@ def test_the_table_of_two_runs_refuses_runs_scored_on_other_tracks(study, tmp_pa
                       "different final tracks")
     assert_user_error(table("--run", f"a={tmp_path / 'same'}", "--run", f"b={tmp_path / 'nothing'}"), "results.json")
     assert_user_error(table("--run", "no_equals_sign"), "NAME=DATA_DIR")
+
+
+def test_the_difference_of_two_runs_has_the_welch_standard_error():
+    # se = sqrt(2^2 / 4 + 3^2 / 9) = sqrt(2); difference 6 = 4.2 standard errors.
+    line = seed_study.difference_line("a", {"mean": 10.0, "std": 2.0, "seeds": 4}, "b", {"mean": 16.0, "std": 3.0, "seeds": 9})
+    assert line == "b − a: +6.0 ± 1.4 (standard error over the seeds, Welch), 4.2 standard errors."
+    one = seed_study.difference_line("a", {"mean": 10.0, "std": None, "seeds": 1}, "b", {"mean": 16.0, "std": 3.0, "seeds": 9})
+    assert one == "b − a: +6.0 (one seed in a run: no standard error)."
 
 
 def test_one_seed_has_no_spread_over_seeds():

@@ -377,6 +377,45 @@ def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Pat
     return storage.save_figure(fig, out, dpi=100)
 
 
+def seed_comparison_plot(out: Path, runs: dict[str, dict]) -> Path:
+    """Several seed studies side by side (``seed_study table --figure``): one group of boxes per run.
+
+    ``runs``: name -> a seed study's ``results.json`` (its ``rows`` with each seed's ``scores`` on the
+    shared tracks, its ``across_seeds`` mean and std). Within a group a box per controller seed with
+    its tracks as jittered points and its mean as a diamond; across the group a line at the mean of
+    the seed means and a band of their std, so the spread between searches and the spread between
+    tracks of one search are read on the same axis.
+    """
+    fig = Figure(figsize=(max(5.0, 1.0 * sum(len(r["rows"]) for r in runs.values()) + 2.0), 4.0))
+    ax = fig.subplots()
+    jitter = np.random.default_rng(0)
+    x, ticks, labels = 1.0, [], []
+    for colour, (name, results) in zip(("tab:blue", "tab:orange", "tab:green", "tab:purple"), runs.items()):
+        rows, across = results["rows"], results["across_seeds"]
+        positions = x + np.arange(len(rows))
+        scores = [np.asarray(r["scores"], np.float64) for r in rows]
+        ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
+        for px, sc in zip(positions, scores):
+            ax.plot(px + jitter.uniform(-0.15, 0.15, len(sc)), sc, ".", ms=3, alpha=0.5, color=colour)
+            ax.plot(px, sc.mean(), "D", color="tab:red", ms=5)
+        left, right = positions[0] - 0.4, positions[-1] + 0.4
+        label = f"{name}: {across['mean']:.1f}" + (f" +- {across['std']:.1f}" if across.get("std") is not None else "")
+        ax.hlines(across["mean"], left, right, color=colour, lw=2, label=label + " (mean +- std of the seed means)")
+        if across.get("std") is not None:
+            ax.fill_between([left, right], across["mean"] - across["std"], across["mean"] + across["std"],
+                            color=colour, alpha=0.12)
+        ticks += list(positions)
+        labels += [f"{name}\nseed {r['seed']}" for r in rows]
+        x = positions[-1] + 2.0
+    tracks = next(iter(runs.values()))["final_tracks"]
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel(f"return on each of {tracks['episodes']} held-out tracks")
+    ax.set_title("C per CMA-ES seed on each V, the same held-out tracks (diamond: a seed's mean)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return storage.save_figure(fig, out, dpi=100)
+
+
 def profile_figure(evaluation: Path, out: Path) -> Path:
     """How a controller drove, from an ``evaluate_controller.py --profile`` results file.
 

@@ -36,8 +36,9 @@ Two V kinds side by side (each data dir holds one V kind's M)::
 
     python -m worldmodels.seed_study table --run vae=DATA_VAE --run vae_gan=DATA_GAN --out results/seeds.md
 
-reads each run's ``results.json`` and writes one table; runs scored on different final tracks (or
-with another step limit) are refused.
+reads each run's ``results.json`` and writes one table (with two runs, the difference of their means
+over seeds and its standard error; ``--figure F.png`` draws both side by side); runs scored on
+different final tracks (or with another step limit) are refused.
 
 TensorFlow is imported when the models are loaded, after the argument checks.
 """
@@ -263,7 +264,21 @@ def comparison_table(runs: dict[str, dict]) -> str:
                      f"{', '.join(format(r['mean'], '.1f') for r in rows)} | {_pm(across['mean'], across['std'])} | "
                      f"{_pm(across['iqm_mean'], across['iqm_std'])} | {s['controller.generations']} x "
                      f"{s['controller.population']} |")
+    if len(runs) == 2:
+        (a, first), (b, second) = runs.items()
+        lines += ["", difference_line(a, first["across_seeds"], b, second["across_seeds"])]
     return "\n".join(lines) + "\n"
+
+
+def difference_line(a: str, first: dict, b: str, second: dict) -> str:
+    """The difference of two runs' means over seeds with its standard error (Welch: each run's std of
+    the seed means over sqrt(seeds)); one seed in either run gives no error."""
+    diff = second["mean"] - first["mean"]
+    if first.get("std") is None or second.get("std") is None:
+        return f"{b} − {a}: {diff:+.1f} (one seed in a run: no standard error)."
+    se = float(np.sqrt(first["std"] ** 2 / first["seeds"] + second["std"] ** 2 / second["seeds"]))
+    return (f"{b} − {a}: {diff:+.1f} ± {se:.1f} (standard error over the seeds, Welch), "
+            f"{abs(diff) / se:.1f} standard errors" if se > 0 else f"{b} − {a}: {diff:+.1f} (no spread over seeds)") + "."
 
 
 def parse_runs(items: list[str]) -> dict[str, Path]:
@@ -286,11 +301,16 @@ def main(argv=None) -> int:
     table.add_argument("--run", action="append", required=True, metavar="NAME=DATA_DIR",
                        help="a seed study: its data dir (or its controller_seeds folder); give two or more")
     table.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    table.add_argument("--figure", type=Path, help="also draw the runs' per-seed scores side by side (.png)")
     args = parser.parse_args(argv)
     runs = {name: read_results(path) for name, path in parse_runs(args.run).items()}
     text = comparison_table(runs)
     if args.out:
         storage.atomic_write_text(args.out, text)
+    if args.figure:
+        from worldmodels import figures
+
+        figures.seed_comparison_plot(args.figure, runs)
     print(text, end="")
     return 0
 
