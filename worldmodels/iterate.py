@@ -372,12 +372,13 @@ def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
     The exploit gap of the same recorded actions from the same state (M's open loop at
     ``dream.temperature``, seeded by ``iterate.seed``, over :data:`DIAGNOSTIC_HORIZON` steps) and the
     latent error at :data:`DIAGNOSTIC_STEPS` steps ahead (NaN past the episodes' ends); both curves and
-    the gap per episode are drawn to ``figure``.
+    the gap per episode are drawn to ``figure`` (None: not drawn).
     """
     episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
     args = (rnn, episodes, cfg.dream.skip_initial_frames, DIAGNOSTIC_HORIZON, cfg.dream.temperature, cfg.iterate.seed)
     gap, latent = diagnostics.exploit_gap(*args), diagnostics.latent_error(*args)
-    diagnostics.diagnostics_figure(figure, latent, gap["gaps"])
+    if figure is not None:
+        diagnostics.diagnostics_figure(figure, latent, gap["gaps"])
     row = {"exploit_gap_same_actions": gap["mean"]}
     for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
         row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan
