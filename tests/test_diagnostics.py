@@ -143,16 +143,16 @@ def test_an_iterations_table_from_before_the_diagnostics_reads_with_nan(tmp_path
         iterate.read_rows(path)
 
 
-def test_the_world_model_command_scores_ms_heldout_split_as_stage_4_and_the_diagnostics_do(smoke_rnn, tmp_path):
-    """``python -m worldmodels.metrics world-model``: the numbers of a direct computation, on M's held-out split."""
+def test_the_command_scores_ms_heldout_split_as_stage_4_and_the_diagnostics_do(smoke_rnn, tmp_path):
+    """``python -m worldmodels.diagnostics``: the numbers of a direct computation, on M's held-out split."""
     import json
 
     import config
     from tests.conftest import assert_user_error, run_plain
-    from worldmodels import artifacts, iterate, sequences
+    from worldmodels import artifacts, sequences
 
     out, figure = tmp_path / "m.json", tmp_path / "m.png"
-    proc = run_plain("-m", "worldmodels.metrics", "world-model", "--data-dir", str(smoke_rnn), "--out", str(out),
+    proc = run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--out", str(out),
                      "--figure", str(figure))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -163,14 +163,14 @@ def test_the_world_model_command_scores_ms_heldout_split_as_stage_4_and_the_diag
     cfg = config.load_config(smoke_rnn / "rnn" / "config.json")
     rnn = artifacts.load_rnn(smoke_rnn, cfg)
     want = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
-    want.update(iterate.diagnose_new_episodes(cfg, rnn, paths, None))
+    want.update(diagnostics.diagnose(cfg, rnn, paths))
     assert result["metrics"]["z_nll"] == pytest.approx(want["z_nll"], rel=1e-6)
-    for key in iterate.DIAGNOSTIC_FIELDS:
+    for key in diagnostics.FIELDS:
         np.testing.assert_allclose(result["metrics"][key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert f"z NLL {want['z_nll']:.3f}" in proc.stdout
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_plain("-m", "worldmodels.metrics", "world-model", "--data-dir", str(empty)), "config.json")
-    assert_user_error(run_plain("-m", "worldmodels.metrics", "world-model", "--data-dir", str(smoke_rnn),
+    assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(empty)), "config.json")
+    assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn),
                                 str(tmp_path / "missing.npz")), "no series to score M on")

@@ -14,6 +14,14 @@ K = mixture components, L = the horizon (steps after the start frame).
 * :func:`rank_correlation`: Spearman's rho between the dream and the real scores of a set of
   controllers: a dream that ranks controllers as reality does is enough to select them.
 
+:func:`diagnose` computes the first two for a config's M on stored series (a row of the iterative
+procedure's ``iterations.csv``: :data:`FIELDS`), and ``python -m worldmodels.diagnostics`` scores a
+data dir's M on its held-out series with them and with stage 4's numbers, so that two Ms trained
+otherwise on the same data (with and without scheduled sampling, another dropout) compare number
+for number::
+
+    python -m worldmodels.diagnostics --data-dir D --out m.json --figure m.png
+
 Episodes are dicts of a stored series (``storage.SERIES_SCHEMA``): ``mu`` (T, Z), ``action``
 (T, 3), ``reward`` (T,); ``reward[t]`` is paid for ``action[t]`` taken at frame t, which is
 what M's reward head predicts from (z_t, a_t). All episodes start at one frame
@@ -37,6 +45,12 @@ import numpy as np
 from models.controller import ACTION_SIZE
 from worldmodels import storage
 from worldmodels.dream import read_prefix
+
+# :func:`diagnose`: the horizon of the exploit gap and of the latent error, the steps ahead reported,
+# and the names of its numbers (columns of ``iterations.csv``).
+HORIZON = 100
+STEPS = (1, 10, 50)
+FIELDS = ("exploit_gap_same_actions",) + tuple(f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in STEPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,3 +263,74 @@ def diagnostics_figure(out, latent: dict, gaps) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     return storage.save_figure(fig, out)
+
+
+def diagnose(cfg, rnn, paths, figure=None) -> dict:
+    """The :data:`FIELDS` of M (``rnn``) on the series ``paths``, from frame ``dream.skip_initial_frames`` of ``cfg``.
+
+    The exploit gap of the same recorded actions from the same state (M's open loop at
+    ``dream.temperature``, seeded by ``iterate.seed``, over :data:`HORIZON` steps) and the latent
+    error at :data:`STEPS` steps ahead (NaN past the episodes' ends); both curves and the gap per
+    episode are drawn to ``figure`` (None: not drawn).
+    """
+    episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
+    args = (rnn, episodes, cfg.dream.skip_initial_frames, HORIZON, cfg.dream.temperature, cfg.iterate.seed)
+    gap, latent = exploit_gap(*args), latent_error(*args)
+    if figure is not None:
+        diagnostics_figure(figure, latent, gap["gaps"])
+    row = {"exploit_gap_same_actions": gap["mean"]}
+    for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
+        row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan for k in STEPS})
+    return row
+
+
+def main(argv=None) -> int:
+    """``python -m worldmodels.diagnostics``: a data dir's M against reality on series it did not train on.
+
+    Stage 4's numbers (z NLL on V's sampled z, reward MSE on the tile steps, done AUC) and
+    :func:`diagnose`'s, on M's held-out split by default, printed and optionally saved.
+    """
+    import argparse
+
+    import config
+    from worldmodels import artifacts, sequences
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data-dir", type=Path, required=True, help="the data dir whose M (rnn/) is scored")
+    parser.add_argument("episodes", type=Path, nargs="*", help="series files or folders (default: M's held-out split)")
+    parser.add_argument("--out", type=Path, help="also write the result as JSON")
+    parser.add_argument("--figure", type=Path, help="also draw the latent error curves and the gaps (.png)")
+    args = parser.parse_args(argv)
+    folder = args.data_dir / artifacts.RNN[0]
+    cfg = config.load_config(folder / artifacts.CONFIG_FILE)
+    if args.episodes:
+        paths = [p for where in args.episodes for p in (storage.list_episodes(where) if where.is_dir() else [where])]
+    else:
+        paths = [artifacts.series_dir(args.data_dir) / name
+                 for name in config.read_json(folder / artifacts.SPLIT_FILE)["heldout"]]
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if not paths or missing:
+        raise storage.MissingDataError(f"no series to score M on: {', '.join(missing[:3]) or 'none given'}"
+                                       + (" (run 03_generate_rnn_data.py first)" if missing else ""))
+    rnn = artifacts.load_rnn(args.data_dir, cfg)
+    found = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
+    found.update(diagnose(cfg, rnn, paths, args.figure))
+    result = {"data_dir": str(args.data_dir), "episodes": [str(p) for p in paths],
+              "rnn": {key: getattr(cfg.rnn, key) for key in ("dropout", "scheduled_sampling", "seed")},
+              "temperature": cfg.dream.temperature, "start": cfg.dream.skip_initial_frames, "horizon": HORIZON,
+              "metrics": found}
+    if args.out:
+        storage.atomic_write_json(args.out, result)
+    latent = ", ".join(f"{k}: {found[f'latent_error_open_{k}']:.3f} open / {found[f'latent_error_teacher_{k}']:.3f} "
+                       "teacher-forced" for k in STEPS)
+    print(f"M of {args.data_dir} on {len(paths)} episodes: z NLL {found['z_nll']:.3f} nats/dim (sampled z), reward MSE "
+          f"on tiles {found.get('reward_mse_tiles')}, done AUC {found.get('done_auc')}; predicted minus real return of "
+          f"the same actions over {HORIZON} steps {found['exploit_gap_same_actions']:+.2f}; latent error k steps "
+          f"ahead ({latent})")
+    return 0
+
+
+if __name__ == "__main__":
+    from worldmodels import cli
+
+    cli.run(main)

@@ -48,7 +48,7 @@ episodes: :func:`refill_data` records a finished iteration's episodes again wher
 The row's M metrics are those of the M the collecting controller was trained in (the previous
 iteration's, for iteration 1 ``<data>/rnn/``) on the episodes just collected, which it has never
 trained on: how well the dream predicted what the controller then met in reality. So are the diagnostics
-(``worldmodels.diagnostics``, :func:`diagnose_new_episodes`): the exploit gap of the same recorded actions from
+(``worldmodels.diagnostics``, :func:`worldmodels.diagnostics.diagnose`): the exploit gap of the same recorded actions from
 the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
 The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off), the rank
 correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`) and the repair's
@@ -101,10 +101,7 @@ REPAIR_KEYS = ("iterate.repair_candidates", "iterate.repair_horizon", "dream.tem
 # The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
 # in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
 # enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
-DIAGNOSTIC_HORIZON = 100
-DIAGNOSTIC_STEPS = (1, 10, 50)
-DIAGNOSTIC_FIELDS = ("exploit_gap_same_actions",) + tuple(
-    f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in DIAGNOSTIC_STEPS)
+DIAGNOSTIC_HORIZON, DIAGNOSTIC_STEPS, DIAGNOSTIC_FIELDS = diagnostics.HORIZON, diagnostics.STEPS, diagnostics.FIELDS
 DIAGNOSTICS_FIGURE = "diagnostics.png"
 # The curiosity's choice (worldmodels.curiosity; NaN when it is off): the chosen candidate (0 = C itself), its real
 # return and mean NLL per transition on its scoring episode, beta times that (the mean bonus per step), and the
@@ -359,31 +356,11 @@ def policy_counts(data_dir, iteration: int) -> str:
 def rnn_on_new_episodes(cfg: config.Config, iteration: int, data_dir) -> dict:
     """The previous M (the one the collecting controller was trained in) on the episodes just collected:
     z NLL with z drawn from V's posterior, reward MSE on tile steps, done AUC (``sequences.evaluate_model``),
-    plus the diagnostics' columns (:func:`diagnose_new_episodes`)."""
+    plus the diagnostics' columns (:func:`worldmodels.diagnostics.diagnose`)."""
     rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
     paths = collected_paths(artifacts.series_dir(iteration_dir(data_dir, iteration)), iteration)
     m = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
-    return {**m, **diagnose_new_episodes(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE)}
-
-
-def diagnose_new_episodes(cfg: config.Config, rnn, paths, figure) -> dict:
-    """The :data:`DIAGNOSTIC_FIELDS` of M on the series ``paths``, from frame ``dream.skip_initial_frames``.
-
-    The exploit gap of the same recorded actions from the same state (M's open loop at
-    ``dream.temperature``, seeded by ``iterate.seed``, over :data:`DIAGNOSTIC_HORIZON` steps) and the
-    latent error at :data:`DIAGNOSTIC_STEPS` steps ahead (NaN past the episodes' ends); both curves and
-    the gap per episode are drawn to ``figure`` (None: not drawn).
-    """
-    episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
-    args = (rnn, episodes, cfg.dream.skip_initial_frames, DIAGNOSTIC_HORIZON, cfg.dream.temperature, cfg.iterate.seed)
-    gap, latent = diagnostics.exploit_gap(*args), diagnostics.latent_error(*args)
-    if figure is not None:
-        diagnostics.diagnostics_figure(figure, latent, gap["gaps"])
-    row = {"exploit_gap_same_actions": gap["mean"]}
-    for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
-        row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan
-                    for k in DIAGNOSTIC_STEPS})
-    return row
+    return {**m, **diagnostics.diagnose(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE)}
 
 
 def score_rank_correlation(rows: list[dict], dream: float, real: float) -> float:

@@ -26,11 +26,6 @@
 
       python -m worldmodels.metrics driving D/rollouts --per-policy 40 --out driving.json
 
-* M against reality: ``world-model`` scores a data dir's M on its held-out series with stage 4's
-  numbers and the iterative procedure's diagnostics (exploit gap, latent error k steps ahead):
-
-      python -m worldmodels.metrics world-model --data-dir D --out m.json --figure m.png
-
 Only numpy is imported at module level; models are imported where used.
 """
 
@@ -345,47 +340,6 @@ def vision_main(args) -> int:
     return 0
 
 
-def world_model_main(args) -> int:
-    """``python -m worldmodels.metrics world-model``: a data dir's M against reality on series it did not train on.
-
-    Stage 4's numbers (z NLL on V's sampled z, reward MSE on the tile steps, done AUC) and the
-    iterative procedure's diagnostics (``iterate.diagnose_new_episodes``: the exploit gap of the
-    recorded actions from the same state, the open-loop and teacher-forced latent error), on M's
-    held-out split by default: the same measurements for two Ms trained otherwise on the same data
-    (e.g. with and without scheduled sampling) are then comparable number for number.
-    """
-    import config
-    from worldmodels import artifacts, iterate
-
-    folder = Path(args.data_dir) / artifacts.RNN[0]
-    cfg = config.load_config(folder / artifacts.CONFIG_FILE)
-    if args.episodes:
-        paths = [p for where in args.episodes for p in (storage.list_episodes(where) if Path(where).is_dir() else [where])]
-    else:
-        split = config.read_json(folder / artifacts.SPLIT_FILE)
-        paths = [artifacts.series_dir(args.data_dir) / name for name in split["heldout"]]
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if not paths or missing:
-        raise storage.MissingDataError(f"no series to score M on: {', '.join(missing[:3]) or 'none given'}"
-                                       + (" (run 03_generate_rnn_data.py first)" if missing else ""))
-    rnn = artifacts.load_rnn(args.data_dir, cfg)
-    found = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
-    found.update(iterate.diagnose_new_episodes(cfg, rnn, paths, args.figure))
-    result = {"data_dir": str(args.data_dir), "episodes": [str(p) for p in paths],
-              "rnn": {key: getattr(cfg.rnn, key) for key in ("dropout", "scheduled_sampling", "seed")},
-              "temperature": cfg.dream.temperature, "start": cfg.dream.skip_initial_frames,
-              "horizon": iterate.DIAGNOSTIC_HORIZON, "metrics": found}
-    if args.out:
-        storage.atomic_write_json(args.out, result)
-    latent = ", ".join(f"{k}: {found[f'latent_error_open_{k}']:.3f} open / {found[f'latent_error_teacher_{k}']:.3f} "
-                       f"teacher-forced" for k in iterate.DIAGNOSTIC_STEPS)
-    print(f"M of {args.data_dir} on {len(paths)} episodes: z NLL {found['z_nll']:.3f} nats/dim (sampled z), reward MSE "
-          f"on tiles {found.get('reward_mse_tiles')}, done AUC {found.get('done_auc')}; predicted minus real return of "
-          f"the same actions over {iterate.DIAGNOSTIC_HORIZON} steps {found['exploit_gap_same_actions']:+.2f}; latent "
-          f"error k steps ahead ({latent})")
-    return 0
-
-
 def driving_main(args) -> int:
     """``python -m worldmodels.metrics driving``: :func:`worldmodels.driving.profile_rollouts`, printed and saved."""
     from tqdm import tqdm
@@ -427,15 +381,7 @@ def main(argv=None) -> int:
     driving.add_argument("episodes", type=Path, nargs="+", help="rollout folders (stage 1's, an iteration's)")
     driving.add_argument("--per-policy", type=int, default=40, help="at most this many episodes of each policy tag")
     driving.add_argument("--out", type=Path, help="also write the result as JSON")
-    world = commands.add_parser("world-model", help="a data dir's M against reality on held-out series: z NLL, "
-                                "reward error, done AUC, exploit gap of the same actions, latent error k steps ahead")
-    world.add_argument("--data-dir", type=Path, required=True, help="the data dir whose M (rnn/) is scored")
-    world.add_argument("episodes", type=Path, nargs="*", help="series files or folders (default: M's held-out split)")
-    world.add_argument("--out", type=Path, help="also write the result as JSON")
-    world.add_argument("--figure", type=Path, help="also draw the latent error curves and the gaps (.png)")
     args = parser.parse_args(argv)
-    if args.command == "world-model":
-        return world_model_main(args)
     if args.command == "vision":
         return vision_main(args)
     if args.command == "driving":
