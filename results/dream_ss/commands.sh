@@ -1,0 +1,30 @@
+#!/bin/bash
+# C trained in M's dream with M trained with scheduled sampling 0.3 (issue 19, item 6; README "C trained in M's dream
+# on driving data", fourth part): the second dream-only run (results/dream_driving_data_g180/commands.sh) again with
+# one change, rnn.scheduled_sampling=0.3. Same V (the long cpu search's VAE-GAN), the same driver (its kept
+# generation-180 controller, 750.9 on the 100 final tracks) and the same episode seeds, so the same 200 episodes.
+# N: the ablation, M without scheduled sampling on the very same episodes (links), i.e. the second run's M.
+# 2-core Intel Xeon, 2026-12-04; times are wall times, with what shared the 2 cores.
+set -e
+G=${G:-runs/gan}; D=${D:-runs/dream3}; N=${N:-runs/dream3_noss}
+[ -f $G/controller/controller.npz ] || python -m worldmodels.carry restore cpu-gan-s0 --data-dir $G  # the long search
+mkdir -p $D && cp -r $G/vae_gan $D/                                 # V: the long run's VAE-GAN, unchanged
+S="--set vae.model=vae_gan --set data.policy=controller:0.9,brownian:0.1 --set data.controller=$G/controller --set rnn.dropout=0.1"
+python 01_generate_data.py --preset small --data-dir $D $S          # 200 episodes, 14 min (beside the test suite from minute 6)
+python 03_generate_rnn_data.py --preset small --data-dir $D $S      # 2 min
+python 04_train_rnn.py --preset small --data-dir $D $S --set rnn.scheduled_sampling=0.3   # 22 min, half of it beside the test suite
+python 05_train_controller.py --preset small --data-dir $D $S --set rnn.scheduled_sampling=0.3 --env dream \
+  --set dream.temperature=1.0 --set controller.population=32 --set controller.rollouts_per_member=16 \
+  --set controller.generations=100 --set controller.eval_every=20 --set controller.eval_episodes=32  # 33 min beside the ablation's M: 100
+  # dream generations 17 min, 5 checks on 32 real tracks ~2.5 min each, the final 100 tracks 4 min
+# The ablation: M without scheduled sampling on the same episodes, then both Ms against reality on their held-out series
+mkdir -p $N && for f in rollouts series vae_gan; do ln -s $(realpath $D/$f) $N/$f; done
+python 04_train_rnn.py --preset small --data-dir $N $S              # 28 min beside the dream search
+python -m worldmodels.diagnostics --data-dir $N --out results/dream_ss/m_without_ss.json --figure results/dream_ss/m_without_ss.png
+python -m worldmodels.diagnostics --data-dir $D --out results/dream_ss/m_with_ss.json --figure results/dream_ss/m_with_ss.png
+# Then the iterative procedure on this M with a 4x larger repair (32 of 64 windows); resumes after any stop (rerun),
+# carried between machines with: python -m worldmodels.carry save --data-dir $D --name dream3-iterations --iterations
+python 06_iterate.py --preset small --data-dir $D $S --set rnn.scheduled_sampling=0.3 --set dream.temperature=1.0 \
+  --set controller.population=32 --set controller.rollouts_per_member=16 \
+  --set iterate.iterations=3 --set iterate.episodes=64 --set iterate.generations=100 --set iterate.eval_episodes=100 \
+  --set iterate.repair_episodes=32 --set iterate.repair_candidates=64
