@@ -390,7 +390,8 @@ def seed_comparison_plot(out: Path, runs: dict[str, dict]) -> Path:
     ax = fig.subplots()
     jitter = np.random.default_rng(0)
     x, ticks, labels = 1.0, [], []
-    for colour, (name, results) in zip(("tab:blue", "tab:orange", "tab:green", "tab:purple"), runs.items()):
+    for i, (name, results) in enumerate(runs.items()):
+        colour = f"C{i % 10}"  # matplotlib's colour cycle: any number of runs
         rows, across = results["rows"], results["across_seeds"]
         positions = x + np.arange(len(rows))
         scores = [np.asarray(r["scores"], np.float64) for r in rows]
