@@ -348,6 +348,14 @@ def temperature_plot(out: Path, rows: list[dict], real: dict | None = None) -> P
     return storage.save_figure(fig, out, dpi=100)
 
 
+def _seed_boxes(ax, positions, scores, jitter, colour, ms: float, alpha: float) -> None:
+    """One box per search at ``positions``, its per-track ``scores`` as jittered points and its mean as a diamond."""
+    ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
+    for x, s in zip(positions, scores):
+        ax.plot(x + jitter.uniform(-0.15, 0.15, len(s)), s, ".", ms=ms, alpha=alpha, color=colour)
+        ax.plot(x, s.mean(), "D", color="tab:red", ms=5)
+
+
 def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Path:
     """Per-track returns of one controller per CMA-ES seed on the same tracks (``worldmodels.seed_study``).
 
@@ -359,11 +367,7 @@ def seed_plot(out: Path, rows: list[dict], across: dict, title: str = "") -> Pat
     ax = fig.subplots()
     scores = [np.asarray(r["scores"], np.float64) for r in rows]
     positions = np.arange(1, len(rows) + 1)
-    ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
-    jitter = np.random.default_rng(0)
-    for x, s in zip(positions, scores):
-        ax.plot(x + jitter.uniform(-0.15, 0.15, len(s)), s, ".", ms=4, alpha=0.6, color="tab:blue")
-        ax.plot(x, s.mean(), "D", color="tab:red", ms=5)
+    _seed_boxes(ax, positions, scores, np.random.default_rng(0), "tab:blue", ms=4, alpha=0.6)
     ax.axhline(across["mean"], color="k", lw=1, label=f"mean over seeds {across['mean']:.1f}"
                + (f" +- {across['std']:.1f} (std of the seed means)" if across.get("std") is not None else ""))
     if across.get("std") is not None:
@@ -394,11 +398,7 @@ def seed_comparison_plot(out: Path, runs: dict[str, dict]) -> Path:
         colour = f"C{i % 10}"  # matplotlib's colour cycle: any number of runs
         rows, across = results["rows"], results["across_seeds"]
         positions = x + np.arange(len(rows))
-        scores = [np.asarray(r["scores"], np.float64) for r in rows]
-        ax.boxplot(scores, positions=positions, widths=0.5, showfliers=False)
-        for px, sc in zip(positions, scores):
-            ax.plot(px + jitter.uniform(-0.15, 0.15, len(sc)), sc, ".", ms=3, alpha=0.5, color=colour)
-            ax.plot(px, sc.mean(), "D", color="tab:red", ms=5)
+        _seed_boxes(ax, positions, [np.asarray(r["scores"], np.float64) for r in rows], jitter, colour, ms=3, alpha=0.5)
         left, right = positions[0] - 0.4, positions[-1] + 0.4
         label = f"{name}: {across['mean']:.1f}" + (f" +- {across['std']:.1f}" if across.get("std") is not None else "")
         ax.hlines(across["mean"], left, right, color=colour, lw=2, label=label + " (mean +- std of the seed means)")

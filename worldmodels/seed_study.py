@@ -277,8 +277,9 @@ def difference_line(a: str, first: dict, b: str, second: dict) -> str:
     if first.get("std") is None or second.get("std") is None:
         return f"{b} − {a}: {diff:+.1f} (one seed in a run: no standard error)."
     se = float(np.sqrt(first["std"] ** 2 / first["seeds"] + second["std"] ** 2 / second["seeds"]))
-    return (f"{b} − {a}: {diff:+.1f} ± {se:.1f} (standard error over the seeds, Welch), "
-            f"{abs(diff) / se:.1f} standard errors" if se > 0 else f"{b} − {a}: {diff:+.1f} (no spread over seeds)") + "."
+    if se == 0:
+        return f"{b} − {a}: {diff:+.1f} (no spread over seeds)."
+    return f"{b} − {a}: {diff:+.1f} ± {se:.1f} (standard error over the seeds, Welch), {abs(diff) / se:.1f} standard errors."
 
 
 def parse_runs(items: list[str]) -> dict[str, Path]:
