@@ -130,13 +130,13 @@ def test_diagnostics_figure_writes_a_png(tmp_path):
 def test_an_iterations_table_from_before_the_diagnostics_reads_with_nan(tmp_path):
     from worldmodels import iterate, storage
 
-    old = [key for key in iterate.FIELDS if key not in iterate.DIAGNOSTIC_FIELDS]
+    old = [key for key in iterate.FIELDS if key not in diagnostics.FIELDS]
     path = tmp_path / "iterations.csv"
     path.write_text(",".join(old) + "\n" + ",".join("1" if key == "iteration" else "2.5" for key in old) + "\n")
     iterate.append_row(path, {key: (2 if key == "iteration" else 0.5) for key in iterate.FIELDS})
     rows = iterate.read_rows(path)
     assert [row["iteration"] for row in rows] == ["1", "2"]
-    assert all(rows[0][key] == "nan" for key in iterate.DIAGNOSTIC_FIELDS)
+    assert all(rows[0][key] == "nan" for key in diagnostics.FIELDS)
     assert rows[0]["real_score"] == "2.5" and rows[1]["exploit_gap_same_actions"] == "0.5"
     path.write_text("iteration,something_else\n1,2\n")
     with pytest.raises(storage.CorruptFileError, match="not an iterations table"):

@@ -275,7 +275,7 @@ def test_old_iterations_configs_load_and_match_a_run_without_curiosity(tmp_path)
 
 
 def test_the_iterations_table_prints_each_row_with_unmeasured_values_as_dashes(tmp_path):
-    from worldmodels import figures, iterate
+    from worldmodels import diagnostics, figures, iterate
 
     root = tmp_path / "iterations"
     root.mkdir()
@@ -290,7 +290,7 @@ def test_the_iterations_table_prints_each_row_with_unmeasured_values_as_dashes(t
     assert figures.main(["iterations_table", "--data-dir", str(tmp_path), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| iteration |") and "(? tracks)" in lines[0]
-    assert f"same actions ({iterate.DIAGNOSTIC_HORIZON} steps)" in lines[0]
+    assert f"same actions ({diagnostics.HORIZON} steps)" in lines[0]
     assert lines[2] == ("| 1 | brownian 20, controller 180 | 2.50 M | 0.731 | -5.0 | 12.3 / 8.0 | 531.6 | 47.0 ± 58.5 "
                         "| 484.6 | 1.50 h |")
     assert "| – | 531.6 |" in lines[3]  # the repair was off in iteration 2

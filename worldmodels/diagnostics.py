@@ -46,8 +46,10 @@ from models.controller import ACTION_SIZE
 from worldmodels import storage
 from worldmodels.dream import read_prefix
 
-# :func:`diagnose`: the horizon of the exploit gap and of the latent error, the steps ahead reported,
-# and the names of its numbers (columns of ``iterations.csv``).
+# :func:`diagnose`: the horizon of the exploit gap and of the latent error in steps after
+# dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short enough
+# that the drift is still informative), the steps ahead reported, and the names of its numbers (columns
+# of ``iterations.csv``).
 HORIZON = 100
 STEPS = (1, 10, 50)
 FIELDS = ("exploit_gap_same_actions",) + tuple(f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in STEPS)

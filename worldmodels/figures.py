@@ -688,12 +688,12 @@ def iterations_table(data_dir) -> str:
 
     Columns: the episodes M had been trained on by policy, the real environment steps used so far (stage 1's
     data, collections, repairs, the curiosity's episodes, every evaluation), the previous M on the episodes just
-    collected (z NLL; predicted minus real return of their recorded actions over ``iterate.DIAGNOSTIC_HORIZON``
+    collected (z NLL; predicted minus real return of their recorded actions over ``diagnostics.HORIZON``
     steps), the repair's latent disagreement (kept windows / all candidates), the controller's dream and real
     scores (on ``iterate.eval_episodes`` held-out tracks), their difference and the iteration's wall time.
     "–" is a value that was not measured (an option that was off, or a table written before the column).
     """
-    from worldmodels import iterate
+    from worldmodels import diagnostics, iterate
 
     root = Path(data_dir) / artifacts.ITERATIONS
     table = root / artifacts.ITERATIONS_TABLE
@@ -703,7 +703,7 @@ def iterations_table(data_dir) -> str:
     saved = root / artifacts.CONFIG_FILE
     tracks = config.load_config(saved).iterate.eval_episodes if saved.is_file() else "?"
     head = ["iteration", "episodes M trained on", "real env steps so far", "M's z NLL on the new episodes",
-            f"M's return minus the real one, same actions ({iterate.DIAGNOSTIC_HORIZON} steps)",
+            f"M's return minus the real one, same actions ({diagnostics.HORIZON} steps)",
             "repair: dream-vs-real z error (kept / all)", "dream score", f"real score ({tracks} tracks)",
             "dream − real", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

@@ -98,10 +98,8 @@ ITERATE_KEYS = artifacts.RNN_KEYS + (
 CURIOSITY_KEYS = ("controller.sigma_init",)
 # ... and with the repair on, how it chooses and dreams its windows.
 REPAIR_KEYS = ("iterate.repair_candidates", "iterate.repair_horizon", "dream.temperature", "dream.skip_initial_frames")
-# The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics): open-loop horizon
-# in steps after dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short
-# enough that the drift is still informative), and the steps ahead at which the latent error is tabulated.
-DIAGNOSTIC_HORIZON, DIAGNOSTIC_STEPS, DIAGNOSTIC_FIELDS = diagnostics.HORIZON, diagnostics.STEPS, diagnostics.FIELDS
+# The diagnostics of the previous M on the episodes just collected (worldmodels.diagnostics, whose HORIZON, STEPS
+# and FIELDS say what is measured), drawn into each iteration's folder.
 DIAGNOSTICS_FIGURE = "diagnostics.png"
 # The curiosity's choice (worldmodels.curiosity; NaN when it is off): the chosen candidate (0 = C itself), its real
 # return and mean NLL per transition on its scoring episode, beta times that (the mean bonus per step), and the
@@ -117,7 +115,7 @@ RANK_MIN_ITERATIONS = 3
 # the real steps of all replays (counted in real_env_steps).
 REPAIR_FIELDS = ("repair_disagreement", "repair_disagreement_all", "repair_reward_gap", "repair_env_steps")
 # Columns that tables written by earlier versions lack (read as NaN).
-LATER_FIELDS = DIAGNOSTIC_FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,) + REPAIR_FIELDS
+LATER_FIELDS = diagnostics.FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,) + REPAIR_FIELDS
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
@@ -397,7 +395,7 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
-        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in DIAGNOSTIC_FIELDS}, **curious,
+        "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in diagnostics.FIELDS}, **curious,
         RANK_FIELD: score_rank_correlation(rows, dream, real), **repaired,
     }
 
