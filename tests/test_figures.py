@@ -46,3 +46,18 @@ def test_profile_figure_from_a_profiled_evaluation_and_a_clear_error_without_one
         figures.profile_figure(plain, tmp_path / "no.png")
     with pytest.raises(SystemExit):
         figures.main(["profile", "--out", str(out)])  # no --evaluation
+
+
+def test_a_learning_curve_draws_each_kind_of_evaluation_in_one_colour_in_every_panel(tmp_path, monkeypatch):
+    from worldmodels import controller_training
+
+    drawn = []
+    monkeypatch.setattr(storage, "save_figure", lambda fig, path, **kw: drawn.append(fig))
+    history = [{"generation": g, "best": 10.0 * g, "mean": 5.0 * g, "steps": 1000, "seconds": 2.0} for g in (1, 2)]
+    evals = {2: {"mean": 7.0, "std": 1.0, "dream_mean": 9.0, "dream_std": 2.0, "env_steps": 500, "seconds": 3.0}}
+    controller_training.plot_learning_curve(tmp_path / "curve.png", history, evals, dream_temperature=1.0)
+    colours = [[container.lines[0].get_color() for container in axis.containers] for axis in drawn[0].axes]
+    assert len(colours) == 3 and all(len(c) == 2 for c in colours), colours
+    assert colours[0] == colours[1] == colours[2] and colours[0][0] != colours[0][1]
+    # ...and neither is a colour of the first panel's two fitness lines.
+    assert not set(colours[0]) & {line.get_color() for line in drawn[0].axes[0].lines[:2]}

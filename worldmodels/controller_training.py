@@ -250,14 +250,15 @@ def plot_learning_curve(path, history: list[dict], evals: dict, dream_temperatur
     ax.plot(generations, [row["mean"] for row in history], label=f"population mean ({where})")
     g = sorted(evals)
     cost = search_cost(history, evals, real_training=dream_temperature is None)
+    # One colour per kind of evaluation in all three panels (the first panel's two fitness lines take C0, C1).
     for axis, x in ((axes[0], g), (axes[1], [cost[i][0] for i in g]), (axes[2], [cost[i][1] / 3600 for i in g])):
         if not g:
             continue
         axis.errorbar(x, [evals[i]["mean"] for i in g], yerr=[evals[i]["std"] for i in g], fmt="o-", capsize=3,
-                      label="CMA mean on held-out real tracks (+- std)")
+                      color="C2", label="CMA mean on held-out real tracks (+- std)")
         if dream_temperature is not None:
             axis.errorbar(x, [evals[i]["dream_mean"] for i in g], yerr=[evals[i]["dream_std"] for i in g],
-                          fmt="s--", capsize=3, label="CMA mean on held-out dream episodes (+- std)")
+                          fmt="s--", capsize=3, color="C3", label="CMA mean on held-out dream episodes (+- std)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
