@@ -194,16 +194,26 @@ def write_rollouts(folder, lengths, data: dict) -> None:
 
 
 def test_data_driven_by_a_trained_controller_counts_its_training(data, tmp_path):
-    # The driver's search: 3 generations of 2000 real steps, evaluated at 3 (100 steps), final score on 400 steps.
+    # The driver's search: 3 generations of 2000 real steps, evaluated at 3 (100 steps), final score on 400 steps;
+    # its params come from generation 3, so everything but the final score made the driver.
     driver = tmp_path / "driver"
     write_search(driver, "real", [2000] * 3, {3: (500.0, 9.0, 100)}, final=(480.0, 8.0, 100, 400))
+    np.savez(driver / "controller.npz", params=np.zeros(3), generation=3, best_eval_generation=3)
     write_rollouts(data / "rollouts", STAGE1, {"policy": "controller:0.9,brownian:0.1",
                                                "controller": str(driver / "controller.npz")})
-    assert figures.collector_steps(data) == 6000 + 100 + 400
+    assert figures.collector_steps(data) == 6000 + 100
     curves = by_label(figures.sample_efficiency_curves(data))
-    assert curves["stage 5 in the dream, tau=1.15"].steps == [6500 + 150 + 40, 6500 + 150 + 80]
-    assert curves["iterative dream (06_iterate.py, from controller)"].steps == [6500 + 9600 + 1000,
-                                                                                 6500 + 9600 + 2000]
+    assert curves["stage 5 in the dream, tau=1.15"].steps == [6100 + 150 + 40, 6100 + 150 + 80]
+    assert curves["iterative dream (06_iterate.py, from controller)"].steps == [6100 + 9600 + 1000,
+                                                                                 6100 + 9600 + 2000]
+    # A search that went on after the driver's generation: its later generations, evaluations and final score
+    # did not make the driver (generation 2 of 4, evaluated at 2 and 4).
+    write_search(driver, "real", [2000] * 4, {2: (400.0, 9.0, 100), 4: (500.0, 9.0, 100)}, final=(480.0, 8.0, 100, 400))
+    np.savez(driver / "controller.npz", params=np.zeros(3), generation=4, best_eval_generation=2)
+    assert figures.collector_steps(data) == 4000 + 100
+    (driver / "controller.npz").write_bytes(b"not a zip")
+    with pytest.raises(storage.CorruptFileError, match="controller that drove stage 1"):
+        figures.collector_steps(data)
     # A bare copy of the driver's controller.npz: its cost is unknown, which is an error, not zero.
     (driver / "eval.csv").unlink()
     with pytest.raises(storage.MissingDataError, match="cannot be counted") as error:

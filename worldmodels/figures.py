@@ -575,9 +575,15 @@ def stage1_steps(data_dir: Path) -> int:
 
 def collector_steps(data_dir: Path) -> int:
     """Real steps behind the controller that drove stage 1's data (``data.policy`` with ``controller``, as
-    ``rollouts/config.json`` records it): everything its search spent (:func:`_search_curve`); 0 for data of
-    the built-in policies. Data driven by a trained controller cost that controller's training too, so a
-    dream-trained controller learning from it is not counted as if it had started from nothing.
+    ``rollouts/config.json`` records it); 0 for data of the built-in policies. Data driven by a trained
+    controller cost that controller's training too, so a dream-trained controller learning from it is not
+    counted as if it had started from nothing.
+
+    Counted: what its search had spent when the driving parameters existed, i.e. up to and including the
+    generation its ``params`` come from (:func:`artifacts.selected_generation`; stage 1 drives with ``params``):
+    that generation's and the earlier ones' real training episodes and held-out evaluations. A search that
+    went on afterwards (the long run kept generation 180 of 240) and the final 100-track score did not make
+    the driver, so they are not counted.
 
     A collecting controller whose ``eval.csv`` is missing (a bare copy of ``controller.npz``) is a
     :class:`~worldmodels.storage.MissingDataError` that says so: its cost is then unknown, not zero.
@@ -594,8 +600,19 @@ def collector_steps(data_dir: Path) -> int:
         raise storage.MissingDataError(
             f"stage 1's data of {data_dir} was driven by the controller in {folder}, which has no {ct.EVAL_NAME} "
             "(and history.csv): the real steps behind it cannot be counted; copy them there from the search it "
-            "came from, keeping the rows up to the generation it was taken at")
-    return _search_curve(folder, "", 0)[1]
+            "came from")
+    return _search_curve(folder, "", 0, upto=_params_generation(folder / artifacts.CONTROLLER_FILE))[1]
+
+
+def _params_generation(path: Path) -> int:
+    """The generation the ``params`` of the ``controller.npz`` at ``path`` come from."""
+    try:
+        with np.load(path) as data:
+            scalars = {key: data[key].item() for key in data.files if data[key].ndim == 0}
+        return artifacts.selected_generation(scalars, "params")
+    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
+        raise storage.CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc}); "
+                                       "the generation of the controller that drove stage 1 is unknown") from exc
 
 
 def _steps_cell(value) -> float:
@@ -612,24 +629,28 @@ def _trained_in_reality(folder: Path) -> bool:
     return not folder.name.startswith(artifacts.DREAM_CONTROLLER_PREFIX)
 
 
-def _search_curve(folder: Path, label: str, offset: int) -> tuple[Curve, int]:
+def _search_curve(folder: Path, label: str, offset: int, upto: int | None = None) -> tuple[Curve, int]:
     """The held-out evaluations of the search in ``folder`` and ``offset`` + the real steps it spent in all.
 
     A point's steps are ``offset`` plus the search's real steps up to and including that evaluation
     (``controller_training.search_cost``): its training episodes if it trained in the real env (a dream
     search's ``history.csv`` counts dream steps, which are not real) and its held-out evaluations. The
-    total (and the final score's steps) adds every generation run and the final evaluation.
+    total (and the final score's steps) adds every generation run and the final evaluation; with ``upto``,
+    the search as it was at generation ``upto`` (the generations after it and the final score left out).
     """
     from worldmodels import controller_training as ct
 
     evals = ct.read_evals(folder / ct.EVAL_NAME)
     history = folder / "history.csv"
     history = _read_rows(history) if history.is_file() and _trained_in_reality(folder) else []
+    if upto is not None:
+        evals = {g: row for g, row in evals.items() if g <= upto}
+        history = [row for row in history if row["generation"] <= upto]
     cost = ct.search_cost(history, evals)
     g = sorted(evals)
     total = offset + int(sum(_steps_cell(row.get("env_steps")) for row in history)
                          + sum(_steps_cell(evals[i].get("env_steps")) for i in g))
-    m = _metrics(folder / artifacts.METRICS_FILE)
+    m = _metrics(folder / artifacts.METRICS_FILE) if upto is None else None
     final = None
     if m is not None and m.get("mean") is not None:
         total += int(_steps_cell(m.get("steps")))
