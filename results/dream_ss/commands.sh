@@ -28,3 +28,13 @@ python 06_iterate.py --preset small --data-dir $D $S --set rnn.scheduled_samplin
   --set controller.population=32 --set controller.rollouts_per_member=16 \
   --set iterate.iterations=3 --set iterate.episodes=64 --set iterate.generations=100 --set iterate.eval_episodes=100 \
   --set iterate.repair_episodes=32 --set iterate.repair_candidates=64
+# After each iteration: python -m worldmodels.carry save --data-dir $D --name dream3-iterations --iterations
+# Iteration 1: 0.99 h in all over two sessions (its dream search and scoring beside the hybrid below).
+python -m worldmodels.figures iterations_table --data-dir $D --out results/dream_ss/iterations.md
+
+# The hybrid (issue 19 item 7): the dream-only controller above fine-tuned in the real environment, 20 generations
+# of the cpu preset's search; 49 min with the 2 cores shared with the iterative run. Resumable: rerun.
+python 05_train_controller.py --preset cpu --data-dir $D $S --set rnn.scheduled_sampling=0.3 \
+  --set controller.init_from=controller_dream_t1 --set controller.generations=20
+# Issue 19's figure: held-out real score against the real steps behind it (this data dir and the long cpu search)
+python -m worldmodels.figures sample_efficiency --data-dir $D --also-data-dir $G --out results/sample_efficiency.png
