@@ -226,3 +226,25 @@ def test_stage1_is_counted_from_the_rollouts_when_the_series_are_gone(data):
     assert figures.stage1_steps(data) == 150  # the series come first
     shutil.rmtree(data / "series")
     assert figures.stage1_steps(data) == 12 and figures.collector_steps(data) == 0
+
+
+def test_v_trained_on_other_data_or_carried_without_its_episodes_is_counted(data):
+    random = {"policy": "brownian", "seed": 0, "episodes": 2, "max_steps": 75, "backend": "process"}
+    write_rollouts(data / "rollouts", (75, 75), random)
+    vision = data / "vae_gan"
+    storage.atomic_write_json(vision / "metrics.json", {"train_frames": 900, "heldout_frames": 100})
+    # V on the same data (its config older, without a key; another backend): the 150 frames are all.
+    older = {key: value for key, value in random.items() if key != "max_steps"}
+    storage.atomic_write_json(vision / "config.json", {"data": {**older, "backend": "thread"}})
+    assert figures.stage1_steps(data) == 150
+    # V taken from a run on other data (the dream runs' V came from the random-policy run): both count.
+    storage.atomic_write_json(vision / "config.json", {"data": {**random, "seed": 7}})
+    driven = {**random, "policy": "controller:0.9,brownian:0.1", "controller": "elsewhere", "controller_noise": 0.1}
+    storage.atomic_write_json(data / "rollouts" / "config.json", {"data": driven})
+    assert figures.stage1_steps(data) == 150 + 1000
+    # A carried run travels without its episodes: V's count stands for the data V and M were trained on.
+    shutil.rmtree(data / "series")
+    shutil.rmtree(data / "rollouts")
+    assert figures.stage1_steps(data) == 1000
+    (vision / "metrics.json").unlink()
+    assert figures.stage1_steps(data) == 0

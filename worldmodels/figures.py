@@ -558,10 +558,42 @@ class Curve:
     final: tuple[int, float, float, int] | None = None
 
 
+# The keys of a config's ``data`` section that decide which episodes stage 1 records (not how fast or how packed).
+DATA_KEYS = ("policy", "seed", "episodes", "max_steps", "controller", "controller_noise", "expert_noise")
+
+
 def stage1_steps(data_dir: Path) -> int:
-    """Real steps of stage 1's data, which V and M were trained on: one per frame of ``series/``, as
-    ``06_iterate.py`` counts them in ``real_env_steps``; without ``series/`` one per frame of ``rollouts/``
-    (read from the file headers); 0 without either."""
+    """Real steps of the data V and M were trained on.
+
+    M's: one per frame of ``series/``, as ``06_iterate.py`` counts them in ``real_env_steps``; without
+    ``series/`` one per frame of ``rollouts/`` (read from the file headers). V's: the frames its
+    ``metrics.json`` says it trained and was scored on, counted apart only where they are other data (a V
+    taken from another run: its config's ``data`` differs from ``rollouts/config.json``'s in a
+    :data:`DATA_KEYS` key) or where the episodes are gone (a carried run: V's count then stands for both).
+    0 without episodes or a V's metrics.
+    """
+    own = _episode_steps(data_dir)
+    data = _data_section(artifacts.rollouts_dir(data_dir) / artifacts.CONFIG_FILE)
+    vision = 0
+    for name in artifacts.VISION:  # vae/ and vae_gan/ (a data dir may hold both, trained on its one data set)
+        folder = Path(data_dir) / artifacts.VISION[name][0]
+        m = _metrics(folder / artifacts.METRICS_FILE) or {}
+        frames = int(m.get("train_frames", 0)) + int(m.get("heldout_frames", 0))
+        if frames and (own is None or _other_data(_data_section(folder / artifacts.CONFIG_FILE), data)):
+            vision = max(vision, frames)
+    return (own or 0) + vision
+
+
+def _other_data(a: dict | None, b: dict | None) -> bool:
+    """Whether two ``data`` sections name other episodes: a key both have differs (configs written before a
+    key existed lack it, which is no difference); unknown (a missing config) counts as the same data."""
+    if a is None or b is None:
+        return False
+    return any(key in a and key in b and a[key] != b[key] for key in DATA_KEYS)
+
+
+def _episode_steps(data_dir: Path) -> int | None:
+    """Frames of ``series/`` (else of ``rollouts/``); None without either."""
     try:
         return sequences.series_steps(artifacts.series_dir(data_dir))
     except storage.MissingDataError:
@@ -569,8 +601,16 @@ def stage1_steps(data_dir: Path) -> int:
     try:
         paths = storage.list_episodes(artifacts.rollouts_dir(data_dir))
     except storage.MissingDataError:
-        return 0
+        return None
     return int(sum(datasets.check_episodes(paths)))
+
+
+def _data_section(path: Path) -> dict | None:
+    """The :data:`DATA_KEYS` the ``data`` section of the config at ``path`` has; None without the file."""
+    if not path.is_file():
+        return None
+    data = storage.read_json(path).get("data") or {}
+    return {key: data[key] for key in DATA_KEYS if key in data}
 
 
 def collector_steps(data_dir: Path) -> int:
