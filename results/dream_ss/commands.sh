@@ -38,3 +38,10 @@ python 05_train_controller.py --preset cpu --data-dir $D $S --set rnn.scheduled_
   --set controller.init_from=controller_dream_t1 --set controller.generations=20
 # Issue 19's figure: held-out real score against the real steps behind it (this data dir and the long cpu search)
 python -m worldmodels.figures sample_efficiency --data-dir $D --also-data-dir $G --out results/sample_efficiency.png
+# How three controllers drive on the same 10 validation tracks (~2 min each, beside three other jobs)
+python evaluate_controller.py --data-dir $D --controller $D/iterations/iter_001/controller --episodes 10 \
+  --track-seed 3000000 --profile --output results/dream_ss/profile_iter1_s3000000_n10.json
+python evaluate_controller.py --data-dir $D --controller $D/controller_hybrid --episodes 10 \
+  --track-seed 3000000 --profile --output results/dream_ss/profile_hybrid_s3000000_n10.json
+python evaluate_controller.py --data-dir $G --controller $G/controller --episodes 10 \
+  --track-seed 3000000 --profile --output results/dream_ss/profile_gan_g180_s3000000_n10.json
