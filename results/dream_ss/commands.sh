@@ -45,3 +45,5 @@ python evaluate_controller.py --data-dir $D --controller $D/controller_hybrid --
   --track-seed 3000000 --profile --output results/dream_ss/profile_hybrid_s3000000_n10.json
 python evaluate_controller.py --data-dir $G --controller $G/controller --episodes 10 \
   --track-seed 3000000 --profile --output results/dream_ss/profile_gan_g180_s3000000_n10.json
+# What iteration 1's collection holds (1 min)
+python -m worldmodels.metrics driving $D/iterations/iter_001/rollouts --per-policy 20 --out results/driving_data/dream3_iter1_collection.json
