@@ -242,6 +242,10 @@ def test_v_trained_on_other_data_or_carried_without_its_episodes_is_counted(data
     driven = {**random, "policy": "controller:0.9,brownian:0.1", "controller": "elsewhere", "controller_noise": 0.1}
     storage.atomic_write_json(data / "rollouts" / "config.json", {"data": driven})
     assert figures.stage1_steps(data) == 150 + 1000
+    # ...in every curve: the iterations' real_env_steps count M's data only, so V's frames are added there too.
+    curves = by_label(figures.sample_efficiency_curves(data, driver=0))
+    assert curves["stage 5 in the real env"].steps[0] == 150 + 1000 + 2000 + 300
+    assert curves["iterative dream (06_iterate.py, from controller)"].steps == [1000 + 9600 + 1000, 1000 + 9600 + 2000]
     # A carried run travels without its episodes: V's count stands for the data V and M were trained on.
     shutil.rmtree(data / "series")
     shutil.rmtree(data / "rollouts")

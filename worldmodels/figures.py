@@ -573,15 +573,20 @@ def stage1_steps(data_dir: Path) -> int:
     0 without episodes or a V's metrics.
     """
     own = _episode_steps(data_dir)
+    return _vision_steps(data_dir, other_data_only=True) + own if own is not None else _vision_steps(data_dir)
+
+
+def _vision_steps(data_dir: Path, other_data_only: bool = False) -> int:
+    """The frames V's ``metrics.json`` says it trained and was scored on (the larger if ``vae/`` and ``vae_gan/``
+    both exist); with ``other_data_only`` only a V whose config's ``data`` differs from ``rollouts/config.json``'s
+    (:func:`_other_data`)."""
     data = _data_section(artifacts.rollouts_dir(data_dir) / artifacts.CONFIG_FILE)
-    vision = 0
-    for name in artifacts.VISION:  # vae/ and vae_gan/ (a data dir may hold both, trained on its one data set)
-        folder = Path(data_dir) / artifacts.VISION[name][0]
-        m = _metrics(folder / artifacts.METRICS_FILE) or {}
-        frames = int(m.get("train_frames", 0)) + int(m.get("heldout_frames", 0))
-        if frames and (own is None or _other_data(_data_section(folder / artifacts.CONFIG_FILE), data)):
-            vision = max(vision, frames)
-    return (own or 0) + vision
+    frames = [0]
+    for folder, _ in artifacts.VISION.values():
+        m = _metrics(Path(data_dir) / folder / artifacts.METRICS_FILE) or {}
+        if not other_data_only or _other_data(_data_section(Path(data_dir) / folder / artifacts.CONFIG_FILE), data):
+            frames.append(int(m.get("train_frames", 0)) + int(m.get("heldout_frames", 0)))
+    return max(frames)
 
 
 def _other_data(a: dict | None, b: dict | None) -> bool:
@@ -716,7 +721,8 @@ def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
 
 def _iterations_curve(data_dir: Path, driver: int) -> Curve | None:
     """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
-    every iteration's collection, evaluations, curiosity and repair) plus the real steps behind stage 1's driver
+    every iteration's collection, evaluations, curiosity and repair) plus the frames of a V trained on other data,
+    the real steps behind stage 1's driver
     (``driver``, :func:`collector_steps`) and those spent by the search its iteration 1 started from
     (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
     from worldmodels import iterate
@@ -733,7 +739,9 @@ def _iterations_curve(data_dir: Path, driver: int) -> Curve | None:
     saved = root / artifacts.CONFIG_FILE
     tau = (config.load_config(saved) if saved.is_file() else config.Config()).dream.temperature
     start = artifacts.iterations_start_dir(data_dir, tau)
-    offset = driver + (0 if start is None else _search_curve(start, "", 0)[1])
+    # real_env_steps counts M's data (stage 1's series) but not a V trained on other data.
+    offset = driver + _vision_steps(data_dir, other_data_only=True) + (
+        0 if start is None else _search_curve(start, "", 0)[1])
     label = f"iterative dream (06_iterate.py, from {start.name if start else 'zeros'})"
     return Curve(label, [offset + int(r["real_env_steps"]) for r in rows], [r["real_score"] for r in rows],
                  [r["real_std"] for r in rows])
