@@ -255,17 +255,27 @@ def controller_models(path, cfg: config.Config, data_dir: Path | None = None) ->
     return vision, models
 
 
+def _read_controller(path: Path, which: str | None) -> tuple[np.ndarray | None, dict]:
+    """(parameters ``which`` or None, the 0-d scalars) of a ``controller.npz``; unreadable: CorruptFileError."""
+    try:
+        with np.load(path) as data:
+            params = None if which is None else np.array(data[which], dtype=np.float64)
+            return params, {key: data[key].item() for key in data.files if data[key].ndim == 0}
+    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
+        raise CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc})") from exc
+
+
+def controller_scalars(path: Path) -> dict:
+    """The scalars of a ``controller.npz`` (``generation``, ``best_eval_generation``, ...), without its parameters."""
+    return _read_controller(path, None)[1]
+
+
 def load_controller(path: Path, which: str, z_size: int, hidden: int) -> tuple[np.ndarray, dict]:
     """Parameters ``which`` (N,) from a ``controller.npz`` of stage 5, and its scalars."""
     num_params = num_parameters(z_size, hidden)
     if not path.exists():
         raise MissingDataError(f"no controller at {path}; train one first with: python {MAKERS[CONTROLLER]}")
-    try:
-        with np.load(path) as data:
-            params = np.array(data[which], dtype=np.float64)
-            info = {key: data[key].item() for key in data.files if data[key].ndim == 0}
-    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
-        raise CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc})") from exc
+    params, info = _read_controller(path, which)
     if params.shape != (num_params,):
         raise config.ConfigError(f"{path} holds parameters of shape {params.shape}, but vae.z_size={z_size} and "
                                  f"rnn.hidden_units={hidden} need ({num_params},): use the config it was trained with")

@@ -652,12 +652,10 @@ def collector_steps(data_dir: Path) -> int:
 def _params_generation(path: Path) -> int:
     """The generation the ``params`` of the ``controller.npz`` at ``path`` come from."""
     try:
-        with np.load(path) as data:
-            scalars = {key: data[key].item() for key in data.files if data[key].ndim == 0}
-        return artifacts.selected_generation(scalars, "params")
-    except Exception as exc:  # zip, zlib and key errors all mean the file is unusable
-        raise storage.CorruptFileError(f"{path} is not a readable controller file ({type(exc).__name__}: {exc}); "
-                                       "the generation of the controller that drove stage 1 is unknown") from exc
+        return artifacts.selected_generation(artifacts.controller_scalars(path), "params")
+    except (storage.CorruptFileError, KeyError) as exc:  # unreadable, or no "generation" in it
+        raise storage.CorruptFileError(f"{path}: unreadable or without a generation ({exc}); the generation of the "
+                                       "controller that drove stage 1 is unknown") from exc
 
 
 def _steps_cell(value) -> float:
@@ -792,7 +790,7 @@ def iterations_table(data_dir) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sample_efficiency_curves(data_dir: Path, driver: int | None = None) -> list[Curve]:
+def sample_efficiency_curves(data_dir: Path, driver: int | None = None, stage1: int | None = None) -> list[Curve]:
     """Every curve of :func:`sample_efficiency` that ``data_dir`` holds, with the real steps each point cost.
 
     Every point counts stage 1's data (:func:`stage1_steps`: V and M, which every controller reads,
@@ -802,11 +800,11 @@ def sample_efficiency_curves(data_dir: Path, driver: int | None = None) -> list[
     ``controller_hybrid/`` everything its start controller spent (a dream one: its evaluations and final
     score) plus its own real training and evaluations; for ``iterations/`` what :func:`_iterations_curve`
     says. A final score adds the whole search and its final evaluation. Folders without scores are left out.
-    ``driver``: :func:`collector_steps` of ``data_dir`` if the caller has it already.
+    ``driver``, ``stage1``: :func:`collector_steps` and :func:`stage1_steps` of ``data_dir`` if the caller has them.
     """
     data_dir = Path(data_dir)
     driver = collector_steps(data_dir) if driver is None else driver
-    base = stage1_steps(data_dir) + driver
+    base = (stage1_steps(data_dir) if stage1 is None else stage1) + driver
     curves = []
     if (data_dir / artifacts.CONTROLLER).is_dir():
         curves.append(_search_curve(data_dir / artifacts.CONTROLLER, "stage 5 in the real env", base)[0])
@@ -831,13 +829,13 @@ def sample_efficiency(data_dirs, out: Path) -> Path:
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, os.PathLike)) else [Path(d) for d in data_dirs]
     curves, counted = [], []
     for folder in dirs:
-        driver = collector_steps(folder)
-        found = sample_efficiency_curves(folder, driver)
+        driver, data_steps = collector_steps(folder), stage1_steps(folder)
+        found = sample_efficiency_curves(folder, driver, data_steps)
         prefix = f"{folder.name}: " if len(dirs) > 1 else ""
         for curve in found:
             curve.label = prefix + curve.label
         curves += found
-        counted += [f"{prefix}{stage1_steps(folder):,}" + (f" + {driver:,} of its driver's training" if driver else "")
+        counted += [f"{prefix}{data_steps:,}" + (f" + {driver:,} of its driver's training" if driver else "")
                     ] if found else []
     stage1 = "; ".join(counted)
     if len(stage1) > 70:  # one line per data dir rather than a label wider than the figure
