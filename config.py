@@ -178,6 +178,10 @@ class DreamConfig:
     max_steps: int = _f(1000, "time limit of a dream episode")
     skip_initial_frames: int = _f(50, "real frames skipped before taking a starting z (CarRacing's zoom-in)")
     batch_size: int = _f(1024, "dream agents stepped together in one model call")
+    start_every: int = _f(0, "0: each dream starts at frame skip_initial_frames of a series; k > 0: at any of the "
+                             "frames skip_initial_frames, +k, +2k, ... of every series, M in the state it reaches "
+                             "there on the real frames (short dreams branched from real states, MBPO: use with "
+                             "dream.max_steps ~100-200)")
 
 
 @dataclass(frozen=True)
@@ -474,7 +478,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
         "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
-        "dream.skip_initial_frames", "rnn.dropout", "vae_gan.pixel_weight",
+        "dream.skip_initial_frames", "dream.start_every", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
         "iterate.curiosity_variants", "iterate.curiosity", "iterate.repair_episodes",
     ]

@@ -22,7 +22,9 @@ from worldmodels.dream import (
     DreamVectorEnv,
     DreamWorld,
     StartStates,
+    load_branch_starts,
     load_start_states,
+    start_states_for,
 )
 from worldmodels.env import to_env_action
 from worldmodels.rollout import FINAL_EVAL_SEED_OFFSET, heldout_seeds, run_episodes
@@ -232,6 +234,48 @@ def test_starts_are_stored_real_frames_after_the_zoom_with_ms_state_from_the_rea
 
     with pytest.raises(storage.MissingDataError, match="03_generate_rnn_data.py"):
         load_start_states(tmp_path / "nothing", skip)
+
+
+def test_branched_starts_every_k_frames_with_ms_state_from_one_teacher_forced_pass(tmp_path):
+    rng = np.random.default_rng(5)
+    write_series(tmp_path / "series", [12, 3, 9], rng, logvar=-30.0)
+    model = small_model()
+    # chunk=2: the first two series are stepped together, the third alone.
+    starts = load_branch_starts(tmp_path / "series", 5, 3, model, chunk=2)
+    assert starts.frames.tolist() == [5, 8, 11, 2, 5, 8] and starts.prefix_mu is None
+    assert [int(name[8:14]) for name in starts.episodes] == [0, 0, 0, 1, 2, 2]
+    # Each row equals the one-start table of its own frame (M reading that frame's prefix), and its z is that frame's.
+    for row, (name, frame) in enumerate(zip(starts.episodes, starts.frames)):
+        stored = storage.load_episode(tmp_path / "series" / name, "series")
+        np.testing.assert_array_equal(starts.mu[row], stored["mu"][frame])
+        state = (np.zeros((1, HIDDEN), np.float32),) * 2
+        for t in range(frame):
+            state = model.step(stored["mu"][t:t + 1], stored["action"][t:t + 1], state)["state"]
+        np.testing.assert_allclose(starts.hidden[row], state[0].numpy()[0], atol=1e-5)
+        np.testing.assert_allclose(starts.cell[row], state[1].numpy()[0], atol=1e-5)
+    world = DreamWorld(model, starts, 1.0, max_steps=5, capacity=600)
+    _, h0 = world.reset(np.arange(600))
+    np.testing.assert_array_equal(h0, starts.hidden[world.start_rows])
+    assert np.bincount(world.start_rows, minlength=6).min() > 60, "starts are drawn uniformly over all frames"
+
+    # Several folders (an iteration's dream starts from every series so far): their rows one after the other.
+    write_series(tmp_path / "more", [7], rng)
+    both = load_branch_starts([tmp_path / "series", tmp_path / "more"], 5, 3, model)
+    assert both.frames.tolist() == [5, 8, 11, 2, 5, 8, 5] and both.episodes[-1] == "episode_000000.npz"
+    np.testing.assert_array_equal(both.hidden[:6], starts.hidden)
+
+    # Through the config: start_every picks the branched table, which needs M; 0 keeps one start per series.
+    branched = config.make_config("smoke", {"dream.start_every": 3})
+    assert len(start_states_for(tmp_path, branched, model)) == 6
+    assert len(start_states_for(tmp_path, SMOKE)) == 3
+    with pytest.raises(ValueError, match="need M"):
+        start_states_for(tmp_path, branched)
+    with pytest.raises(ValueError, match="made with another M"):
+        DreamWorld(MDNRNN(z_size=Z, hidden_units=HIDDEN + 1), starts, 1.0, 5, 4)
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        load_branch_starts(tmp_path / "series", 5, 0, model)
+    with pytest.raises(config.ConfigError, match="dream.start_every must be >= 0"):
+        config.make_config("smoke", {"dream.start_every": -1})
 
 
 def test_step_limit_done_head_and_reward_head():

@@ -83,7 +83,8 @@ CONTROLLER_KEYS = RNN_KEYS + (
     "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
     "controller.patience", "controller.racing", "controller.z_input", "env.observation", "controller.init_from",
 )
-DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames")
+# dream.start_every: configs saved before it existed load with its default (0), which is how those searches dreamt.
+DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames", "dream.start_every")
 
 
 def controller_keys(cfg: config.Config) -> tuple[str, ...]:

@@ -388,6 +388,7 @@ class Search:
     dream: object = None
     writer: object = None
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    series_dirs: list | None = None  # where a branched dream starts (None: <data>/series)
     steps: int = 0
     seconds: float = 0.0
 
@@ -436,7 +437,8 @@ def parse_study_arguments(description: str, argv=None) -> tuple[config.Config, a
 
 def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
                      final_eval: bool = True, command: str = "", models=None, prefix: str = "[05]",
-                     out: Path | None = None, x0: np.ndarray | None = None) -> dict:
+                     out: Path | None = None, x0: np.ndarray | None = None,
+                     series_dirs: list | None = None) -> dict:
     """Run (or resume, or do nothing if complete) the search of ``cfg`` in ``output_dir(data_dir, cfg)``.
 
     Args:
@@ -450,6 +452,8 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
         out: the output folder (default ``output_dir(data_dir, cfg)``; the iterations write their own).
         x0: the CMA-ES starting mean (N,) of a new search (default: the params of ``controller.init_from``
             if set, else zeros; ignored when resuming).
+        series_dirs: the folders of series a branched dream (``dream.start_every > 0``) starts from
+            (default ``<data_dir>/series``).
 
     Returns:
         ``{"out": Path, "generation": int, "evals": {generation: row}, "metrics": dict or None,
@@ -473,7 +477,7 @@ def train_controller(cfg: config.Config, data_dir, *, max_concurrent: int = DEFA
                           weight_decay=c.weight_decay, x0=x0)
     config.save_config(cfg, out)
     search = Search(cfg, out, evolution, read_evals(out / EVAL_NAME), read_best(out / CONTROLLER_NAME, num_params),
-                    prefix, max_concurrent=max_concurrent)
+                    prefix, max_concurrent=max_concurrent, series_dirs=series_dirs)
     g = evolution.generation
     final_done = not final_eval or final_metrics_done(out / METRICS_NAME, g, c.final_eval_episodes, c.max_steps)
     if not (g >= c.generations and not search.evaluation_due() and final_done):
@@ -499,7 +503,7 @@ def _run(search: Search, data_dir, *, models, final_eval: bool, command: str):
     vae, rnn = models if models is not None else rollout.load_world_models(data_dir, cfg)
     search.writer = tf.summary.create_file_writer(str(search.out / "logs"))
     if search.in_dream:
-        search.dream = _open_dream(cfg, data_dir, rnn, search.prefix)
+        search.dream = _open_dream(cfg, data_dir, rnn, search.prefix, search.series_dirs)
     num_envs = min(search.max_concurrent, max(c.eval_episodes, c.final_eval_episodes) if search.in_dream
                    else max(c.population * c.rollouts_per_member, c.eval_episodes, c.final_eval_episodes))
     options = (f"patience {c.patience}" if c.patience and not search.in_dream else "no early stop") + \
@@ -524,13 +528,16 @@ def _run(search: Search, data_dir, *, models, final_eval: bool, command: str):
     return vae, rnn
 
 
-def _open_dream(cfg, data_dir, rnn, prefix):
+def _open_dream(cfg, data_dir, rnn, prefix, series_dirs=None):
     from worldmodels import dream as dream_lib
 
-    starts = dream_lib.start_states_for(data_dir, cfg)
+    starts = dream_lib.start_states_for(data_dir, cfg, rnn, series_dirs)
     dream = dream_lib.dream_world(cfg, rnn, starts)
-    print(f"{prefix} dream at temperature {cfg.dream.temperature:g}: {len(starts)} starting frames (frame "
-          f"{cfg.dream.skip_initial_frames} of each series), {dream.capacity} agents per step, "
+    where = (f"every {cfg.dream.start_every} frames of each series from frame {cfg.dream.skip_initial_frames}, "
+             f"{len(set(starts.episodes))} series"
+             if cfg.dream.start_every else f"frame {cfg.dream.skip_initial_frames} of each series")
+    print(f"{prefix} dream at temperature {cfg.dream.temperature:g}: {len(starts)} starting frames ({where}), "
+          f"episodes of <= {dream.max_steps} steps, {dream.capacity} agents per step, "
           f"done head: {dream.done}, dropout masks: {dream.dropout}")
     return dream
 

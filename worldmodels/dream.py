@@ -33,6 +33,14 @@ Decisions (and why):
   zoomed-in frame it is outside its training data, and on the `small` preset its done head
   then gave p = 0.3-0.6 at the first step, ending most dream episodes after 1-4 steps. With
   no prefix (``skip_initial_frames=0``, or start tables built without one) h_0 = c_0 = 0.
+* **Branched starts** (``dream.start_every = k > 0``; MBPO's short model rollouts branched from real
+  states, Janner et al. 2019): a start every k frames of every series from frame
+  ``skip_initial_frames`` on, M's state at each computed by one teacher-forced pass over the series
+  (:func:`load_branch_starts`; (N, H) states kept, no prefix table). With ``dream.max_steps`` of
+  ~100-200 the controller is trained on short dreams from the states the data really visits
+  (including off the road) instead of 1,000-step dreams from the start line, which leave M's
+  closed loop time to drift into states it pays too much for (``repair_reward_gap``: the
+  overpayment grows with the horizon).
 * **Done** is a Bernoulli draw with M's predicted probability: a calibrated done head then
   ends dream episodes as often as real episodes ended in the data (a 0.5 threshold would
   almost never fire on CarRacing, where termination is rare and the predicted probability
@@ -100,7 +108,9 @@ class StartStates:
     ``prefix_mu`` (N, S, Z) and ``prefix_action`` (N, S, 3) float32, optional: the posterior
     means and recorded actions of frames 0..S-1 before each start (row i uses its first
     ``frames[i]`` steps, S = max(frames)), from which M's starting state is computed; None
-    means M starts from its zero state.
+    means M starts from its zero state. ``hidden`` and ``cell`` (N, H) float32, optional and
+    instead of a prefix: M's state at each start, already computed (:func:`load_branch_starts`;
+    such a table belongs to the M that computed it).
     """
 
     mu: np.ndarray
@@ -109,6 +119,8 @@ class StartStates:
     frames: np.ndarray
     prefix_mu: np.ndarray | None = None
     prefix_action: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+    cell: np.ndarray | None = None
 
     def __post_init__(self):
         mu, logvar = np.asarray(self.mu), np.asarray(self.logvar)
@@ -121,6 +133,14 @@ class StartStates:
             raise ValueError("start states must be finite")
         if (self.prefix_mu is None) != (self.prefix_action is None):
             raise ValueError("give both prefix_mu and prefix_action, or neither")
+        if (self.hidden is None) != (self.cell is None):
+            raise ValueError("give both hidden and cell, or neither")
+        if self.hidden is not None:
+            if self.prefix_mu is not None:
+                raise ValueError("give M's starting state either as a prefix to read or as hidden and cell, not both")
+            if np.ndim(self.hidden) != 2 or len(self.hidden) != len(mu) or np.shape(self.cell) != np.shape(self.hidden):
+                raise ValueError(f"hidden and cell must both have shape (N, H) with N = {len(mu)}, got "
+                                 f"{np.shape(self.hidden)} and {np.shape(self.cell)}")
         if self.prefix_mu is not None:
             steps = int(np.max(self.frames))
             if np.shape(self.prefix_mu) != (len(mu), steps, mu.shape[1]) or \
@@ -173,6 +193,61 @@ def load_start_states(series_dir, skip_initial_frames: int) -> StartStates:
     return StartStates(np.stack(mu).astype(np.float32), np.stack(logvar).astype(np.float32),
                        tuple(p.name for p in paths), np.array(frames, np.int64),
                        prefix_mu if steps else None, prefix_action if steps else None)
+
+
+def load_branch_starts(series_dir, skip_initial_frames: int, every: int, model,
+                       chunk: int = 256) -> StartStates:
+    """Starts every ``every`` frames of every ``episode_*.npz`` in ``series_dir`` (a folder or a list of
+    folders), with M's state at each.
+
+    Series i of T frames gives the rows at frames ``min(skip, T - 1), min(skip, T - 1) + every, ...`` (< T).
+    M's state at frame t is the state it reaches reading frames 0..t-1 from its zero state (teacher forcing:
+    posterior means and recorded actions, as :func:`read_prefix`), computed in one pass per series, ``chunk``
+    series stepped together. Returns a :class:`StartStates` with ``hidden`` and ``cell`` (N, H) and no prefix,
+    so memory is O(N (Z + H)) for N rows, whatever the episodes' length. Errors as :func:`load_start_states`.
+    """
+    for name, value, low in (("skip_initial_frames", skip_initial_frames, 0), ("every", every, 1),
+                             ("chunk", chunk, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    folders = [series_dir] if isinstance(series_dir, (str, Path)) else list(series_dir)
+    paths = [path for folder in folders for path in storage.list_episodes(folder, "latent series", SERIES_HINT)]
+    hidden_units = int(model.hidden_units)
+    mu, logvar, names, frames, hidden, cell = [], [], [], [], [], []
+    for first in range(0, len(paths), int(chunk)):
+        group = [(path, storage.load_episode(path, "series", keys=("mu", "logvar", "action")))
+                 for path in paths[first:first + int(chunk)]]
+        at = [np.arange(min(int(skip_initial_frames), len(a["mu"]) - 1), len(a["mu"]), int(every)) for _, a in group]
+        steps = max(int(frames_i[-1]) for frames_i in at)
+        z_size = group[0][1]["mu"].shape[1]
+        seq_mu = np.zeros((len(group), steps, z_size), np.float32)
+        seq_action = np.zeros((len(group), steps, ACTION_SIZE), np.float32)
+        for i, (_, a) in enumerate(group):
+            last = int(at[i][-1])
+            seq_mu[i, :last], seq_action[i, :last] = a["mu"][:last], a["action"][:last]
+        # States before absorbing frame t, for t = 0..steps: every row is stepped every time (rows past their last
+        # start read zeros, whose states are never kept), so the compiled step sees one batch shape per chunk.
+        wanted = np.zeros((len(group), steps + 1), bool)
+        for i, frames_i in enumerate(at):
+            wanted[i, frames_i] = True
+        h = np.zeros((len(group), hidden_units), np.float32)
+        c = np.zeros_like(h)
+        kept_h, kept_c = {}, {}
+        for t in range(steps + 1):
+            for i in np.flatnonzero(wanted[:, t]):
+                kept_h[i, t], kept_c[i, t] = h[i].copy(), c[i].copy()
+            if t < steps:
+                h, c = (s.numpy() for s in model.step(seq_mu[:, t], seq_action[:, t], (h, c))["state"])
+        for i, ((path, a), frames_i) in enumerate(zip(group, at)):
+            for t in frames_i:
+                mu.append(a["mu"][t])
+                logvar.append(a["logvar"][t])
+                names.append(path.name)
+                frames.append(int(t))
+                hidden.append(kept_h[i, int(t)])
+                cell.append(kept_c[i, int(t)])
+    return StartStates(np.stack(mu).astype(np.float32), np.stack(logvar).astype(np.float32), tuple(names),
+                       np.array(frames, np.int64), hidden=np.stack(hidden), cell=np.stack(cell))
 
 
 def read_prefix(model, mu, action, lengths) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +364,13 @@ class DreamWorld:
         self._tau = tf.constant(temperature, tf.float32)
         self._step = _build_step(model)
         # (N, H) each: M's state at each start frame, after reading the real frames before it.
-        if starts.prefix_mu is None:  # a start table without prefixes: M's zero state
+        if starts.hidden is not None:  # computed when the table was made (branched starts)
+            if np.shape(starts.hidden)[1] != self.hidden_size:
+                raise ValueError(f"the start table holds states of size {np.shape(starts.hidden)[1]}, M's are "
+                                 f"{self.hidden_size}: it was made with another M")
+            self._h0 = np.asarray(starts.hidden, np.float32)
+            self._c0 = np.asarray(starts.cell, np.float32)
+        elif starts.prefix_mu is None:  # a start table without prefixes: M's zero state
             self._h0 = np.zeros((len(starts), self.hidden_size), np.float32)
             self._c0 = self._h0.copy()
         else:
@@ -479,10 +560,17 @@ class DreamVectorEnv(VectorEnv):
 # --------------------------------------------------------------------------- from a data dir
 
 
-def start_states_for(data_dir, cfg) -> StartStates:
-    """:func:`load_start_states` of ``<data_dir>/series`` at ``cfg.dream.skip_initial_frames``."""
+def start_states_for(data_dir, cfg, model=None, series_dirs=None) -> StartStates:
+    """The dream's start table from ``<data_dir>/series``: :func:`load_start_states` at
+    ``cfg.dream.skip_initial_frames``, or with ``cfg.dream.start_every > 0`` :func:`load_branch_starts`
+    (which needs M, ``model``, to compute its state at each start) of ``series_dirs`` (default that folder)."""
     from worldmodels.artifacts import SERIES
 
+    if cfg.dream.start_every > 0:
+        if model is None:
+            raise ValueError("branched starts (dream.start_every > 0) need M to compute its state at each start")
+        return load_branch_starts(series_dirs or Path(data_dir) / SERIES, cfg.dream.skip_initial_frames,
+                                  cfg.dream.start_every, model)
     return load_start_states(Path(data_dir) / SERIES, cfg.dream.skip_initial_frames)
 
 

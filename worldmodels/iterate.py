@@ -28,7 +28,8 @@ in ``<data>/iterations/iter_<iii>/``:
    (``rnn_training.train_rnn``, stage 4's code, with its held-out split and metrics).
 4. ``controller/``: C evolved in the dream of the new M for ``iterate.generations`` generations,
    starting from the previous controller (``controller_training.train_controller``, stage 5's
-   code, the dream starting from ``<data>/series``), then scored on ``iterate.eval_episodes``
+   code, the dream starting from ``<data>/series``, or, branched (``dream.start_every``), from every series so
+   far), then scored on ``iterate.eval_episodes``
    held-out real tracks (stock pixels, full episodes) and as many dream episodes.
 5. ``diagnostics.png`` and a row of ``<data>/iterations/iterations.csv`` (:data:`FIELDS`), written last;
    its ``seconds`` are the iteration's wall time over every run of it (``seconds.json``, :data:`CLOCK_FILE`).
@@ -256,12 +257,16 @@ def encode_episodes(cfg: config.Config, iteration: int, data_dir, vae) -> int:
     return len(pending)
 
 
+def series_dirs(data_dir, iteration: int) -> list[Path]:
+    """The series folders of stage 3 and of iterations 1..``iteration``: every episode so far."""
+    return [artifacts.series_dir(data_dir)] + [artifacts.series_dir(iteration_dir(data_dir, j))
+                                               for j in range(1, iteration + 1)]
+
+
 def fine_tune_rnn(cfg: config.Config, iteration: int, data_dir) -> dict:
     """M of ``iteration``: the previous M trained ``iterate.rnn_steps`` more steps on every series so far."""
-    series_dirs = [artifacts.series_dir(data_dir)] + [artifacts.series_dir(iteration_dir(data_dir, j))
-                                                       for j in range(1, iteration + 1)]
     rnn_cfg = config.apply_overrides(cfg, {"rnn.steps": cfg.iterate.rnn_steps})
-    return rnn_training.train_rnn(rnn_cfg, data_dir, series_dirs=series_dirs,
+    return rnn_training.train_rnn(rnn_cfg, data_dir, series_dirs=series_dirs(data_dir, iteration),
                                   out=artifacts.rnn_dir(iteration_dir(data_dir, iteration)),
                                   init_path=artifacts.rnn_path(models_dir(data_dir, iteration - 1)))
 
@@ -342,9 +347,7 @@ def policy_counts(data_dir, iteration: int) -> str:
     """Episodes M has been trained on by policy, e.g. ``brownian:200;controller:128``: the ``policy`` tag of
     every series file of stage 3 and of iterations 1..``iteration`` (``untagged`` for files made before tags)."""
     counts = collections.Counter()
-    folders = [artifacts.series_dir(data_dir)] + [artifacts.series_dir(iteration_dir(data_dir, j))
-                                                   for j in range(1, iteration + 1)]
-    for folder in folders:
+    for folder in series_dirs(data_dir, iteration):
         for path in storage.list_episodes(folder, artifacts.SERIES):
             tag = storage.load_episode(path, "series", keys=("policy",)).get("policy")
             counts["untagged" if tag is None else str(tag)] += 1
@@ -428,8 +431,11 @@ def _run_steps(cfg: config.Config, iteration: int, data_dir, vae, command: str) 
     log(f"iteration {iteration}: encoded {encoded} episode(s); fine-tuning M")
     fine_tune_rnn(cfg, iteration, data_dir)
     rnn = artifacts.load_rnn(iteration_dir(data_dir, iteration), cfg)
+    # A branched dream (dream.start_every > 0) starts from every episode so far, whose states are the ones C meets;
+    # one start per series keeps stage 3's (the start line of other tracks adds nothing there).
+    starts_from = series_dirs(data_dir, iteration) if cfg.dream.start_every else None
     controller_training.train_controller(controller_config(cfg), data_dir, models=(vae, rnn), command=command,
-                                         prefix=f"[06 iteration {iteration}]",
+                                         prefix=f"[06 iteration {iteration}]", series_dirs=starts_from,
                                          out=iteration_dir(data_dir, iteration) / artifacts.CONTROLLER, x0=params)
 
 
