@@ -163,6 +163,23 @@ def test_kill_anywhere_then_resume_gives_the_same_table(reference, smoke_rnn, tm
     assert without_seconds(read_csv(data / "iterations" / "iterations.csv")) == without_seconds(want)
 
 
+def test_a_branched_dream_starts_from_every_series_so_far(smoke_rnn, tmp_path):
+    """With dream.start_every, an iteration's dream starts every k frames of stage 3's series and of the iteration's
+    own (collected and repaired), M in the state it reaches there: the states C meets, not only the start line."""
+    from worldmodels import storage
+
+    data = data_dir_with(smoke_rnn, tmp_path, *STAGES)
+    proc = run_script(SCRIPT, "--set", "iterate.iterations=1", "--set", "dream.start_every=10", data_dir=data)
+    paths = sorted((data / "series").glob("episode_*.npz")) + \
+        sorted((data / "iterations" / "iter_001" / "series").glob("episode_*.npz"))
+    skip = config.make_config("smoke").dream.skip_initial_frames
+    lengths = [len(storage.load_episode(path, "series", keys=("mu",))["mu"]) for path in paths]
+    rows = sum(len(range(min(skip, length - 1), length, 10)) for length in lengths)
+    assert f"{rows} starting frames (every 10 frames of each series from frame {skip}, {len(paths)} series)" \
+        in proc.stdout
+    assert config.load_config(data / "iterations" / "iter_001" / "controller" / "config.json").dream.start_every == 10
+
+
 def test_a_bad_value_is_a_one_line_error(reference, tmp_path):
     proc = run_script(SCRIPT, "--set", "iterate.episodes=0", data_dir=tmp_path, check=False)
     assert_user_error(proc, "iterate.episodes must be positive")
