@@ -40,7 +40,9 @@ Decisions (and why):
   ~100-200 the controller is trained on short dreams from the states the data really visits
   (including off the road) instead of 1,000-step dreams from the start line, which leave M's
   closed loop time to drift into states it pays too much for (``repair_reward_gap``: the
-  overpayment grows with the horizon).
+  overpayment grows with the horizon). Measured (README, "C trained in M's dream on driving data",
+  sixth part): with the same M and data the branch alone did not reduce the exploit; 200 steps of
+  the controller's own steering were enough to find actions M overpays.
 * **Done** is a Bernoulli draw with M's predicted probability: a calibrated done head then
   ends dream episodes as often as real episodes ended in the data (a 0.5 threshold would
   almost never fire on CarRacing, where termination is rare and the predicted probability
