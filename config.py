@@ -182,6 +182,10 @@ class DreamConfig:
                              "frames skip_initial_frames, +k, +2k, ... of every series, M in the state it reaches "
                              "there on the real frames (short dreams branched from real states, MBPO: use with "
                              "dream.max_steps ~100-200)")
+    ensemble: str = _f("", "comma-separated folders holding rnn/ of further Ms (trained like M from other seeds) "
+                           "whose disagreement with M the dream measures every step; empty: none")
+    pessimism: float = _f(0.0, "lambda: each dream step pays M's reward minus lambda x the Ms' disagreement on "
+                               "z_t+1 (RMS over latent dimensions of the std across Ms; MOPO); 0: M's reward")
 
 
 @dataclass(frozen=True)
@@ -478,13 +482,15 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {get(cfg, key)}")
     non_negative = [
         "data.workers", "data.expert_noise", "data.controller_noise", "controller.workers", "vae.kl_tolerance", "controller.weight_decay",
-        "dream.skip_initial_frames", "dream.start_every", "rnn.dropout", "vae_gan.pixel_weight",
+        "dream.skip_initial_frames", "dream.start_every", "dream.pessimism", "rnn.dropout", "vae_gan.pixel_weight",
         "vae_gan.equilibrium_margin", "controller.patience", "iterate.action_noise", "iterate.seed",
         "iterate.curiosity_variants", "iterate.curiosity", "iterate.repair_episodes",
     ]
     for key in non_negative:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)}")
+    if cfg.dream.pessimism > 0 and not cfg.dream.ensemble.strip():
+        raise ConfigError("dream.pessimism pays less where Ms disagree: give the further Ms' folders in dream.ensemble")
     for key in ("vae.heldout_fraction", "rnn.heldout_fraction"):
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {get(cfg, key)}")

@@ -439,3 +439,71 @@ def test_05_dream_without_series_is_a_clear_error(models_dir, tmp_path):
     proc = run_script("05_train_controller.py", "--env", "dream", data_dir=data, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "series" in proc.stderr and "03_generate_rnn_data.py" in proc.stderr
+
+
+def test_pessimism_pays_m_reward_minus_lambda_times_the_ms_disagreement(tmp_path):
+    rng = np.random.default_rng(6)
+    write_series(tmp_path / "series", [12, 9], rng)
+    starts = load_start_states(tmp_path / "series", 5)
+    model, other, third = small_model(0, reward_head=True), small_model(1, reward_head=True), small_model(2, reward_head=True)
+    actions = rng.uniform(-1, 1, size=(4, 3)).astype(np.float32)
+    plain = DreamWorld(model, starts, 1.0, max_steps=6, capacity=4)
+    plain.reset(np.arange(4))
+    # An ensemble of copies of M never disagrees: the same rewards as without one, whatever lambda.
+    same = DreamWorld(model, starts, 1.0, max_steps=6, capacity=4, ensemble=[model], pessimism=5.0)
+    same.reset(np.arange(4))
+    world = DreamWorld(model, starts, 1.0, max_steps=6, capacity=4, ensemble=[other, third], pessimism=2.0)
+    z0, _ = world.reset(np.arange(4))
+    # Brute force: every M reads the real prefix from its zero state, then (z_t, a_t) step by step.
+    states = []
+    for member in (model, other, third):
+        h = np.zeros((4, HIDDEN), np.float32)
+        c = np.zeros((4, HIDDEN), np.float32)
+        for row in range(4):
+            stored = storage.load_episode(tmp_path / "series" / starts.episodes[world.start_rows[row]], "series")
+            state = (np.zeros((1, HIDDEN), np.float32),) * 2
+            for t in range(starts.frames[world.start_rows[row]]):
+                state = member.step(stored["mu"][t:t + 1], stored["action"][t:t + 1], state)["state"]
+            h[row], c[row] = state[0].numpy()[0], state[1].numpy()[0]
+        states.append([h, c])
+    z = z0
+    for _ in range(3):
+        means = []
+        for i, member in enumerate((model, other, third)):
+            out = member.step(z, actions, tuple(states[i]))
+            log_pi, mu = out["log_pi"].numpy().astype(np.float64), out["mu"].numpy().astype(np.float64)
+            weights = np.exp(log_pi) / np.exp(log_pi).sum(axis=-1, keepdims=True)
+            means.append((weights * mu).sum(axis=-1))
+            states[i] = [s.numpy() for s in out["state"]]
+        u = np.sqrt(np.mean(np.var(np.stack(means), axis=0), axis=-1))
+        (z_plain, _), r_plain, *_ = plain.step(actions)
+        (_, _), r_same, *_ = same.step(actions)
+        (z, _), r, *_ = world.step(actions)
+        np.testing.assert_array_equal(z, z_plain)  # the ensemble only measures: M's dream is unchanged
+        np.testing.assert_allclose(r_same, r_plain, atol=1e-6)
+        assert u.min() > 1e-4
+        np.testing.assert_allclose(world.disagreement, u, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r, r_plain - 2.0 * u, rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="give the further Ms"):
+        DreamWorld(model, starts, 1.0, 6, 4, pessimism=1.0)
+    with pytest.raises(ValueError, match="branched start table"):
+        DreamWorld(model, load_branch_starts(tmp_path / "series", 5, 3, model), 1.0, 6, 4, ensemble=[other])
+    with pytest.raises(config.ConfigError, match="dream.ensemble"):
+        config.make_config("smoke", {"dream.pessimism": 1.0})
+    with pytest.raises(config.ConfigError, match="dream.pessimism must be >= 0"):
+        config.make_config("smoke", {"dream.pessimism": -1.0, "dream.ensemble": "x"})
+
+
+def test_05_dream_with_an_ensemble_reads_its_ms_and_names_a_missing_one(models_dir, tmp_path):
+    data = data_dir_with(models_dir, tmp_path / "run", "vae", "rnn", "series")
+    missing = run_script("05_train_controller.py", *TRAIN, "--set", f"dream.ensemble={tmp_path / 'nowhere'}",
+                         "--set", "dream.pessimism=1", data_dir=data, check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert "nowhere" in missing.stderr and "04_train_rnn.py" in missing.stderr
+    proc = run_script("05_train_controller.py", "--env", "dream", "--set", "controller.generations=1",
+                      "--set", "controller.max_steps=30", "--set", "dream.max_steps=40",
+                      "--set", f"dream.ensemble={models_dir}", "--set", "dream.pessimism=1", data_dir=data)
+    assert "2 Ms, reward minus 1 x their disagreement" in proc.stdout
+    cfg = config.load_config(data / f"controller_dream_t{SMOKE.dream.temperature:g}" / "config.json")
+    assert cfg.dream.pessimism == 1.0 and cfg.dream.ensemble == str(models_dir)

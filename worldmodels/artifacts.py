@@ -83,8 +83,10 @@ CONTROLLER_KEYS = RNN_KEYS + (
     "controller.weight_decay", "controller.max_steps", "controller.eval_episodes", "controller.seed",
     "controller.patience", "controller.racing", "controller.z_input", "env.observation", "controller.init_from",
 )
-# dream.start_every: configs saved before it existed load with its default (0), which is how those searches dreamt.
-DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames", "dream.start_every")
+# dream.start_every, .ensemble, .pessimism: configs saved before they existed load with their defaults (0, "", 0),
+# which is how those searches dreamt.
+DREAM_KEYS = ("dream.temperature", "dream.max_steps", "dream.skip_initial_frames", "dream.start_every",
+              "dream.ensemble", "dream.pessimism")
 
 
 def controller_keys(cfg: config.Config) -> tuple[str, ...]:
@@ -218,9 +220,13 @@ def load_rnn(data_dir: Path, cfg: config.Config):
 
     import models.mdn_rnn  # noqa: F401  (registers MDNRNN for deserialisation)
 
-    path = rnn_path(data_dir)
-    _check_artifact(path, cfg, RNN_KEYS, "M (MDN-RNN)", f"python {MAKERS[RNN[0]]}")
-    return keras.models.load_model(path, compile=False)
+    require_rnn(data_dir, cfg)
+    return keras.models.load_model(rnn_path(data_dir), compile=False)
+
+
+def require_rnn(data_dir: Path, cfg: config.Config) -> None:
+    """A clear error unless ``<data_dir>/rnn/`` holds an M made with ``cfg``'s architecture (RNN_KEYS)."""
+    _check_artifact(rnn_path(data_dir), cfg, RNN_KEYS, "M (MDN-RNN)", f"python {MAKERS[RNN[0]]}")
 
 
 def controller_file(path) -> Path:

@@ -300,6 +300,13 @@ def check_inputs(data_dir, cfg: config.Config) -> None:
     if cfg.controller.env == "dream":
         storage.list_episodes(Path(data_dir) / artifacts.SERIES, "latent series",
                               f"The dream starts from them; make them with: python {artifacts.MAKERS[artifacts.SERIES]}")
+        for folder in ensemble_dirs(cfg):
+            artifacts.require_rnn(folder, cfg)
+
+
+def ensemble_dirs(cfg: config.Config) -> list[Path]:
+    """The folders of ``dream.ensemble`` (comma-separated), each holding ``rnn/`` of a further M."""
+    return [Path(folder.strip()) for folder in cfg.dream.ensemble.split(",") if folder.strip()]
 
 
 # --------------------------------------------------------------------------- one generation's fitness
@@ -532,13 +539,15 @@ def _open_dream(cfg, data_dir, rnn, prefix, series_dirs=None):
     from worldmodels import dream as dream_lib
 
     starts = dream_lib.start_states_for(data_dir, cfg, rnn, series_dirs)
-    dream = dream_lib.dream_world(cfg, rnn, starts)
+    ensemble = [artifacts.load_rnn(folder, cfg) for folder in ensemble_dirs(cfg)]
+    dream = dream_lib.dream_world(cfg, rnn, starts, ensemble=ensemble, pessimism=cfg.dream.pessimism)
     where = (f"every {cfg.dream.start_every} frames of each series from frame {cfg.dream.skip_initial_frames}, "
              f"{len(set(starts.episodes))} series"
              if cfg.dream.start_every else f"frame {cfg.dream.skip_initial_frames} of each series")
     print(f"{prefix} dream at temperature {cfg.dream.temperature:g}: {len(starts)} starting frames ({where}), "
           f"episodes of <= {dream.max_steps} steps, {dream.capacity} agents per step, "
-          f"done head: {dream.done}, dropout masks: {dream.dropout}")
+          f"done head: {dream.done}, dropout masks: {dream.dropout}"
+          + (f", {len(ensemble) + 1} Ms, reward minus {dream.pessimism:g} x their disagreement" if ensemble else ""))
     return dream
 
 

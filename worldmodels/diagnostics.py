@@ -44,7 +44,7 @@ import numpy as np
 
 from models.controller import ACTION_SIZE
 from worldmodels import storage
-from worldmodels.dream import read_prefix
+from worldmodels.dream import mixture_mean, read_prefix  # noqa: F401  (mixture_mean: part of this API)
 
 # :func:`diagnose`: the horizon of the exploit gap and of the latent error in steps after
 # dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short enough
@@ -94,13 +94,6 @@ def make_batch(episodes, start: int) -> Batch:
     for i, e in enumerate(episodes):
         mu[i, :lengths[i]], action[i, :lengths[i]], reward[i, :lengths[i]] = e["mu"], e["action"], e["reward"]
     return Batch(mu, action, reward, lengths, min(int(start), int(lengths.min()) - 1))
-
-
-def mixture_mean(log_pi, mu) -> np.ndarray:
-    """The mean (B, Z) of M's (B, Z, K) mixture: sum_k softmax(log_pi)_k mu_k, per dimension."""
-    log_pi, mu = np.asarray(log_pi, np.float64), np.asarray(mu, np.float64)
-    weights = np.exp(log_pi - log_pi.max(axis=-1, keepdims=True))
-    return np.sum(weights * mu, axis=-1) / np.sum(weights, axis=-1)
 
 
 def run_from_start(model, batch: Batch, horizon: int, temperature: float | None = 1.0, seed: int = 0,

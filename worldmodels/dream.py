@@ -43,6 +43,12 @@ Decisions (and why):
   overpayment grows with the horizon). Measured (README, "C trained in M's dream on driving data",
   sixth part): with the same M and data the branch alone did not reduce the exploit; 200 steps of
   the controller's own steering were enough to find actions M overpays.
+* **Pessimism where Ms disagree** (``dream.ensemble`` + ``dream.pessimism = lambda > 0``; MOPO, Yu et
+  al. 2020): further Ms (trained like M from other seeds) read the same dream, each in its own
+  recurrent state from the same real prefix, and every step pays M's reward minus lambda x u_t, with
+  u_t the disagreement of all the Ms' predictions of z_{t+1}: the root mean square over latent
+  dimensions of the standard deviation across Ms of each one's mixture mean (inference networks, no
+  dropout). Where C drives into states no M has data for, the Ms disagree and the dream stops paying.
 * **Done** is a Bernoulli draw with M's predicted probability: a calibrated done head then
   ends dream episodes as often as real episodes ended in the data (a 0.5 threshold would
   almost never fire on CarRacing, where termination is rare and the predicted probability
@@ -252,6 +258,22 @@ def load_branch_starts(series_dir, skip_initial_frames: int, every: int, model,
                        np.array(frames, np.int64), hidden=np.stack(hidden), cell=np.stack(cell))
 
 
+def mixture_mean(log_pi, mu) -> np.ndarray:
+    """The mean (B, Z) of M's (B, Z, K) mixture: sum_k softmax(log_pi)_k mu_k, per dimension."""
+    log_pi, mu = np.asarray(log_pi, np.float64), np.asarray(mu, np.float64)
+    weights = np.exp(log_pi - log_pi.max(axis=-1, keepdims=True))
+    return np.sum(weights * mu, axis=-1) / np.sum(weights, axis=-1)
+
+
+def disagreement(means) -> np.ndarray:
+    """u (B,) float32 of the Ms' predictions ``means`` (M, B, Z), M >= 2: the root mean square over the Z latent
+    dimensions of the standard deviation across the M models."""
+    means = np.asarray(means, np.float64)
+    if means.ndim != 3 or len(means) < 2:
+        raise ValueError(f"need the predictions (M, B, Z) of M >= 2 models, got shape {means.shape}")
+    return np.sqrt(np.mean(np.var(means, axis=0), axis=-1)).astype(np.float32)
+
+
 def read_prefix(model, mu, action, lengths) -> tuple[np.ndarray, np.ndarray]:
     """M's state (h, c), each float32 (N, H), after reading N real prefixes from its zero state.
 
@@ -326,6 +348,9 @@ class DreamWorld:
         capacity: at most this many agents per :meth:`reset` (``cfg.dream.batch_size``).
         done: "sample" (Bernoulli(done_prob), default), "threshold" (done_prob > 0.5) or "off".
         dropout: one dropout mask per episode; None = exactly when ``model.dropout > 0``.
+        ensemble: further Ms (same ``z_size``) whose disagreement with M is measured every step.
+        pessimism: lambda >= 0: each step pays M's reward minus lambda x :func:`disagreement` of M and the
+            ensemble (needs an ensemble when > 0). The last step's u is :attr:`disagreement` (B,).
 
     Interface: ``reset(seeds (B,) int) -> (z (B, Z), h (B, H))`` and ``step(env_actions (B, 3),
     active (B,) bool) -> ((z, h), reward (B,), terminated (B,), truncated (B,))`` with h the
@@ -337,7 +362,8 @@ class DreamWorld:
     """
 
     def __init__(self, model, starts: StartStates, temperature: float = 1.15, max_steps: int = 1000,
-                 capacity: int = 1024, done: str = "sample", dropout: bool | None = None):
+                 capacity: int = 1024, done: str = "sample", dropout: bool | None = None, ensemble=(),
+                 pessimism: float = 0.0):
         if not getattr(model, "reward_head", False):
             raise ValueError("the dream pays M's predicted reward: M needs a reward head (rnn.reward_head=true)")
         if getattr(model, "action_size", ACTION_SIZE) != ACTION_SIZE:
@@ -353,8 +379,23 @@ class DreamWorld:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if done not in DONE_MODES:
             raise ValueError(f"done must be one of {', '.join(DONE_MODES)}, got {done!r}")
+        pessimism = float(pessimism)
+        if not (math.isfinite(pessimism) and pessimism >= 0):
+            raise ValueError(f"pessimism must be a finite number >= 0, got {pessimism!r}")
+        ensemble = list(ensemble)
+        if pessimism > 0 and not ensemble:
+            raise ValueError("pessimism pays less where Ms disagree: give the further Ms (dream.ensemble)")
+        for other in ensemble:
+            if other.z_size != model.z_size or getattr(other, "action_size", ACTION_SIZE) != ACTION_SIZE:
+                raise ValueError(f"every M of the ensemble must read z of size {model.z_size} and CarRacing's "
+                                 f"{ACTION_SIZE} actions, got z_size {other.z_size}")
+        if ensemble and starts.hidden is not None:
+            raise ValueError("an ensemble needs each M's own state at the starts: use one start per series "
+                             "(dream.start_every=0), not a branched start table")
         self.model = model
         self.starts = starts
+        self.ensemble = ensemble
+        self.pessimism = pessimism
         self.temperature = temperature
         self.max_steps = int(max_steps)
         self.capacity = int(capacity)
@@ -377,6 +418,11 @@ class DreamWorld:
             self._c0 = self._h0.copy()
         else:
             self._h0, self._c0 = read_prefix(model, starts.prefix_mu, starts.prefix_action, starts.frames)
+        # The ensemble's states at the starts, each M reading the same real prefix (all of M's models: M first).
+        self._members = [model] + ensemble
+        self._member0 = [(self._h0, self._c0)] + [
+            read_prefix(other, starts.prefix_mu, starts.prefix_action, starts.frames) if starts.prefix_mu is not None
+            else tuple(np.zeros((len(starts), other.hidden_units), np.float32) for _ in range(2)) for other in ensemble]
         self._allocate(0)
 
     # ------------------------------------------------------------------ state
@@ -389,6 +435,10 @@ class DreamWorld:
         self._t = np.zeros(batch, np.int64)
         self.start_rows = np.zeros(batch, np.int64)
         self.predicted_action = np.zeros((batch, ACTION_SIZE), np.float32) if self._action_head else None
+        self.disagreement = np.zeros(batch, np.float32)
+        # (h, c) of every M of the ensemble (M's own are _h, _c); empty without an ensemble.
+        self._member_state = [tuple(np.zeros((batch, h0.shape[1]), np.float32) for _ in range(2))
+                              for h0, _ in self._member0[1:]]
 
     def begin(self, rows, rngs) -> None:
         """Start new episodes in ``rows`` (indices), episode i drawing from generator ``rngs[i]``."""
@@ -400,6 +450,9 @@ class DreamWorld:
             self.start_rows[row], self._z[row] = self.starts.draw(rng)
         self._h[rows] = self._h0[self.start_rows[rows]]
         self._c[rows] = self._c0[self.start_rows[rows]]
+        for (h, c), (h0, c0) in zip(self._member_state, self._member0[1:]):
+            h[rows], c[rows] = h0[self.start_rows[rows]], c0[self.start_rows[rows]]
+        self.disagreement[rows] = 0.0
         self._t[rows] = 0
         self._mask[rows] = 1.0
         if self._action_head:
@@ -440,6 +493,8 @@ class DreamWorld:
             pick = slice(None) if everyone else index
             seeds, inverse = np.unique(np.stack([self._key[pick], self._t[pick]], axis=1), axis=0,
                                        return_inverse=True)
+            if self.ensemble:  # before M's step: every M reads (z_t, a_t) from the state it had
+                self.disagreement[pick] = self._ensemble_step(pick, actions[pick])
             z, h, c, r, done_prob, done_uniform, *predicted = (x.numpy() for x in self._step(
                 self._z[pick], actions[pick], self._h[pick], self._c[pick], self._mask[pick],
                 seeds, inverse.reshape(-1).astype(np.int32), self._tau))
@@ -447,13 +502,27 @@ class DreamWorld:
             if predicted:
                 self.predicted_action[pick] = predicted[0]
             self._t[pick] += 1
-            reward[pick] = r
+            reward[pick] = r - self.pessimism * self.disagreement[pick] if self.ensemble else r
             if self.done == "sample":
                 terminated[pick] = done_uniform < done_prob
             elif self.done == "threshold":
                 terminated[pick] = done_prob > 0.5
             truncated[pick] = self._t[pick] >= self.max_steps
         return (self._z.copy(), self._h.copy()), reward, terminated, truncated
+
+    def _ensemble_step(self, pick, actions) -> np.ndarray:
+        """Advance the ensemble's states of rows ``pick`` by (z_t, a_t); returns u (rows,) of every M's prediction.
+
+        M's own prediction comes from its inference network on its current state (dropout acts only on the
+        heads' input, so its state is the one the dream's masked step advances)."""
+        z = self._z[pick]
+        means = []
+        for i, (member, (h, c)) in enumerate(zip(self._members, [(self._h, self._c)] + self._member_state)):
+            out = member.step(z, actions, (h[pick], c[pick]))
+            means.append(mixture_mean(out["log_pi"].numpy(), out["mu"].numpy()))
+            if i > 0:  # M's own state is advanced by the dream's step
+                h[pick], c[pick] = (s.numpy() for s in out["state"])
+        return disagreement(means)
 
     def observation(self) -> np.ndarray:
         """What C sees for every row: float32 (B, Z + H) = [z_t, h_t]."""
