@@ -418,7 +418,7 @@ class DreamWorld:
             self._c0 = self._h0.copy()
         else:
             self._h0, self._c0 = read_prefix(model, starts.prefix_mu, starts.prefix_action, starts.frames)
-        # The ensemble's states at the starts, each M reading the same real prefix (all of M's models: M first).
+        # Each M's states at the starts (M first), every M reading the same real prefix.
         self._members = [model] + ensemble
         self._member0 = [(self._h0, self._c0)] + [
             read_prefix(other, starts.prefix_mu, starts.prefix_action, starts.frames) if starts.prefix_mu is not None
