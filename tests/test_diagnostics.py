@@ -174,3 +174,38 @@ def test_the_command_scores_ms_heldout_split_as_stage_4_and_the_diagnostics_do(s
     assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(empty)), "config.json")
     assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn),
                                 str(tmp_path / "missing.npz")), "no series to score M on")
+    # --ensemble: M against a copy of itself never disagrees; a folder without M is a one-line error.
+    same = tmp_path / "same.json"
+    proc = run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--ensemble", str(smoke_rnn),
+                     "--out", str(same))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(same.read_text())["metrics"]["disagreement_teacher"] == 0.0 and "disagreement of 2 Ms" in proc.stdout
+    assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--ensemble",
+                                str(empty)), "04_train_rnn.py")
+
+
+def test_ensemble_disagreement_is_the_spread_of_teacher_forced_predictions():
+    from worldmodels.dream import disagreement
+
+    rng = np.random.default_rng(7)
+    models = [MDNRNN(z_size=Z, hidden_units=HIDDEN, seed=seed) for seed in (1, 2, 3)]
+    data = episodes(rng, [12, 8])
+    start, horizon = 3, 7
+    spread = diagnostics.ensemble_disagreement(models, data, start, horizon)
+    # By hand: each model's sequence call on the real frames predicts frame t + 1 at step t (teacher forcing).
+    per_episode = []
+    for e in data:
+        means = []
+        for model in models:
+            out = model(np.concatenate([e["mu"], e["action"]], axis=-1)[None], training=False)
+            log_pi, mu, _ = model.split(out["mdn"])
+            means.append(diagnostics.mixture_mean(log_pi.numpy()[0], mu.numpy()[0])[start:min(start + horizon, len(e["mu"]))])
+        per_episode.append(disagreement(np.stack(means)))
+    want = [np.mean([u[k] for u in per_episode if k < len(u)]) for k in range(horizon)]
+    np.testing.assert_allclose(spread["u"], want, rtol=1e-4)
+    assert spread["mean"] == pytest.approx(np.mean(np.concatenate(per_episode)), rel=1e-4)
+    assert min(want) > 1e-4
+    # Copies of one M never disagree; one model alone is a clear error.
+    assert diagnostics.ensemble_disagreement([models[0]] * 2, data, start, horizon)["mean"] == 0.0
+    with pytest.raises(ValueError, match="at least one further M"):
+        diagnostics.ensemble_disagreement(models[:1], data, start, horizon)

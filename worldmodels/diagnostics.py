@@ -44,7 +44,7 @@ import numpy as np
 
 from models.controller import ACTION_SIZE
 from worldmodels import storage
-from worldmodels.dream import mixture_mean, read_prefix  # noqa: F401  (mixture_mean: part of this API)
+from worldmodels.dream import disagreement, mixture_mean, read_prefix  # noqa: F401  (mixture_mean: part of this API)
 
 # :func:`diagnose`: the horizon of the exploit gap and of the latent error in steps after
 # dream.skip_initial_frames (a tenth of an episode: long enough for the open loop to drift, short enough
@@ -175,6 +175,31 @@ def latent_error(model, episodes, start: int, horizon: int, temperature: float |
     return {"steps": np.arange(1, len(curves["open_loop"]) + 1), **curves, "start": s}
 
 
+def ensemble_disagreement(models, episodes, start: int, horizon: int) -> dict:
+    """The dream's pessimism signal on real data: u of M and further Ms (``models``, M >= 2) teacher-forced.
+
+    Every model reads the real prefix, then the real frames (V's mu) and recorded actions for ``horizon`` steps
+    from ``start``; u per step is :func:`worldmodels.dream.disagreement` of their mixture means of the next z.
+    Returns ``steps`` (L',) = 1..L', ``u`` (L',) averaged over the episodes that reach each step, ``mean`` over
+    every valid step, ``start``. What the dream's ``dream.pessimism`` charges on data the Ms have seen: a lambda is
+    read against it (the charge on a driven episode is lambda x ``mean`` a step).
+    """
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"need M and at least one further M, got {len(models)} model(s)")
+    batch = make_batch(episodes, start)
+    runs = [run_from_start(model, batch, horizon, teacher=True) for model in models]
+    means = np.stack([run["mean"] for run in runs])  # (M, N, L, Z)
+    count, n, steps, z_size = means.shape
+    u = disagreement(means.reshape(count, n * steps, z_size)).reshape(n, steps).astype(np.float64)
+    valid = runs[0]["valid"]
+    reached = valid.sum(axis=0)
+    keep = reached > 0
+    curve = np.where(valid, u, 0.0).sum(axis=0)[keep] / reached[keep]
+    return {"steps": np.arange(1, int(keep.sum()) + 1), "u": curve, "mean": float(u[valid].mean()),
+            "start": batch.start}
+
+
 def ranks(values) -> np.ndarray:
     """Ranks 1..n of ``values`` (n,), ties given the mean of the ranks they span (float64)."""
     values = np.asarray(values, np.float64)
@@ -295,6 +320,8 @@ def main(argv=None) -> int:
     parser.add_argument("episodes", type=Path, nargs="*", help="series files or folders (default: M's held-out split)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON")
     parser.add_argument("--figure", type=Path, help="also draw the latent error curves and the gaps (.png)")
+    parser.add_argument("--ensemble", default="", help="comma-separated data dirs of further Ms (rnn/): also measure "
+                        "their disagreement with M on the episodes, teacher-forced (dream.pessimism's signal)")
     args = parser.parse_args(argv)
     folder = args.data_dir / artifacts.RNN[0]
     cfg = config.load_config(folder / artifacts.CONFIG_FILE)
@@ -310,6 +337,13 @@ def main(argv=None) -> int:
     rnn = artifacts.load_rnn(args.data_dir, cfg)
     found = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
     found.update(diagnose(cfg, rnn, paths, args.figure))
+    others = [artifacts.load_rnn(Path(d.strip()), cfg) for d in args.ensemble.split(",") if d.strip()]
+    if others:
+        episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
+        spread = ensemble_disagreement([rnn] + others, episodes, cfg.dream.skip_initial_frames, HORIZON)
+        found["disagreement_teacher"] = spread["mean"]
+        print(f"disagreement of {len(others) + 1} Ms, teacher-forced over {HORIZON} steps: {spread['mean']:.4f} "
+              f"(latent units; the dream's pessimism charges lambda x this a step on such data)")
     result = {"data_dir": str(args.data_dir), "episodes": [str(p) for p in paths],
               "rnn": {key: getattr(cfg.rnn, key) for key in ("dropout", "scheduled_sampling", "seed")},
               "temperature": cfg.dream.temperature, "start": cfg.dream.skip_initial_frames, "horizon": HORIZON,
