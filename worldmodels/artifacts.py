@@ -224,6 +224,11 @@ def load_rnn(data_dir: Path, cfg: config.Config):
     return keras.models.load_model(rnn_path(data_dir), compile=False)
 
 
+def folder_list(text: str) -> list[Path]:
+    """The folders of a comma-separated list (``dream.ensemble``, ``--ensemble``); blanks and empty items dropped."""
+    return [Path(item.strip()) for item in text.split(",") if item.strip()]
+
+
 def require_rnn(data_dir: Path, cfg: config.Config) -> None:
     """A clear error unless ``<data_dir>/rnn/`` holds an M made with ``cfg``'s architecture (RNN_KEYS)."""
     _check_artifact(rnn_path(data_dir), cfg, RNN_KEYS, "M (MDN-RNN)", f"python {MAKERS[RNN[0]]}")

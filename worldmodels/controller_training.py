@@ -306,7 +306,7 @@ def check_inputs(data_dir, cfg: config.Config) -> None:
 
 def ensemble_dirs(cfg: config.Config) -> list[Path]:
     """The folders of ``dream.ensemble`` (comma-separated), each holding ``rnn/`` of a further M."""
-    return [Path(folder.strip()) for folder in cfg.dream.ensemble.split(",") if folder.strip()]
+    return artifacts.folder_list(cfg.dream.ensemble)
 
 
 # --------------------------------------------------------------------------- one generation's fitness

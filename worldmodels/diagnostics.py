@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     rnn = artifacts.load_rnn(args.data_dir, cfg)
     found = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
     found.update(diagnose(cfg, rnn, paths, args.figure))
-    others = [artifacts.load_rnn(Path(d.strip()), cfg) for d in args.ensemble.split(",") if d.strip()]
+    others = [artifacts.load_rnn(folder, cfg) for folder in artifacts.folder_list(args.ensemble)]
     if others:
         episodes = [storage.load_episode(path, "series", keys=("mu", "action", "reward")) for path in paths]
         spread = ensemble_disagreement([rnn] + others, episodes, cfg.dream.skip_initial_frames, HORIZON)

@@ -720,8 +720,8 @@ def _hybrid_start(data_dir: Path, hybrid: Path) -> Path:
 def _iterations_curve(data_dir: Path, driver: int) -> Curve | None:
     """The real score of each iteration of ``06_iterate.py`` against its ``real_env_steps`` (stage 1's data and
     every iteration's collection, evaluations, curiosity and repair) plus the frames of a V trained on other data,
-    the real steps behind stage 1's driver
-    (``driver``, :func:`collector_steps`) and those spent by the search its iteration 1 started from
+    the real steps behind stage 1's driver (``driver``, :func:`collector_steps`) and those spent by the search its
+    iteration 1 started from
     (:func:`artifacts.iterations_start_dir`: as recorded, else by the folders present)."""
     from worldmodels import iterate
 
