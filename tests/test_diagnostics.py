@@ -209,3 +209,64 @@ def test_ensemble_disagreement_is_the_spread_of_teacher_forced_predictions():
     assert diagnostics.ensemble_disagreement([models[0]] * 2, data, start, horizon)["mean"] == 0.0
     with pytest.raises(ValueError, match="at least one further M"):
         diagnostics.ensemble_disagreement(models[:1], data, start, horizon)
+
+
+def test_pessimism_fit_finds_the_lambda_of_an_overpayment_made_of_disagreement():
+    """If every window's overpayment is lambda x its summed u, lambda_match is lambda and the ranks agree; steps
+    past a window's end do not count, a window without steps is left out, a flat u ranks nothing."""
+    rng = np.random.default_rng(3)
+    u = rng.uniform(0.01, 0.05, size=(6, 10))
+    steps = np.array([10, 7, 3, 10, 0, 5])
+    counted = np.arange(10)[None] < steps[:, None]
+    gap = 8.5 * np.where(counted, u, 0.0).sum(axis=1)
+    fit = diagnostics.pessimism_fit(np.where(counted, u, 99.0), gap, steps)  # values past the end are ignored
+    assert fit["lambda_match"] == pytest.approx(8.5) and fit["rho"] == pytest.approx(1.0)
+    assert math.isnan(fit["u"][4]) and math.isnan(fit["gap_per_step"][4])
+    np.testing.assert_allclose(fit["u"][[0, 1, 2, 3, 5]], [u[c, :n].mean() for c, n in enumerate(steps) if n])
+    assert fit["u_mean"] == pytest.approx(u[counted].mean())
+    flat = diagnostics.pessimism_fit(np.full((3, 4), 0.02), np.array([1.0, -1.0, 2.0]), np.array([4, 4, 4]))
+    assert math.isnan(flat["rho"]) and flat["lambda_match"] == pytest.approx(2.0 / (0.02 * 12))
+    assert math.isnan(diagnostics.pessimism_fit(np.zeros((2, 3)), np.ones(2), np.array([3, 3]))["lambda_match"])
+    with pytest.raises(ValueError, match="steps"):
+        diagnostics.pessimism_fit(u, gap, steps + 5)
+
+
+def test_the_command_checks_a_controller_in_its_own_dream_against_reality(smoke_rnn, tmp_path):
+    """``--controller``: the numbers of a direct exploit_under_control call (the check is deterministic); with a
+    copy of M as the ensemble nothing is charged; a controller of another size is a clear error."""
+    import json
+
+    import config
+    from models.controller import num_parameters
+    from tests.conftest import assert_user_error, run_plain
+    from worldmodels import artifacts, recording, repair
+
+    cfg = config.load_config(smoke_rnn / "rnn" / "config.json")
+    params = np.random.default_rng(2).normal(size=num_parameters(cfg.vae.z_size, cfg.rnn.hidden_units)) * 0.1
+    np.savez(tmp_path / "controller.npz", params=params, generation=np.int64(0))
+    out, figure = tmp_path / "c.json", tmp_path / "m.png"
+    proc = run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--controller", str(tmp_path),
+                     "--ensemble", str(smoke_rnn), "--windows", "3", "--horizon", "5", "--out", str(out),
+                     "--figure", str(figure))
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(out.read_text())["metrics"]
+    assert found["control_u"] == 0.0 and "replayed in reality" in proc.stdout
+    assert (tmp_path / "m_control.png").stat().st_size > 0
+
+    split = json.loads((smoke_rnn / "rnn" / "split.json").read_text())
+    rollouts = [smoke_rnn / "rollouts" / name for name in split["heldout"]]
+    plan = repair.Plan(3, 1, 5, cfg.dream.temperature, cfg.dream.skip_initial_frames, cfg.data.max_steps,
+                       (cfg.iterate.seed, diagnostics.CONTROL_KEY), cfg.rnn.encode_batch_size)
+    c = cfg.controller
+    want = diagnostics.exploit_under_control(
+        artifacts.load_vision(smoke_rnn, cfg), artifacts.load_rnn(smoke_rnn, cfg), params, rollouts, plan,
+        recording.Driving(cfg.data.max_steps, 0.0, c.z_input, cfg.env.observation, c.backend, c.workers))
+    steps = want["steps"].sum()
+    assert steps > 0 and found["control_env_steps"] == want["env_steps"]
+    assert found["control_dream_per_step"] == pytest.approx(want["dream_return"].sum() / steps, rel=1e-6)
+    assert found["control_real_per_step"] == pytest.approx(want["real_return"].sum() / steps, rel=1e-6)
+    np.testing.assert_allclose(want["dream_return"] - want["real_return"], want["reward_gap"], atol=1e-5)
+
+    np.savez(tmp_path / "small.npz", params=params[:10], generation=np.int64(0))
+    assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--controller",
+                                str(tmp_path / "small.npz")), "use the config it was trained with")

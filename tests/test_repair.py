@@ -239,3 +239,39 @@ def test_a_folder_without_repair_refuses_it_and_old_configs_match_it_off(tmp_pat
                                             iterate.ITERATE_KEYS, {"iterate.repair_episodes": 2})
     with pytest.raises(config.ConfigError, match="repair_candidates"):
         config.make_config("smoke", {"iterate.repair_episodes": 5, "iterate.repair_candidates": 3})
+
+
+def test_an_ensemble_reads_the_pinned_dream_from_each_ms_own_start_state(recorded):
+    """dream_from_starts with further Ms: every M starts at row c's own state (a copy of M never disagrees,
+    which fails if the copies start where the dream's random draw put them), M's rewards and z are unchanged,
+    and another M's disagreement at each step is the spread of the two predictions from the states reached."""
+    from models.controller import num_parameters
+    from models.mdn_rnn import MDNRNN
+    from worldmodels import dream, repair
+
+    episodes, vae, rnn = recorded
+    settings = plan(candidates=3, horizon=6)
+    starts = repair.start_states(vae, episodes, [0, 1, 0], [20, 7, 35], 64)
+    params = np.random.default_rng(0).normal(size=num_parameters(rnn.z_size, rnn.hidden_units)) * 0.1
+    alone = repair.dream_from_starts(rnn, starts, params, settings)
+    np.testing.assert_array_equal(alone["disagreement"], np.zeros((3, 6)))
+    copy = repair.dream_from_starts(rnn, starts, params, settings, [rnn])
+    np.testing.assert_array_equal(copy["disagreement"], np.zeros((3, 6)))
+    other = MDNRNN(z_size=rnn.z_size, hidden_units=rnn.hidden_units, seed=11)
+    pair = repair.dream_from_starts(rnn, starts, params, settings, [other])
+    for key in ("actions", "z", "reward"):
+        np.testing.assert_array_equal(pair[key], alone[key], err_msg=key)
+    # By hand: each M from its own state after the prefix, fed the dream's z and actions.
+    world = repair.PinnedDream(rnn, starts, 1.0, 6, 3, done="off", ensemble=[other])
+    z = world.reset(np.array([4, 5, 6]))[0]
+    states = [dream.read_prefix(m, starts.prefix_mu, starts.prefix_action, starts.frames) for m in (rnn, other)]
+    actions = np.random.default_rng(1).uniform([-1, 0, 0], 1, size=(6, 3, 3)).astype(np.float32)
+    for t in range(6):
+        means = []
+        for i, model in enumerate((rnn, other)):
+            out = model.step(z, actions[t], states[i])
+            states[i] = tuple(s.numpy() for s in out["state"])
+            means.append(dream.mixture_mean(out["log_pi"].numpy(), out["mu"].numpy()))
+        z = world.step(actions[t])[0][0]
+        np.testing.assert_allclose(world.disagreement, dream.disagreement(means), rtol=1e-4, err_msg=t)
+    assert np.all(pair["disagreement"] > 0)

@@ -14,6 +14,13 @@ K = mixture components, L = the horizon (steps after the start frame).
 * :func:`rank_correlation`: Spearman's rho between the dream and the real scores of a set of
   controllers: a dream that ranks controllers as reality does is enough to select them.
 
+* :func:`exploit_under_control`: the exploit where it happens, under C's own steering: C drives
+  L steps in M's dream from real states, its dream actions are replayed in the real environment
+  from the same states (``worldmodels.repair``'s machinery, nothing saved), and each window's
+  predicted minus real return is set beside its latent drift and, with further Ms, beside their
+  disagreement u (:func:`pessimism_fit`): does the pessimistic dream's signal see the overpayment,
+  and at which lambda would it charge as much as is overpaid?
+
 :func:`diagnose` computes the first two for a config's M on stored series (a row of the iterative
 procedure's ``iterations.csv``: :data:`FIELDS`), and ``python -m worldmodels.diagnostics`` scores a
 data dir's M on its held-out series with them and with stage 4's numbers, so that two Ms trained
@@ -21,6 +28,7 @@ otherwise on the same data (with and without scheduled sampling, another dropout
 for number::
 
     python -m worldmodels.diagnostics --data-dir D --out m.json --figure m.png
+    python -m worldmodels.diagnostics --data-dir D --ensemble D1,D2 --controller D/controller_dream_t1
 
 Episodes are dicts of a stored series (``storage.SERIES_SCHEMA``): ``mu`` (T, Z), ``action``
 (T, 3), ``reward`` (T,); ``reward[t]`` is paid for ``action[t]`` taken at frame t, which is
@@ -52,6 +60,8 @@ from worldmodels.dream import disagreement, mixture_mean, read_prefix  # noqa: F
 # of ``iterations.csv``).
 HORIZON = 100
 STEPS = (1, 10, 50)
+# --controller: mixed into the seed of its start choice and dream, a stream apart from the iterations' repairs.
+CONTROL_KEY = 0xC0DE
 FIELDS = ("exploit_gap_same_actions",) + tuple(f"latent_error_{mode}_{k}" for mode in ("open", "teacher") for k in STEPS)
 
 
@@ -200,6 +210,70 @@ def ensemble_disagreement(models, episodes, start: int, horizon: int) -> dict:
             "start": batch.start}
 
 
+def pessimism_fit(u, reward_gap, steps) -> dict:
+    """Does the Ms' disagreement see where the dream over-pays? Windows of C's own dream against reality.
+
+    ``u`` (N, L): the disagreement at each dream step of window c; ``reward_gap`` (N,): M's predicted minus the
+    real return of the window's first ``steps[c]`` steps (the real replay may end early); only those steps of
+    ``u`` count. Returns ``u`` (N,) each window's mean u, ``gap_per_step`` (N,), ``rho`` Spearman's rho of the
+    two (NaN if either is constant), ``lambda_match`` = sum(gap) / sum(u): the pessimism at which the dream's
+    charge on these windows equals their overpayment, and ``u_mean`` over every counted step. Windows without
+    steps are left out (NaN in the per-window arrays).
+    """
+    u = np.asarray(u, np.float64)
+    gap, steps = np.asarray(reward_gap, np.float64), np.asarray(steps, np.int64)
+    if u.ndim != 2 or gap.shape != (len(u),) or steps.shape != (len(u),) or np.any(steps > u.shape[1]):
+        raise ValueError(f"need u (N, L), reward_gap (N,) and steps (N,) <= L, got {u.shape}, {gap.shape}, "
+                         f"{steps.shape}")
+    counted = np.arange(u.shape[1])[None] < steps[:, None]
+    has = steps > 0
+    total = np.where(counted, u, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        window = np.where(has, total / steps, np.nan)
+        per_step = np.where(has, gap / steps, np.nan)
+    rho = rank_correlation(window[has], per_step[has]) if has.sum() >= 2 else math.nan
+    charged = float(total[has].sum())
+    return {"u": window, "gap_per_step": per_step, "rho": rho,
+            "lambda_match": float(gap[has].sum()) / charged if charged > 0 else math.nan,
+            "u_mean": charged / float(steps[has].sum()) if has.any() else math.nan}
+
+
+def exploit_under_control(vae, rnn, params, paths, plan, driving, ensemble=()) -> dict:
+    """C's own dream against reality from real states, and whether the Ms' disagreement sees the exploit.
+
+    The measurement of ``worldmodels.repair`` without saving anything: ``plan.candidates`` windows of
+    ``plan.horizon`` steps, C ``params`` (N_params,) driving in M's (``rnn``) dream from real states of the
+    recorded rollouts ``paths`` (with the further Ms ``ensemble`` reading the same dream), the dream's actions
+    replayed in the real environment (``driving``: a ``worldmodels.recording.Driving``). Returns the per-window
+    ``rows``, ``t0``, ``steps``, ``latent``, ``reward_gap`` (N,) of ``repair.disagreement``, ``dream_return`` and
+    ``real_return`` (N,), the real steps used (``env_steps``), ``rho_latent`` Spearman's rho of a window's latent
+    error with its overpayment a step and, with an ensemble, :func:`pessimism_fit`'s.
+    """
+    from worldmodels import envpool, repair
+
+    lengths = [storage.array_shape(p, "action")[0] for p in paths]
+    rows, t0 = repair.choose_starts(lengths, plan)
+    episodes = repair.load_episodes(paths, rows)
+    starts = repair.start_states(vae, episodes, rows, t0, plan.encode_batch)
+    dreamed = repair.dream_from_starts(rnn, starts, params, plan, ensemble)
+    with envpool.CarRacingPool(len(rows), plan.max_steps, driving.backend, driving.workers, driving.ray_address,
+                               observation=driving.observation) as pool:
+        real = repair.replay(pool, episodes, rows, t0, dreamed["actions"])
+    measured = repair.disagreement(vae, dreamed, real, plan.encode_batch)
+    counted = np.arange(plan.horizon)[None] < real["steps"][:, None]
+    out = {"rows": rows, "t0": t0, "steps": real["steps"], **measured,
+           "dream_return": np.where(counted, dreamed["reward"], 0.0).sum(axis=1),
+           "real_return": np.where(counted, real["reward"], 0.0).sum(axis=1),
+           "env_steps": int(np.sum(t0) + np.sum(real["steps"]))}
+    # Does the dream's drift from reality (its z against V's of the real frames) go with the overpayment?
+    has = real["steps"] > 0
+    out["rho_latent"] = rank_correlation(measured["latent"][has], measured["reward_gap"][has] / real["steps"][has]) \
+        if has.sum() >= 2 else math.nan
+    if len(ensemble):
+        out.update(pessimism_fit(dreamed["disagreement"], measured["reward_gap"], real["steps"]))
+    return out
+
+
 def ranks(values) -> np.ndarray:
     """Ranks 1..n of ``values`` (n,), ties given the mean of the ranks they span (float64)."""
     values = np.asarray(values, np.float64)
@@ -285,6 +359,26 @@ def diagnostics_figure(out, latent: dict, gaps) -> Path:
     return storage.save_figure(fig, out)
 
 
+def control_figure(out, found: dict) -> Path:
+    """Each window of :func:`exploit_under_control` as a point: its mean disagreement u against its overpayment a
+    step (dream minus real reward), with the line lambda_match x u through the origin."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 3.5))
+    ax = fig.subplots()
+    ax.scatter(found["u"], found["gap_per_step"], s=12, alpha=0.7)
+    grid = np.linspace(0.0, np.nanmax(found["u"]), 50)
+    ax.plot(grid, found["lambda_match"] * grid, "k--", lw=0.8,
+            label=f"lambda_match {found['lambda_match']:.3g} x u")
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("mean disagreement u of the window (latent units)")
+    ax.set_ylabel("dream minus real reward a step")
+    ax.set_title(f"C's own dream vs reality, Spearman rho {found['rho']:+.2f}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return storage.save_figure(fig, out)
+
+
 def diagnose(cfg, rnn, paths, figure=None) -> dict:
     """The :data:`FIELDS` of M (``rnn``) on the series ``paths``, from frame ``dream.skip_initial_frames`` of ``cfg``.
 
@@ -301,6 +395,46 @@ def diagnose(cfg, rnn, paths, figure=None) -> dict:
     row = {"exploit_gap_same_actions": gap["mean"]}
     for mode, curve in (("open", latent["open_loop"]), ("teacher", latent["teacher_forced"])):
         row.update({f"latent_error_{mode}_{k}": float(curve[k - 1]) if k <= len(curve) else math.nan for k in STEPS})
+    return row
+
+
+def controller_check(args, cfg, rnn, others, paths) -> dict:
+    """``--controller``: :func:`exploit_under_control` from the rollouts behind the series ``paths``, printed and
+    drawn (beside ``--figure`` as ``<stem>_control.png``); returns its numbers for the JSON (``control_*``)."""
+    from worldmodels import artifacts, recording, repair
+
+    rollouts = [artifacts.rollouts_dir(args.data_dir) / Path(p).name for p in paths]
+    missing = [str(p) for p in rollouts if not p.is_file()]
+    if missing:
+        raise storage.MissingDataError(f"--controller replays from the recorded rollouts, and {missing[0]} is missing "
+                                       f"({len(missing)} of {len(rollouts)})")
+    params, _ = artifacts.load_controller(artifacts.controller_file(args.controller), "params", cfg.vae.z_size,
+                                          cfg.rnn.hidden_units)
+    vae = artifacts.load_vision(args.data_dir, cfg)
+    plan = repair.Plan(args.windows, 1, args.horizon, cfg.dream.temperature, cfg.dream.skip_initial_frames,
+                       cfg.data.max_steps, (cfg.iterate.seed, CONTROL_KEY), cfg.rnn.encode_batch_size)
+    c = cfg.controller
+    driving = recording.Driving(cfg.data.max_steps, 0.0, c.z_input, cfg.env.observation, c.backend, c.workers,
+                                c.ray_address)
+    found = exploit_under_control(vae, rnn, params, rollouts, plan, driving, others)
+    steps = max(int(found["steps"].sum()), 1)
+    row = {"control_windows": int(args.windows), "control_horizon": int(args.horizon),
+           "control_dream_per_step": float(found["dream_return"].sum() / steps),
+           "control_real_per_step": float(found["real_return"].sum() / steps),
+           "control_latent": float(np.nanmean(found["latent"])), "control_rho_latent": found["rho_latent"],
+           "control_env_steps": found["env_steps"]}
+    print(f"C {args.controller} in M's dream from {args.windows} real states, {args.horizon} steps each, its actions "
+          f"replayed in reality: M paid {row['control_dream_per_step']:.3f} a step, reality "
+          f"{row['control_real_per_step']:.3f}; latent error {row['control_latent']:.2f} (Spearman rho with a window's "
+          f"overpayment {found['rho_latent']:+.2f})")
+    if others:
+        row.update({"control_u": found["u_mean"], "control_rho": found["rho"],
+                    "control_lambda_match": found["lambda_match"]})
+        print(f"  the Ms' disagreement in C's dream {found['u_mean']:.4f} a step; Spearman rho of a window's u with its "
+              f"overpayment {found['rho']:+.2f}; lambda at which the charge equals the overpayment "
+              f"{found['lambda_match']:.3g}")
+        if args.figure:
+            control_figure(args.figure.with_name(args.figure.stem + "_control.png"), found)
     return row
 
 
@@ -322,6 +456,12 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", type=Path, help="also draw the latent error curves and the gaps (.png)")
     parser.add_argument("--ensemble", default="", help="comma-separated data dirs of further Ms (rnn/): also measure "
                         "their disagreement with M on the episodes, teacher-forced (dream.pessimism's signal)")
+    parser.add_argument("--controller", type=Path, help="a stage-5 controller (controller.npz or its folder) trained "
+                        "in this M: also dream it from real states of the rollouts of the episodes and replay its "
+                        "dream actions in the real environment (the exploit under its own steering; with --ensemble, "
+                        "whether the Ms' disagreement sees it)")
+    parser.add_argument("--windows", type=int, default=64, help="--controller: real start states (default 64)")
+    parser.add_argument("--horizon", type=int, default=50, help="--controller: steps dreamt and replayed (default 50)")
     args = parser.parse_args(argv)
     folder = args.data_dir / artifacts.RNN[0]
     cfg = config.load_config(folder / artifacts.CONFIG_FILE)
@@ -344,6 +484,8 @@ def main(argv=None) -> int:
         found["disagreement_teacher"] = spread["mean"]
         print(f"disagreement of {len(others) + 1} Ms, teacher-forced over {HORIZON} steps: {spread['mean']:.4f} "
               f"(latent units; the dream's pessimism charges lambda x this a step on such data)")
+    if args.controller is not None:
+        found.update(controller_check(args, cfg, rnn, others, paths))
     result = {"data_dir": str(args.data_dir), "episodes": [str(p) for p in paths],
               "rnn": {key: getattr(cfg.rnn, key) for key in ("dropout", "scheduled_sampling", "seed")},
               "temperature": cfg.dream.temperature, "start": cfg.dream.skip_initial_frames, "horizon": HORIZON,

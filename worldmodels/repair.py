@@ -130,19 +130,28 @@ class PinnedDream(DreamWorld):
             self._z[row] = starts.mu[row] + np.exp(0.5 * starts.logvar[row].astype(np.float64)) * eps
         self.start_rows[rows] = rows
         self._h[rows], self._c[rows] = self._h0[rows], self._c0[rows]
+        for (h, c), (h0, c0) in zip(self._member_state, self._member0[1:]):  # an ensemble's Ms at the same starts
+            h[rows], c[rows] = h0[rows], c0[rows]
 
 
 class Tape:
     """A world (``worldmodels.rollout``) that records, per step, the actions it is given and the z and
-    rewards its world returns (all rows; ``arrays()`` stacks them to (B, steps, ...))."""
+    rewards its world returns, and a dream's ``disagreement`` u of its Ms (zero without an ensemble); all
+    rows, ``arrays()`` stacks them to (B, steps, ...)."""
+
+    KEYS = ("actions", "z", "reward", "disagreement")
 
     def __init__(self, world):
         self.world = world
         self.capacity, self.z_size, self.hidden_size = world.capacity, world.z_size, world.hidden_size
-        self.actions, self.z, self.reward = [], [], []
+        self.reset_tape()
+
+    def reset_tape(self) -> None:
+        for key in self.KEYS:
+            setattr(self, key, [])
 
     def reset(self, seeds):
-        self.actions, self.z, self.reward = [], [], []
+        self.reset_tape()
         return self.world.reset(seeds)
 
     def step(self, env_actions, active):
@@ -150,20 +159,23 @@ class Tape:
         self.actions.append(np.array(env_actions, np.float32))
         self.z.append(np.array(z, np.float32))
         self.reward.append(np.array(reward, np.float64))
+        self.disagreement.append(np.array(getattr(self.world, "disagreement", np.zeros(len(z))), np.float64))
         return (z, h), reward, terminated, truncated
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {key: np.stack(getattr(self, key), axis=1) for key in ("actions", "z", "reward")}
+        return {key: np.stack(getattr(self, key), axis=1) for key in self.KEYS}
 
 
-def dream_from_starts(rnn, starts: StartStates, params: np.ndarray, plan: Plan) -> dict[str, np.ndarray]:
+def dream_from_starts(rnn, starts: StartStates, params: np.ndarray, plan: Plan, ensemble=()) -> dict[str, np.ndarray]:
     """C ``params`` (N_params,) driving ``plan.horizon`` steps in M's dream from every start at once.
 
     Returns ``actions`` (N, L, 3) float32 (CarRacing's action space), ``z`` (N, L, Z) the dream z after
-    each action and ``reward`` (N, L) M's rewards. Dream episode c is seeded by ``(plan.seed, c)``.
+    each action, ``reward`` (N, L) M's rewards and ``disagreement`` (N, L) the u of M and the further Ms
+    ``ensemble`` at each step (``worldmodels.dream.disagreement``; zeros without them; the rewards are M's
+    own, no pessimism is charged). Dream episode c is seeded by ``(plan.seed, c)``.
     """
     count = len(starts)
-    world = Tape(PinnedDream(rnn, starts, plan.temperature, plan.horizon, count, done="off"))
+    world = Tape(PinnedDream(rnn, starts, plan.temperature, plan.horizon, count, done="off", ensemble=list(ensemble)))
     seeds = np.random.SeedSequence([*plan.seed, START_KEY, 1]).generate_state(count, np.uint64) >> np.uint64(2)
     rollout.run_episodes(world, np.asarray(params, np.float64)[None], seeds.astype(np.int64)[None], plan.horizon)
     return world.arrays()
