@@ -270,3 +270,48 @@ def test_the_command_checks_a_controller_in_its_own_dream_against_reality(smoke_
     np.savez(tmp_path / "small.npz", params=params[:10], generation=np.int64(0))
     assert_user_error(run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--controller",
                                 str(tmp_path / "small.npz")), "use the config it was trained with")
+
+
+class ActionBlind:
+    """M that never sees the action (it always reads "no action"): steering cannot move its z."""
+
+    def __init__(self, model):
+        self.model, self.hidden_units, self.z_size = model, model.hidden_units, model.z_size
+
+    def step(self, z, action, state):
+        return self.model.step(z, np.zeros_like(np.asarray(action)), state)
+
+
+def test_steering_response_compares_left_and_right_in_m_and_in_reality(smoke_rnn, tmp_path):
+    """Reality moves z when the steering differs; an M blind to actions does not move it at all (ratio 0); the
+    real curve does not depend on M; the command prints and saves the same numbers."""
+    import json
+
+    import config
+    from tests.conftest import run_plain
+    from worldmodels import artifacts, storage
+
+    cfg = config.load_config(smoke_rnn / "rnn" / "config.json")
+    split = json.loads((smoke_rnn / "rnn" / "split.json").read_text())
+    rollouts = [{**storage.load_episode(smoke_rnn / "rollouts" / name, "rollout"), "name": name}
+                for name in split["heldout"]]
+    vae, rnn = artifacts.load_vision(smoke_rnn, cfg), artifacts.load_rnn(smoke_rnn, cfg)
+    driving = diagnostics.replay_driving(cfg)
+    start, horizon = cfg.dream.skip_initial_frames, 12
+    found = diagnostics.steering_response(vae, rnn, rollouts, start, horizon, driving)
+    blind = diagnostics.steering_response(vae, ActionBlind(rnn), rollouts, start, horizon, driving)
+    assert found["real"].shape == found["model"].shape == (horizon,) and found["start"] == start
+    np.testing.assert_array_equal(blind["real"], found["real"])
+    np.testing.assert_array_equal(blind["model"], np.zeros(horizon))
+    assert found["real"][-1] > 0 and found["model"][-1] > 0
+    np.testing.assert_allclose(found["ratio"], found["model"] / found["real"])
+
+    out = tmp_path / "steering.json"
+    proc = run_plain("-m", "worldmodels.diagnostics", "--data-dir", str(smoke_rnn), "--steering", str(horizon),
+                     "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads(out.read_text())["metrics"]
+    for k in (1, 10, horizon):
+        assert saved[f"steering_real_{k}"] == pytest.approx(found["real"][k - 1], rel=1e-5)
+        assert saved[f"steering_model_{k}"] == pytest.approx(found["model"][k - 1], rel=1e-5)
+    assert "full left vs full right" in proc.stdout

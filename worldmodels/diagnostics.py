@@ -20,6 +20,8 @@ K = mixture components, L = the horizon (steps after the start frame).
   predicted minus real return is set beside its latent drift and, with further Ms, beside their
   disagreement u (:func:`pessimism_fit`): does the pessimistic dream's signal see the overpayment,
   and at which lambda would it charge as much as is overpaid?
+* :func:`steering_response`: does M know what steering does? Full left against full right from
+  the same real states, in M's open loop and in the real environment (replayed to the state).
 
 :func:`diagnose` computes the first two for a config's M on stored series (a row of the iterative
 procedure's ``iterations.csv``: :data:`FIELDS`), and ``python -m worldmodels.diagnostics`` scores a
@@ -29,6 +31,7 @@ for number::
 
     python -m worldmodels.diagnostics --data-dir D --out m.json --figure m.png
     python -m worldmodels.diagnostics --data-dir D --ensemble D1,D2 --controller D/controller_dream_t1
+    python -m worldmodels.diagnostics --data-dir D --steering 20
 
 Episodes are dicts of a stored series (``storage.SERIES_SCHEMA``): ``mu`` (T, Z), ``action``
 (T, 3), ``reward`` (T,); ``reward[t]`` is paid for ``action[t]`` taken at frame t, which is
@@ -359,6 +362,59 @@ def diagnostics_figure(out, latent: dict, gaps) -> Path:
     return storage.save_figure(fig, out)
 
 
+# :func:`steering_response`: the two probes (CarRacing actions [steer, gas, brake]): full left and full right, no gas
+# or brake, so that only the steering differs.
+STEER_PROBES = (np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 0.0, 0.0], np.float32))
+
+
+def steering_response(vae, model, rollouts, start: int, horizon: int, driving, batch: int = 1000) -> dict:
+    """Does M know what steering does? Full left against full right from the same real states, in M and in reality.
+
+    From frame s = min(``start``, shortest T - 1) of each recorded rollout (dicts with ``obs`` (T, 64, 64, 3),
+    ``action``, ``reward``, ``seed``), M (its state after the real prefix, as the dream starts) is fed each probe of
+    :data:`STEER_PROBES` for ``horizon`` steps in open loop on its mixture means, and the real environment,
+    re-created at frame s by replaying the recorded prefix (``worldmodels.repair.replay``), is driven with the same
+    actions. Returns ``steps`` (L,) = 1..L, ``model`` and ``real`` (L,): the squared distance summed over Z between
+    the left and the right z, k steps after s (M's predicted mixture means; V's mu of the real frames), averaged
+    over the rollouts whose replay reaches step k (NaN where none does), ``ratio`` = model / real, and ``start``.
+    M that reads the action predicts what was done next in its data and moves its z by steering as reality does
+    (ratio ~1); M that learned the data's driver instead of the car (its actions follow from its frames) moves
+    it little (ratio << 1), and then a dream pays any steering as if the driver had steered.
+    """
+    from worldmodels import envpool, repair
+
+    if int(horizon) != horizon or horizon < 1:
+        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+    series = [{"mu": vae.encode(e["obs"], chunk_size=batch)[0], "action": e["action"], "reward": e["reward"]}
+              for e in rollouts]
+    s = make_batch(series, start).start
+    n, horizon = len(rollouts), int(min(horizon, min(len(e["action"]) for e in rollouts) - s))
+    predicted, real, reached = [], [], []
+    for probe in STEER_PROBES:
+        steered = [dict(e, action=np.concatenate([e["action"][:s], np.tile(probe, (len(e["action"]) - s, 1))]))
+                   for e in series]
+        predicted.append(run_from_start(model, make_batch(steered, s), horizon, temperature=None)["mean"])
+        actions = np.tile(probe, (n, horizon, 1))
+        with envpool.CarRacingPool(n, driving.max_steps, driving.backend, driving.workers, driving.ray_address,
+                                   observation=driving.observation) as pool:
+            replayed = repair.replay(pool, list(rollouts), np.arange(n), np.full(n, s), actions)
+        mu = np.full((n, horizon, predicted[-1].shape[-1]), np.nan)
+        for c, frames in enumerate(replayed["frames"]):
+            if len(frames):
+                mu[c, :len(frames)] = vae.encode(frames, chunk_size=batch)[0]
+        real.append(mu)
+        reached.append(replayed["steps"])
+    valid = np.arange(horizon)[None] < np.minimum(*reached)[:, None]  # (N, L): both replays reach step k
+    counts = valid.sum(axis=0)
+    distance = {name: np.sum(np.square(pair[0].astype(np.float64) - pair[1]), axis=-1)
+                for name, pair in (("model", predicted), ("real", real))}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curves = {name: np.where(counts > 0, np.where(valid, d, 0.0).sum(axis=0) / counts, np.nan)
+                  for name, d in distance.items()}
+        ratio = curves["model"] / curves["real"]
+    return {"steps": np.arange(1, horizon + 1), **curves, "ratio": ratio, "start": s}
+
+
 def control_figure(out, found: dict) -> Path:
     """Each window of :func:`exploit_under_control` as a point: its mean disagreement u against its overpayment a
     step (dream minus real reward), with the line lambda_match x u through the origin."""
@@ -398,25 +454,58 @@ def diagnose(cfg, rnn, paths, figure=None) -> dict:
     return row
 
 
+def rollouts_behind(data_dir, paths, option: str) -> list[Path]:
+    """The recorded rollouts (stage 1's files, whose frames a real replay needs) of the series ``paths``."""
+    from worldmodels import artifacts
+
+    rollouts = [artifacts.rollouts_dir(data_dir) / Path(p).name for p in paths]
+    missing = [str(p) for p in rollouts if not p.is_file()]
+    if missing:
+        raise storage.MissingDataError(f"{option} replays from the recorded rollouts, and {missing[0]} is missing "
+                                       f"({len(missing)} of {len(rollouts)})")
+    return rollouts
+
+
+def replay_driving(cfg):
+    """How the diagnostics' real replays run: episodes of ``data.max_steps``, frames drawn as the recording was."""
+    from worldmodels import recording
+
+    c = cfg.controller
+    return recording.Driving(cfg.data.max_steps, 0.0, c.z_input, cfg.env.observation, c.backend, c.workers,
+                             c.ray_address)
+
+
+def steering_check(args, cfg, rnn, paths) -> dict:
+    """``--steering L``: :func:`steering_response` from the rollouts behind ``paths``, printed; its numbers for the
+    JSON (``steering_model_k``, ``steering_real_k``, ``steering_ratio_k`` at k in :data:`STEPS` up to L)."""
+    from worldmodels import artifacts
+
+    rollouts = [{**storage.load_episode(p, "rollout"), "name": p.name}
+                for p in rollouts_behind(args.data_dir, paths, "--steering")]
+    found = steering_response(artifacts.load_vision(args.data_dir, cfg), rnn, rollouts, cfg.dream.skip_initial_frames,
+                              args.steering, replay_driving(cfg), cfg.rnn.encode_batch_size)
+    row = {}
+    for k in (k for k in STEPS + (len(found["steps"]),) if k <= len(found["steps"])):
+        row.update({f"steering_{name}_{k}": float(found[name][k - 1]) for name in ("model", "real", "ratio")})
+    told = ", ".join(f"{k}: M {row[f'steering_model_{k}']:.2f} / real {row[f'steering_real_{k}']:.2f}"
+                     for k in sorted({int(key.rsplit('_', 1)[1]) for key in row}))
+    print(f"full left vs full right from frame {found['start']} of {len(rollouts)} episodes, squared distance of the "
+          f"two z k steps on ({told})")
+    return row
+
+
 def controller_check(args, cfg, rnn, others, paths) -> dict:
     """``--controller``: :func:`exploit_under_control` from the rollouts behind the series ``paths``, printed and
     drawn (beside ``--figure`` as ``<stem>_control.png``); returns its numbers for the JSON (``control_*``)."""
-    from worldmodels import artifacts, recording, repair
+    from worldmodels import artifacts, repair
 
-    rollouts = [artifacts.rollouts_dir(args.data_dir) / Path(p).name for p in paths]
-    missing = [str(p) for p in rollouts if not p.is_file()]
-    if missing:
-        raise storage.MissingDataError(f"--controller replays from the recorded rollouts, and {missing[0]} is missing "
-                                       f"({len(missing)} of {len(rollouts)})")
+    rollouts = rollouts_behind(args.data_dir, paths, "--controller")
     params, _ = artifacts.load_controller(artifacts.controller_file(args.controller), "params", cfg.vae.z_size,
                                           cfg.rnn.hidden_units)
     vae = artifacts.load_vision(args.data_dir, cfg)
     plan = repair.Plan(args.windows, 1, args.horizon, cfg.dream.temperature, cfg.dream.skip_initial_frames,
                        cfg.data.max_steps, (cfg.iterate.seed, CONTROL_KEY), cfg.rnn.encode_batch_size)
-    c = cfg.controller
-    driving = recording.Driving(cfg.data.max_steps, 0.0, c.z_input, cfg.env.observation, c.backend, c.workers,
-                                c.ray_address)
-    found = exploit_under_control(vae, rnn, params, rollouts, plan, driving, others)
+    found = exploit_under_control(vae, rnn, params, rollouts, plan, replay_driving(cfg), others)
     steps = max(int(found["steps"].sum()), 1)
     row = {"control_windows": int(args.windows), "control_horizon": int(args.horizon),
            "control_dream_per_step": float(found["dream_return"].sum() / steps),
@@ -462,6 +551,8 @@ def main(argv=None) -> int:
                         "whether the Ms' disagreement sees it)")
     parser.add_argument("--windows", type=int, default=64, help="--controller: real start states (default 64)")
     parser.add_argument("--horizon", type=int, default=50, help="--controller: steps dreamt and replayed (default 50)")
+    parser.add_argument("--steering", type=int, default=0, help="also steer full left and full right for this many "
+                        "steps from real states, in M and in the real environment: does M move z as steering does?")
     args = parser.parse_args(argv)
     folder = args.data_dir / artifacts.RNN[0]
     cfg = config.load_config(folder / artifacts.CONFIG_FILE)
@@ -486,6 +577,8 @@ def main(argv=None) -> int:
               f"(latent units; the dream's pessimism charges lambda x this a step on such data)")
     if args.controller is not None:
         found.update(controller_check(args, cfg, rnn, others, paths))
+    if args.steering > 0:
+        found.update(steering_check(args, cfg, rnn, paths))
     result = {"data_dir": str(args.data_dir), "episodes": [str(p) for p in paths],
               "rnn": {key: getattr(cfg.rnn, key) for key in ("dropout", "scheduled_sampling", "seed")},
               "temperature": cfg.dream.temperature, "start": cfg.dream.skip_initial_frames, "horizon": HORIZON,
