@@ -46,7 +46,12 @@ def test_two_iterations_end_to_end(reference):
     assert [row["iteration"] for row in rows] == ["1", "2"]
     assert "iteration 2: real score" in second.stdout
     steps = [int(row["real_env_steps"]) for row in rows]
-    assert steps[0] > 0 and steps[1] == steps[0] + int(rows[1]["collect_steps"]) + int(rows[1]["eval_steps"])
+    assert steps[0] > 0 and steps[1] == steps[0] + int(rows[1]["collect_steps"]) + int(rows[1]["eval_steps"]) \
+        + int(rows[1]["steering_env_steps"])
+    # The steering check replays both collected episodes' 5-frame prefix and 20 steps, once per probe.
+    for row in rows:
+        assert int(row["steering_env_steps"]) == 2 * 2 * (5 + 20)
+        assert float(row["steering_real_10"]) > 0 and math.isfinite(float(row["steering_model_10"]))
     # Curiosity is off by default: no scoring episodes, no choice; two iterations give no rank correlation.
     for row in rows:
         assert row["curiosity_env_steps"] == "0" and row["curiosity_variant"] == row["curiosity_bonus"] == "nan"

@@ -376,7 +376,8 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
     re-created at frame s by replaying the recorded prefix (``worldmodels.repair.replay``), is driven with the same
     actions. Returns ``steps`` (L,) = 1..L, ``model`` and ``real`` (L,): the squared distance summed over Z between
     the left and the right z, k steps after s (M's predicted mixture means; V's mu of the real frames), averaged
-    over the rollouts whose replay reaches step k (NaN where none does), ``ratio`` = model / real, and ``start``.
+    over the rollouts whose replay reaches step k (NaN where none does), ``ratio`` = model / real, ``start`` and
+    ``env_steps`` the real steps of both replays (prefixes included).
     M that reads the action predicts what was done next in its data and moves its z by steering as reality does
     (ratio ~1); M that learned the data's driver instead of the car (its actions follow from its frames) moves
     it little (ratio << 1), and then a dream pays any steering as if the driver had steered.
@@ -389,7 +390,7 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
               for e in rollouts]
     s = make_batch(series, start).start
     n, horizon = len(rollouts), int(min(horizon, min(len(e["action"]) for e in rollouts) - s))
-    predicted, real, reached = [], [], []
+    predicted, real, reached, env_steps = [], [], [], 0
     for probe in STEER_PROBES:
         steered = [dict(e, action=np.concatenate([e["action"][:s], np.tile(probe, (len(e["action"]) - s, 1))]))
                    for e in series]
@@ -404,6 +405,7 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
                 mu[c, :len(frames)] = vae.encode(frames, chunk_size=batch)[0]
         real.append(mu)
         reached.append(replayed["steps"])
+        env_steps += n * s + int(replayed["steps"].sum())
     valid = np.arange(horizon)[None] < np.minimum(*reached)[:, None]  # (N, L): both replays reach step k
     counts = valid.sum(axis=0)
     distance = {name: np.sum(np.square(pair[0].astype(np.float64) - pair[1]), axis=-1)
@@ -412,7 +414,19 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
         curves = {name: np.where(counts > 0, np.where(valid, d, 0.0).sum(axis=0) / counts, np.nan)
                   for name, d in distance.items()}
         ratio = curves["model"] / curves["real"]
-    return {"steps": np.arange(1, horizon + 1), **curves, "ratio": ratio, "start": s}
+    return {"steps": np.arange(1, horizon + 1), **curves, "ratio": ratio, "start": s, "env_steps": env_steps}
+
+
+def load_for_steering(paths, start: int, horizon: int) -> list[dict]:
+    """The rollouts ``paths`` as :func:`steering_response` reads them, each cut to its first ``start + horizon + 1``
+    frames (all it uses), so that many full episodes need not sit in memory at once."""
+    keep = int(start) + int(horizon) + 1
+    out = []
+    for path in paths:
+        e = storage.load_episode(path, "rollout")
+        out.append({"obs": e["obs"][:keep], "action": e["action"][:keep], "reward": e["reward"][:keep],
+                    "seed": e["seed"], "name": Path(path).name})
+    return out
 
 
 def control_figure(out, found: dict) -> Path:
@@ -480,8 +494,8 @@ def steering_check(args, cfg, rnn, paths) -> dict:
     JSON (``steering_model_k``, ``steering_real_k``, ``steering_ratio_k`` at k in :data:`STEPS` up to L)."""
     from worldmodels import artifacts
 
-    rollouts = [{**storage.load_episode(p, "rollout"), "name": p.name}
-                for p in rollouts_behind(args.data_dir, paths, "--steering")]
+    rollouts = load_for_steering(rollouts_behind(args.data_dir, paths, "--steering"), cfg.dream.skip_initial_frames,
+                                 args.steering)
     found = steering_response(artifacts.load_vision(args.data_dir, cfg), rnn, rollouts, cfg.dream.skip_initial_frames,
                               args.steering, replay_driving(cfg), cfg.rnn.encode_batch_size)
     row = {}

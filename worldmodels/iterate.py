@@ -53,7 +53,8 @@ trained on: how well the dream predicted what the controller then met in reality
 the same state, and the latent error open loop and teacher-forced, drawn in the iteration's ``diagnostics.png``.
 The row also holds the curiosity's choice (:data:`CURIOSITY_FIELDS`, NaN when it is off), the rank
 correlation of the dream and real scores of the iterations so far (:data:`RANK_FIELD`) and the repair's
-measurements (:data:`REPAIR_FIELDS`, NaN when it is off). The "new episodes" of the M metrics, the
+measurements (:data:`REPAIR_FIELDS`, NaN when it is off) and whether the previous M knows what steering does
+(:data:`STEERING_FIELDS`, ``worldmodels.diagnostics.steering_response``). The "new episodes" of the M metrics, the
 diagnostics and ``collect_steps`` are the collected ones (repair episodes are counted in ``repair_env_steps``).
 Tables written before those columns existed keep their rows, read with NaN in the new columns.
 """
@@ -115,8 +116,14 @@ RANK_MIN_ITERATIONS = 3
 # of all candidates (M's predicted minus the real return of the window: the exploit under C's own steering), and
 # the real steps of all replays (counted in real_env_steps).
 REPAIR_FIELDS = ("repair_disagreement", "repair_disagreement_all", "repair_reward_gap", "repair_env_steps")
+# Does the previous M know what steering does (worldmodels.diagnostics.steering_response)? Full left against full
+# right for STEERING_HORIZON steps from frame dream.skip_initial_frames of up to STEERING_EPISODES of the episodes
+# just collected: the squared distance of the two z after 10 steps in M and in reality, and the real steps of the
+# replays (counted in real_env_steps).
+STEERING_HORIZON, STEERING_EPISODES = 20, 16
+STEERING_FIELDS = ("steering_model_10", "steering_real_10", "steering_env_steps")
 # Columns that tables written by earlier versions lack (read as NaN).
-LATER_FIELDS = diagnostics.FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,) + REPAIR_FIELDS
+LATER_FIELDS = diagnostics.FIELDS + CURIOSITY_FIELDS + (RANK_FIELD,) + REPAIR_FIELDS + STEERING_FIELDS
 FIELDS = (
     "iteration", "collect_steps", "eval_steps", "real_env_steps", "episodes_by_policy", "m_z_nll_new",
     "m_reward_mse_tiles_new", "m_done_auc_new", "dream_score", "real_score", "real_std", "exploit_gap", "seconds",
@@ -361,7 +368,20 @@ def rnn_on_new_episodes(cfg: config.Config, iteration: int, data_dir) -> dict:
     rnn = artifacts.load_rnn(models_dir(data_dir, iteration - 1), cfg)
     paths = collected_paths(artifacts.series_dir(iteration_dir(data_dir, iteration)), iteration)
     m = sequences.evaluate_model(rnn, paths, cfg.rnn.sequence_length, cfg.rnn.batch_size, sample_seed=cfg.rnn.seed)
-    return {**m, **diagnostics.diagnose(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE)}
+    return {**m, **diagnostics.diagnose(cfg, rnn, paths, iteration_dir(data_dir, iteration) / DIAGNOSTICS_FIGURE),
+            **steering_row(cfg, iteration, data_dir, rnn)}
+
+
+def steering_row(cfg: config.Config, iteration: int, data_dir, rnn) -> dict:
+    """The :data:`STEERING_FIELDS` of ``rnn`` (the previous M) on the first collected rollouts of ``iteration``."""
+    paths = collected_paths(iteration_dir(data_dir, iteration) / artifacts.ROLLOUTS, iteration)[:STEERING_EPISODES]
+    rollouts = diagnostics.load_for_steering(paths, cfg.dream.skip_initial_frames, STEERING_HORIZON)
+    found = diagnostics.steering_response(artifacts.load_vision(data_dir, cfg), rnn, rollouts,
+                                          cfg.dream.skip_initial_frames, STEERING_HORIZON, diagnostics.replay_driving(cfg),
+                                          cfg.rnn.encode_batch_size)
+    k = min(10, len(found["steps"]))
+    return {"steering_model_10": float(found["model"][k - 1]), "steering_real_10": float(found["real"][k - 1]),
+            "steering_env_steps": found["env_steps"]}
 
 
 def score_rank_correlation(rows: list[dict], dream: float, real: float) -> float:
@@ -394,12 +414,13 @@ def make_row(cfg: config.Config, iteration: int, data_dir, rows: list[dict], sec
     return {
         "iteration": iteration, "collect_steps": collect_steps, "eval_steps": eval_steps,
         "real_env_steps": before + collect_steps + eval_steps + curious["curiosity_env_steps"]
-        + repaired["repair_env_steps"],
+        + repaired["repair_env_steps"] + m["steering_env_steps"],
         "episodes_by_policy": policy_counts(data_dir, iteration),
         "m_z_nll_new": m["z_nll"], "m_reward_mse_tiles_new": m.get("reward_mse_tiles"),
         "m_done_auc_new": m.get("done_auc"), "dream_score": dream, "real_score": real, "real_std": metrics["std"],
         "exploit_gap": dream - real, "seconds": seconds, **{key: m[key] for key in diagnostics.FIELDS}, **curious,
         RANK_FIELD: score_rank_correlation(rows, dream, real), **repaired,
+        **{key: m[key] for key in STEERING_FIELDS},
     }
 
 
