@@ -98,7 +98,8 @@ def test_an_iteration_collects_with_the_fittest_variant_and_reports_it(curious):
     assert int(row["curiosity_env_steps"]) == 60
     stage1 = sum(len(storage.load_episode(p, "series", keys=("reward",))["reward"])
                  for p in storage.list_episodes(data / "series"))
-    assert int(row["real_env_steps"]) == stage1 + int(row["collect_steps"]) + int(row["eval_steps"]) + 60
+    assert int(row["real_env_steps"]) == stage1 + int(row["collect_steps"]) + int(row["eval_steps"]) + 60 \
+        + int(row["steering_env_steps"])
     assert math.isnan(float(row["dream_real_rank_corr"]))  # one iteration: no order to compare
 
 

@@ -168,7 +168,8 @@ def test_repair_episodes_are_saved_tagged_and_in_the_next_m(repaired):
                                                   "series", keys=("reward",))["reward"]) for j in range(2))
         assert int(row["collect_steps"]) == collected
     steps = [int(row["real_env_steps"]) for row in rows]
-    assert steps[1] == steps[0] + sum(int(rows[1][k]) for k in ("collect_steps", "eval_steps", "repair_env_steps"))
+    assert steps[1] == steps[0] + sum(int(rows[1][k]) for k in ("collect_steps", "eval_steps", "repair_env_steps",
+                                                                  "steering_env_steps"))
 
 
 def test_repair_episodes_replay_in_the_real_environment(repaired):
