@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldmodels import envpool, recording, rollout
+from worldmodels import recording, rollout
 
 # Mixed into (iterate.seed, iteration) to seed the variants' perturbations.
 VARIANT_KEY = 0xC0210
@@ -95,8 +95,7 @@ def select(params: np.ndarray, vae, rnn, driving: recording.Driving, count: int,
     steps, as ``recording.drive_and_record`` drives; returns :func:`score`'s arrays plus ``candidates``
     (P, N), ``fitness`` (P,) = return + beta * nll and ``chosen`` (the fittest's index, 0 = C itself)."""
     candidates = variants(params, count, sigma, seed)
-    with envpool.CarRacingPool(min(len(candidates), recording.WAVE), driving.max_steps, driving.backend,
-                               driving.workers, driving.ray_address, observation=driving.observation) as pool:
+    with driving.pool(min(len(candidates), recording.WAVE)) as pool:
         surprise = SurpriseWorld(rollout.RealWorld(pool, vae, rnn, driving.z_input))
         scores = score(recording.NoisyWorld(surprise, driving.noise), surprise, candidates, track, driving.max_steps)
     fitness = scores["returns"] + float(beta) * scores["nll"]

@@ -252,17 +252,11 @@ def exploit_under_control(vae, rnn, params, paths, plan, driving, ensemble=()) -
     ``real_return`` (N,), the real steps used (``env_steps``), ``rho_latent`` Spearman's rho of a window's latent
     error with its overpayment a step and, with an ensemble, :func:`pessimism_fit`'s.
     """
-    from worldmodels import envpool, repair
+    from worldmodels import repair
 
-    lengths = [storage.array_shape(p, "action")[0] for p in paths]
-    rows, t0 = repair.choose_starts(lengths, plan)
-    episodes = repair.load_episodes(paths, rows)
-    starts = repair.start_states(vae, episodes, rows, t0, plan.encode_batch)
-    dreamed = repair.dream_from_starts(rnn, starts, params, plan, ensemble)
-    with envpool.CarRacingPool(len(rows), plan.max_steps, driving.backend, driving.workers, driving.ray_address,
-                               observation=driving.observation) as pool:
-        real = repair.replay(pool, episodes, rows, t0, dreamed["actions"])
-    measured = repair.disagreement(vae, dreamed, real, plan.encode_batch)
+    rows, t0 = repair.starts_of(paths, plan)
+    found = repair.measure(paths, rows, t0, params, vae, rnn, plan, driving, ensemble)
+    dreamed, real, measured = found["dreamed"], found["real"], found["measured"]
     counted = np.arange(plan.horizon)[None] < real["steps"][:, None]
     out = {"rows": rows, "t0": t0, "steps": real["steps"], **measured,
            "dream_return": np.where(counted, dreamed["reward"], 0.0).sum(axis=1),
@@ -382,7 +376,7 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
     (ratio ~1); M that learned the data's driver instead of the car (its actions follow from its frames) moves
     it little (ratio << 1), and then a dream pays any steering as if the driver had steered.
     """
-    from worldmodels import envpool, repair
+    from worldmodels import repair
 
     if int(horizon) != horizon or horizon < 1:
         raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
@@ -391,14 +385,15 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
     s = make_batch(series, start).start
     n, horizon = len(rollouts), int(min(horizon, min(len(e["action"]) for e in rollouts) - s))
     predicted, real, reached, env_steps = [], [], [], 0
-    for probe in STEER_PROBES:
+    with driving.pool(n) as pool:  # replay re-creates the tracks' states for each probe
+        replays = []
+        for probe in STEER_PROBES:
+            replays.append(repair.replay(pool, list(rollouts), np.arange(n), np.full(n, s),
+                                         np.tile(probe, (n, horizon, 1))))
+    for probe, replayed in zip(STEER_PROBES, replays):
         steered = [dict(e, action=np.concatenate([e["action"][:s], np.tile(probe, (len(e["action"]) - s, 1))]))
                    for e in series]
         predicted.append(run_from_start(model, make_batch(steered, s), horizon, temperature=None)["mean"])
-        actions = np.tile(probe, (n, horizon, 1))
-        with envpool.CarRacingPool(n, driving.max_steps, driving.backend, driving.workers, driving.ray_address,
-                                   observation=driving.observation) as pool:
-            replayed = repair.replay(pool, list(rollouts), np.arange(n), np.full(n, s), actions)
         mu = np.full((n, horizon, predicted[-1].shape[-1]), np.nan)
         for c, frames in enumerate(replayed["frames"]):
             if len(frames):
@@ -484,9 +479,7 @@ def replay_driving(cfg):
     """How the diagnostics' real replays run: episodes of ``data.max_steps``, frames drawn as the recording was."""
     from worldmodels import recording
 
-    c = cfg.controller
-    return recording.Driving(cfg.data.max_steps, 0.0, c.z_input, cfg.env.observation, c.backend, c.workers,
-                             c.ray_address)
+    return recording.Driving.of_config(cfg, cfg.data.max_steps, 0.0)
 
 
 def steering_check(args, cfg, rnn, paths) -> dict:
@@ -498,11 +491,10 @@ def steering_check(args, cfg, rnn, paths) -> dict:
                                  args.steering)
     found = steering_response(artifacts.load_vision(args.data_dir, cfg), rnn, rollouts, cfg.dream.skip_initial_frames,
                               args.steering, replay_driving(cfg), cfg.rnn.encode_batch_size)
-    row = {}
-    for k in (k for k in STEPS + (len(found["steps"]),) if k <= len(found["steps"])):
-        row.update({f"steering_{name}_{k}": float(found[name][k - 1]) for name in ("model", "real", "ratio")})
+    ahead = [k for k in dict.fromkeys(STEPS + (len(found["steps"]),)) if k <= len(found["steps"])]
+    row = {f"steering_{name}_{k}": float(found[name][k - 1]) for k in ahead for name in ("model", "real", "ratio")}
     told = ", ".join(f"{k}: M {row[f'steering_model_{k}']:.2f} / real {row[f'steering_real_{k}']:.2f}"
-                     for k in sorted({int(key.rsplit('_', 1)[1]) for key in row}))
+                     for k in sorted(ahead))
     print(f"full left vs full right from frame {found['start']} of {len(rollouts)} episodes, squared distance of the "
           f"two z k steps on ({told})")
     return row

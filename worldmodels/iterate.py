@@ -165,9 +165,7 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
 def driving(cfg: config.Config, max_steps: int) -> recording.Driving:
     """How every iteration drives in the real environment: ``iterate.action_noise``, the controller's z input
     and parallelism, ``env.observation``."""
-    c = cfg.controller
-    return recording.Driving(max_steps, cfg.iterate.action_noise, c.z_input, cfg.env.observation, c.backend,
-                             c.workers, c.ray_address, cfg.data.compresslevel)
+    return recording.Driving.of_config(cfg, max_steps, cfg.iterate.action_noise)
 
 
 def collecting_controller(cfg: config.Config, iteration: int, data_dir, params: np.ndarray, vae, rnn) -> np.ndarray:

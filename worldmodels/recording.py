@@ -132,6 +132,20 @@ class Driving:
     ray_address: str = ""
     compresslevel: int = 1
 
+    @classmethod
+    def of_config(cls, cfg: config.Config, max_steps: int, noise: float) -> "Driving":
+        """Driving as a config drives C in the real environment: ``max_steps`` a episode, action noise ``noise``,
+        the controller's z input and parallelism, ``env.observation``, ``data.compresslevel``."""
+        c = cfg.controller
+        return cls(max_steps, noise, c.z_input, cfg.env.observation, c.backend, c.workers, c.ray_address,
+                   cfg.data.compresslevel)
+
+    def pool(self, num_envs: int, max_steps: int | None = None) -> envpool.CarRacingPool:
+        """``num_envs`` real environments with this parallelism, drawing frames as this driving does, episodes of
+        ``max_steps`` (default :attr:`max_steps`)."""
+        return envpool.CarRacingPool(num_envs, self.max_steps if max_steps is None else max_steps, self.backend,
+                                     self.workers, self.ray_address, observation=self.observation)
+
 
 def drive_and_record(folder, indices, seeds, pending, params: np.ndarray, vae, rnn, driving: Driving,
                      progress: str = "collecting") -> int:
@@ -154,8 +168,7 @@ def drive_and_record(folder, indices, seeds, pending, params: np.ndarray, vae, r
         if index in pending:
             storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", driving.compresslevel)
 
-    with envpool.CarRacingPool(min(len(indices), WAVE), driving.max_steps, driving.backend, driving.workers,
-                               driving.ray_address, observation=driving.observation) as pool:
+    with driving.pool(min(len(indices), WAVE)) as pool:
         world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, driving.z_input), driving.noise)
         for wave in waves:
             rollout.run_episodes(world, np.asarray(params)[None], np.array(seeds[wave], np.int64)[None],

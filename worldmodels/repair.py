@@ -282,6 +282,24 @@ def load_episodes(paths, rows) -> list[dict | None]:
             for i, p in enumerate(paths)]
 
 
+def starts_of(paths, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 on the recorded rollouts ``paths`` (E,): :func:`choose_starts` on their lengths."""
+    return choose_starts([storage.array_shape(p, "action")[0] for p in paths], plan)
+
+
+def measure(paths, rows, t0, params: np.ndarray, vae, rnn, plan: Plan, driving, ensemble=()) -> dict:
+    """Steps 2-4 of the module docstring from the starts ``rows``, ``t0`` (N,) of :func:`starts_of` ``(paths,
+    plan)``, nothing saved: the ``episodes`` they use (:func:`load_episodes`), C's dream (``dreamed``, with the
+    further Ms ``ensemble`` reading it: :func:`dream_from_starts`), its ``real`` replay (:func:`replay`, in
+    ``driving``'s pool) and their ``measured`` :func:`disagreement`."""
+    episodes = load_episodes(paths, rows)
+    dreamed = dream_from_starts(rnn, start_states(vae, episodes, rows, t0, plan.encode_batch), params, plan, ensemble)
+    with driving.pool(len(rows), plan.max_steps) as pool:
+        real = replay(pool, episodes, rows, t0, dreamed["actions"])
+    return {"episodes": episodes, "dreamed": dreamed, "real": real,
+            "measured": disagreement(vae, dreamed, real, plan.encode_batch)}
+
+
 def repair(folder, summary_path, paths, first: int, params: np.ndarray, vae, rnn, plan: Plan, driving) -> dict:
     """Run steps 1-5 of the module docstring on the recorded rollouts ``paths`` (E,), saving the kept windows
     as ``folder/episode_<first + k>.npz`` (k < K) and then the summary at ``summary_path`` (done if it exists).
@@ -299,18 +317,13 @@ def repair(folder, summary_path, paths, first: int, params: np.ndarray, vae, rnn
             saved = {key: kept[key] for key in kept.files}
         if all((folder / storage.episode_name(first + k)).exists() for k in range(len(saved["chosen"]))):
             return saved
-    lengths = [storage.array_shape(p, "action")[0] for p in paths]
-    rows, t0 = choose_starts(lengths, plan)
+    rows, t0 = starts_of(paths, plan)
     if saved is not None and not (np.array_equal(rows, saved["rows"]) and np.array_equal(t0, saved["t0"])):
         raise storage.CorruptFileError(
             f"{summary_path} was measured on other episodes than those in {folder} (its starts differ); delete "
             f"{summary_path} and the folder's repair episodes to repair again")
-    episodes = load_episodes(paths, rows)
-    dreamed = dream_from_starts(rnn, start_states(vae, episodes, rows, t0, plan.encode_batch), params, plan)
-    with envpool.CarRacingPool(len(rows), plan.max_steps, driving.backend, driving.workers, driving.ray_address,
-                               observation=driving.observation) as pool:
-        real = replay(pool, episodes, rows, t0, dreamed["actions"])
-    measured = disagreement(vae, dreamed, real, plan.encode_batch)
+    found = measure(paths, rows, t0, params, vae, rnn, plan, driving)
+    episodes, dreamed, real, measured = found["episodes"], found["dreamed"], found["real"], found["measured"]
     # A summary already measured (the repair episodes were lost, e.g. after a carry to another machine) keeps
     # its choice: the same candidates are saved again, as replayed now (on another CPU the dream's floats, and so
     # its actions, may differ in the last bits).
