@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 import config
-from worldmodels import artifacts, cli, storage
+from worldmodels import artifacts, cli, rollout, storage
 from worldmodels.controller_evaluation import (WHICH, evaluation_path, final_tracks_base, load_agent, replay_frames,
                                                score_on_tracks, video_writer_check, write_track_csv, write_video)
 from worldmodels.driving import profile_episode, profile_summary
@@ -90,8 +90,11 @@ def main(argv=None) -> int:
 
     print(f"[eval] {agent.description}, generation {agent.generation}, on {episodes} tracks (episode_seed({base}, i)) of "
           f"<= {c.max_steps} steps, z: {c.z_input}, {cfg.env.observation} observation")
-    metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, args.max_concurrent,
-                              bool(args.video or args.profile))
+    # Without recorded actions (a video or a profile) each finished wave is kept, so a killed scoring resumes.
+    record = bool(args.video or args.profile)
+    partial = None if record else rollout.checkpoint_for(output)
+    metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, args.max_concurrent, record,
+                              partial)
     actions = metrics.pop("actions", None)
     metrics.update(agent=agent.description, which=args.which, generation=agent.generation,
                    command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
               f"brake {p['mean_mean_brake']:.2f}")
     storage.atomic_write_json(output, metrics)
     write_track_csv(output.with_suffix(".csv"), metrics)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     low, high = metrics["iqm_ci95"]
     print(f"[eval] {metrics['mean']:.1f} +- {metrics['std']:.1f} (standard error {metrics['sem']:.1f}; min "
           f"{metrics['min']:.1f}, max {metrics['max']:.1f}); IQM {metrics['iqm']:.1f} [{low:.1f}, {high:.1f}] "

@@ -230,6 +230,54 @@ def test_the_progress_bar_counts_every_agent_step_and_changes_nothing(monkeypatc
     assert len(bars) == 2, "no bar unless asked for"
 
 
+class KilledWorld(ScriptedWorld):
+    """A ScriptedWorld that dies (like a SIGKILLed run) when its ``die_at``-th wave starts."""
+
+    def __init__(self, capacity, die_at=None):
+        super().__init__(capacity)
+        self.die_at = die_at
+
+    def reset(self, seeds):
+        if self.die_at is not None and len(self.batches) == self.die_at:
+            raise KeyboardInterrupt("killed")
+        return super().reset(seeds)
+
+
+def test_a_killed_evaluation_resumes_at_its_first_unfinished_wave_with_the_same_result(tmp_path):
+    from worldmodels.rollout import checkpoint_for
+
+    params, _ = scripted_params(3)
+    seeds = np.array([[3, 8, 20, 1], [5, 6, 13, 2], [0, 9, 4, 27]])
+    reference = run_episodes(ScriptedWorld(64), params, seeds, max_steps=100, max_concurrent=5)
+    log = checkpoint_for(tmp_path / "metrics.json")
+    assert log.name == ".metrics.json.partial"
+    with pytest.raises(KeyboardInterrupt):
+        run_episodes(KilledWorld(64, die_at=2), params, seeds, 100, 5, checkpoint=log)
+    assert log.is_file(), "the two finished waves are kept"
+
+    resumed_world = ScriptedWorld(64)
+    resumed = run_episodes(resumed_world, params, seeds, 100, 5, checkpoint=log)
+    assert resumed_world.batches == [2], "only the last wave (12 episodes in waves of 5) runs again"
+    np.testing.assert_array_equal(resumed.returns, reference.returns)
+    np.testing.assert_array_equal(resumed.lengths, reference.lengths)
+
+    # The file belongs to these parameters, seeds, steps and waves only: any other run starts over.
+    for other in ({"params": params + 0.1}, {"seeds": seeds + 1}, {"max_steps": 99}, {"max_concurrent": 4}):
+        args = {"params": params, "seeds": seeds, "max_steps": 100, "max_concurrent": 5, **other}
+        world = ScriptedWorld(64)
+        fresh = run_episodes(ScriptedWorld(64), **args)
+        again = run_episodes(world, **args, checkpoint=log)
+        assert sum(world.batches) == seeds.size, f"{other}: a stale checkpoint was used"
+        np.testing.assert_array_equal(again.returns, fresh.returns)
+    # A damaged file is not an error: the evaluation starts over.
+    log.write_text("{ not json")
+    world = ScriptedWorld(64)
+    run_episodes(world, params, seeds, 100, 5, checkpoint=log)
+    assert sum(world.batches) == seeds.size
+    with pytest.raises(ValueError, match="checkpoint or record_actions"):
+        run_episodes(ScriptedWorld(64), params, seeds, 100, checkpoint=log, record_actions=True)
+
+
 def test_run_episodes_rejects_mismatched_shapes():
     params, _ = scripted_params(2)
     with pytest.raises(ValueError, match="params must have shape"):

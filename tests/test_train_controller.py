@@ -279,6 +279,34 @@ def test_evaluate_takes_the_controllers_config_and_leaves_its_metrics_alone(trai
     assert mine["seeds"] == heldout_seeds(5, 3, 0).tolist() and mine["lengths"] == [20, 20, 20]
 
 
+def test_a_killed_scoring_resumes_from_its_finished_waves(trained, tmp_path):
+    """evaluate_controller.py keeps each finished wave beside its output; a rerun after a kill takes them as they
+    are (proved by a planted score) and runs the rest; the file is gone once the score is written."""
+    from worldmodels.rollout import WaveLog, checkpoint_for
+
+    data, _ = trained
+    assert not checkpoint_for(data / "controller" / "metrics.json").exists(), "stage 5 removes its own"
+    output = tmp_path / "score.json"
+    args = ("evaluate_controller.py", "--data-dir", str(data), "--output", str(output), "--max-concurrent", "1")
+    proc = run_plain(*args)
+    assert proc.returncode == 0, proc.stderr
+    reference = json.loads(output.read_text())
+    partial = checkpoint_for(output)
+    assert not partial.exists()
+
+    # What a run killed after its first wave (one track) leaves, with a score no real episode gives.
+    params = load_npz(data / "controller" / "controller.npz")["params"]
+    seeds = np.array(reference["seeds"])
+    log = WaveLog(partial, params[None].astype(np.float64), seeds[None], 30, 1, None)
+    log.save(0, 1, np.array([12345.0, 0.0]), np.array([7, 0]), np.zeros(2, bool))
+    proc = run_plain(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 2 episodes already run" in proc.stdout
+    resumed = json.loads(output.read_text())
+    assert resumed["scores"] == [12345.0, reference["scores"][1]] and resumed["lengths"] == [7, 30]
+    assert not partial.exists()
+
+
 def test_the_selected_controller_carries_the_generation_it_was_selected_at():
     from worldmodels.artifacts import selected_generation
 

@@ -125,11 +125,12 @@ def real_world(cfg, vae, rnn, num_envs: int):
 
 
 def evaluate_params(cfg, vae, rnn, params: np.ndarray, seeds: np.ndarray, max_concurrent: int,
-                    record_actions: bool) -> dict:
-    """Run ``params`` (N,) with V and M on tracks ``seeds`` (E,), full episodes; rollout.evaluate's dict."""
+                    record_actions: bool, checkpoint=None) -> dict:
+    """Run ``params`` (N,) with V and M on tracks ``seeds`` (E,), full episodes; rollout.evaluate's dict
+    (resumable with ``checkpoint``, a file: rollout.run_episodes)."""
     with real_world(cfg, vae, rnn, min(len(seeds), max_concurrent)) as world:
         return rollout.evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions,
-                                progress="held-out tracks")
+                                progress="held-out tracks", checkpoint=checkpoint)
 
 
 def final_tracks_base(cfg) -> int:
@@ -143,14 +144,15 @@ def evaluation_path(folder: Path, base: int, episodes: int) -> Path:
 
 
 def score_on_tracks(cfg, vae, rnn, params: np.ndarray, base: int, episodes: int, max_concurrent: int,
-                    record_actions: bool = False) -> dict:
+                    record_actions: bool = False, checkpoint=None) -> dict:
     """``params`` (N,) on tracks ``episode_seed(base, i)``, i < ``episodes``, full episodes: :func:`evaluate_params`'
-    dict plus ``metrics.summarise`` (mean, std, sem, IQM with its bootstrap interval) and the settings used."""
+    dict plus ``metrics.summarise`` (mean, std, sem, IQM with its bootstrap interval) and the settings used.
+    With ``checkpoint`` (a file) a killed scoring resumes at its first unfinished wave."""
     from worldmodels.metrics import summarise
 
     c = cfg.controller
     metrics = evaluate_params(cfg, vae, rnn, params, rollout.heldout_seeds(base, episodes, offset=0), max_concurrent,
-                              record_actions)
+                              record_actions, checkpoint)
     metrics.update(summarise(metrics["scores"]))
     metrics.update(episodes=episodes, track_seed=base, seed_stream=f"episode_seed({base}, i)", max_steps=c.max_steps,
                    z_input=c.z_input, observation=cfg.env.observation, preset=cfg.preset)

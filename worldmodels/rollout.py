@@ -34,6 +34,7 @@ spawned environment workers, which re-import the script that started them, stay 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -113,7 +114,8 @@ def _out_of_patience(idle, reward, running, lengths, patience: int, max_steps: i
 
 
 def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
-                 record_actions: bool = False, progress: str | None = None, patience: int | None = None) -> Rollouts:
+                 record_actions: bool = False, progress: str | None = None, patience: int | None = None,
+                 checkpoint=None) -> Rollouts:
     """Run P controllers on K tracks each in ``world`` and return every episode's return.
 
     Args:
@@ -139,6 +141,9 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
         return is the sum of the rewards of its own steps plus the booked ones.
     """
     params, seeds, capacity = _check_run(world, params, seeds, max_steps, max_concurrent, patience)
+    if checkpoint is not None and record_actions:
+        raise ValueError("run_episodes keeps no actions in its checkpoint: pass checkpoint or record_actions, not both")
+    log = None if checkpoint is None else WaveLog(checkpoint, params, seeds, max_steps, capacity, patience)
 
     p_count, k = seeds.shape
     total = p_count * k
@@ -155,6 +160,10 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
                    dynamic_ncols=True)
     for start in range(0, total, capacity):
         stop = min(start + capacity, total)
+        if log is not None and log.restore(start, stop, returns, lengths, stopped):
+            if bar is not None:
+                bar.update((stop - start) * int(max_steps))
+            continue
         wave_params, group = _wave_controller(params, k, start, stop)
         batch = stop - start
         z, h = world.reset(flat_seeds[start:stop])
@@ -184,6 +193,8 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
             active &= ~ended
             if not active.any():
                 break
+        if log is not None:
+            log.save(start, stop, returns, lengths, stopped)
     if bar is not None:
         bar.close()
     if record_actions:
@@ -191,6 +202,61 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
                    for p in range(p_count)]
     return Rollouts(returns.reshape(p_count, k), lengths.reshape(p_count, k), actions,
                     stopped.reshape(p_count, k) if patience is not None else None)
+
+
+def checkpoint_for(result) -> Path:
+    """Where an evaluation that becomes the file ``result`` keeps its finished waves: ``.<name>.partial`` beside
+    it (:class:`WaveLog`); hidden, so that nothing looking for results (``carry``'s scores) takes it for one."""
+    result = Path(result)
+    return result.with_name(f".{result.name}.partial")
+
+
+class WaveLog:
+    """The finished waves of one :func:`run_episodes` call, in a JSON file written after each wave.
+
+    The file names what it belongs to (a hash of the parameters, the seeds, max_steps, the wave size and
+    patience); a file of another run is ignored and overwritten, so a stale one can never leak into a
+    score. Returns and lengths survive JSON exactly (floats are written as their shortest round-trip form).
+    """
+
+    def __init__(self, path, params: np.ndarray, seeds: np.ndarray, max_steps: int, capacity: int,
+                 patience: int | None):
+        import hashlib
+
+        from worldmodels import storage
+
+        self.path = Path(path)
+        self.key = {
+            "params_sha256": hashlib.sha256(np.ascontiguousarray(params, np.float64).tobytes()).hexdigest(),
+            "params_shape": list(params.shape), "seeds": np.asarray(seeds).reshape(-1).tolist(),
+            "max_steps": int(max_steps), "wave": int(capacity), "patience": patience,
+        }
+        self.waves: dict[str, dict] = {}
+        try:
+            saved = storage.read_json(self.path)
+        except (storage.MissingDataError, storage.CorruptFileError):  # none yet, or not readable: start over
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == self.key and isinstance(saved.get("waves"), dict):
+            self.waves = saved["waves"]
+            done = sum(len(w["returns"]) for w in self.waves.values())
+            print(f"resuming from {self.path}: {done} of {len(self.key['seeds'])} episodes already run")
+
+    def restore(self, start: int, stop: int, returns, lengths, stopped) -> bool:
+        """Fill rows ``start..stop-1`` of the flat arrays from a finished wave; False if it is not finished."""
+        wave = self.waves.get(str(start))
+        if wave is None or len(wave["returns"]) != stop - start:
+            return False
+        returns[start:stop] = wave["returns"]
+        lengths[start:stop] = wave["lengths"]
+        stopped[start:stop] = wave["stopped"]
+        return True
+
+    def save(self, start: int, stop: int, returns, lengths, stopped) -> None:
+        from worldmodels import storage
+
+        self.waves[str(start)] = {"returns": returns[start:stop].tolist(), "lengths": lengths[start:stop].tolist(),
+                                  "stopped": stopped[start:stop].tolist()}
+        storage.atomic_write_json(self.path, {"key": self.key, "waves": self.waves})
 
 
 # --------------------------------------------------------------------------- the real world
@@ -302,8 +368,9 @@ def heldout_seeds(seed: int, count: int, offset: int = EVAL_SEED_OFFSET) -> np.n
 
 
 def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = None,
-             record_actions: bool = False, progress: str | None = None) -> dict:
-    """Run one controller ``params`` (N,) on every track of ``seeds`` (E,).
+             record_actions: bool = False, progress: str | None = None, checkpoint=None) -> dict:
+    """Run one controller ``params`` (N,) on every track of ``seeds`` (E,) (resumable with ``checkpoint``,
+    see :func:`run_episodes`).
 
     Returns ``{"mean", "std", "min", "max", "scores" (E,), "lengths" (E,), "seeds" (E,),
     "steps", "seconds"}`` (plus ``"actions"``, a list of (T, 3) arrays, if recorded).
@@ -315,7 +382,8 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
     if seeds.ndim != 1 or len(seeds) == 0:
         raise ValueError(f"seeds must have shape (E,) with E >= 1, got {seeds.shape}")
     start = time.perf_counter()
-    result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions, progress)
+    result = run_episodes(world, params[None], seeds[None], max_steps, max_concurrent, record_actions, progress,
+                          checkpoint=checkpoint)
     scores = result.returns[0]
     out = {
         **score_summary(scores),
@@ -328,15 +396,17 @@ def evaluate(world, params, seeds, max_steps: int, max_concurrent: int | None = 
 
 
 def final_evaluation(world, params, cfg, episodes: int | None = None, max_concurrent: int | None = None,
-                     record_actions: bool = False, progress: str | None = None) -> dict:
+                     record_actions: bool = False, progress: str | None = None, checkpoint=None) -> dict:
     """The reported score: ``params`` (N,) on ``episodes`` (default controller.final_eval_episodes,
     the paper's 100) held-out tracks of the final-evaluation stream, never used for training
-    or for picking the controller. Returns :func:`evaluate`'s dict plus the settings used."""
+    or for picking the controller. Returns :func:`evaluate`'s dict plus the settings used. With ``checkpoint``
+    (a file path) a killed evaluation resumes at its first unfinished wave (:func:`run_episodes`)."""
     episodes = cfg.controller.final_eval_episodes if episodes is None else int(episodes)
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     seeds = heldout_seeds(cfg.controller.seed, episodes, FINAL_EVAL_SEED_OFFSET)
-    metrics = evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions, progress)
+    metrics = evaluate(world, params, seeds, cfg.controller.max_steps, max_concurrent, record_actions, progress,
+                       checkpoint)
     metrics.update(episodes=episodes, max_steps=cfg.controller.max_steps,
                    seed_stream=f"episode_seed({FINAL_EVAL_SEED_OFFSET} + controller.seed, i)")
     return metrics
