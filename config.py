@@ -62,6 +62,12 @@ class DataConfig:
                              "'' = <data-dir>/controller")
     controller_noise: float = _f(0.1, "std of the temporally correlated noise added to the 'controller' policy's "
                                       "actions (as iterate.action_noise)")
+    controller_steer_lapses: float = _f(0.0, "chance per step that the 'controller' policy's steering is replaced, "
+                                             "for data.controller_steer_lapse_steps steps on average, by one "
+                                             "uniform random steer held constant: what steering does, seen apart "
+                                             "from the frames that make C steer (0 = off)")
+    controller_steer_lapse_steps: float = _f(10.0, "mean length in steps of a steering lapse of the 'controller' "
+                                                   "policy (a geometric draw, >= 1)")
     seed: int = _f(0, "base seed; episode i is reproducible from (seed, i)")
     workers: int = _f(0, "parallel worker processes; 0 means one per CPU core")
     backend: str = _f("process", "parallel backend: 'serial', 'process' (spawn) or 'ray'")
@@ -498,6 +504,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.compresslevel must be in 1..9, got {cfg.data.compresslevel}")
     if not 0.0 <= cfg.rnn.dropout < 1.0:
         raise ConfigError(f"rnn.dropout must be in [0, 1), got {cfg.rnn.dropout}")
+    if not 0.0 <= cfg.data.controller_steer_lapses < 1.0:
+        raise ConfigError(f"data.controller_steer_lapses must be a chance per step in [0, 1), got "
+                          f"{cfg.data.controller_steer_lapses}")
+    if not cfg.data.controller_steer_lapse_steps >= 1.0:
+        raise ConfigError(f"data.controller_steer_lapse_steps must be >= 1 (a mean length in steps), got "
+                          f"{cfg.data.controller_steer_lapse_steps}")
     if not 0.0 <= cfg.rnn.scheduled_sampling <= 1.0:
         raise ConfigError(f"rnn.scheduled_sampling must be a probability in [0, 1], got {cfg.rnn.scheduled_sampling}")
     if cfg.controller.population < 2:

@@ -63,7 +63,7 @@ MAKERS = {
 
 # What defines a rollout folder: the episodes a command records.
 ROLLOUT_KEYS = ("data.seed", "data.policy", "data.max_steps", "data.expert_noise", "data.controller",
-                "data.controller_noise")
+                "data.controller_noise", "data.controller_steer_lapses", "data.controller_steer_lapse_steps")
 # What else defines the episodes of the 'controller' policy (checked by stage 1 when data.policy has it): C's
 # actions depend on what it sees of V and on how the frames are drawn.
 CONTROLLER_ROLLOUT_KEYS = ("controller.z_input", "env.observation")

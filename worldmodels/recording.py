@@ -33,6 +33,8 @@ from worldmodels.policies import CONTROLLER_POLICY, episode_policy
 WAVE = 32
 # Mixed into an episode's track seed to seed its action noise, a stream apart from the z noise.
 ACTION_NOISE_KEY = 0xAC7109
+# Mixed into an episode's track seed to seed its steering lapses, a stream apart from the action noise.
+STEER_LAPSE_KEY = 0x1A95E5
 
 
 class NoisyWorld:
@@ -44,19 +46,37 @@ class NoisyWorld:
     clip(a_t + n_t) (B, 3) to CarRacing's action box, so M reads the actions actually taken. The
     noise of an episode comes from a generator seeded by its track seed, drawn once per step:
     an episode is reproducible from its seed alone, whatever wave it runs in.
+
+    Steering lapses (``lapses`` > 0, off by default): with that chance per step an agent not already in one
+    starts a lapse of a geometric number of steps (mean ``lapse_steps``) in which its steering is one uniform
+    draw in [-1, 1], held, whatever C and the noise say (gas and brake stay C's). C's steering is a linear
+    function of what it sees, so without them M's data shows steering only where the frames call for it; a
+    lapse shows what steering does apart from that. Their draws come from a stream of their own (seeded by the
+    track seed and :data:`STEER_LAPSE_KEY`), so the action noise is the same with and without them.
     """
 
-    def __init__(self, world, scale: float):
+    def __init__(self, world, scale: float, lapses: float = 0.0, lapse_steps: float = 10.0):
         if not scale >= 0:
             raise ValueError(f"action noise must be >= 0, got {scale!r}")
+        if not 0.0 <= lapses < 1.0 or not lapse_steps >= 1.0:
+            raise ValueError(f"steering lapses need a chance per step in [0, 1) and a mean length >= 1, got "
+                             f"{lapses!r} and {lapse_steps!r}")
         self.world, self.scale = world, float(scale)
+        self.lapses, self.lapse_steps = float(lapses), float(lapse_steps)
         self.capacity, self.z_size, self.hidden_size = world.capacity, world.z_size, world.hidden_size
         self._rngs: list[np.random.Generator] = []
+        self._lapse_rngs: list[np.random.Generator] = []
         self._noise = np.zeros((0, 3))
+        self.lapse_left = np.zeros(0, np.int64)  # (B,) steps left in each agent's lapse (0: C steers)
+        self._held = np.zeros(0, np.float32)
 
     def reset(self, seeds):
-        self._rngs = [np.random.default_rng([int(seed), ACTION_NOISE_KEY]) for seed in np.asarray(seeds)]
+        seeds = np.asarray(seeds)
+        self._rngs = [np.random.default_rng([int(seed), ACTION_NOISE_KEY]) for seed in seeds]
+        self._lapse_rngs = [np.random.default_rng([int(seed), STEER_LAPSE_KEY]) for seed in seeds]
         self._noise = np.zeros((len(self._rngs), 3))
+        self.lapse_left = np.zeros(len(seeds), np.int64)
+        self._held = np.zeros(len(seeds), np.float32)
         return self.world.reset(seeds)
 
     def step(self, env_actions, active):
@@ -64,7 +84,20 @@ class NoisyWorld:
         eps = np.stack([rng.standard_normal(3) for rng in self._rngs])
         self._noise = keep * self._noise + self.scale * math.sqrt(1.0 - keep * keep) * eps
         noisy = np.clip(np.asarray(env_actions) + self._noise, ACTION_LOW, ACTION_HIGH).astype(np.float32)
+        if self.lapses > 0:
+            self._lapse(noisy)
         return self.world.step(noisy, active)
+
+    def _lapse(self, actions: np.ndarray) -> None:
+        """Start, hold and count down the steering lapses of every agent; overwrites their steering in ``actions``."""
+        for i, rng in enumerate(self._lapse_rngs):
+            start, held = rng.random() < self.lapses, rng.uniform(-1.0, 1.0)  # two draws every step: reproducible
+            if self.lapse_left[i] == 0 and start:
+                self.lapse_left[i] = rng.geometric(1.0 / self.lapse_steps)
+                self._held[i] = held
+            if self.lapse_left[i] > 0:
+                actions[i, 0] = self._held[i]
+                self.lapse_left[i] -= 1
 
 
 class RecordingPool:
@@ -131,6 +164,8 @@ class Driving:
     workers: int = 0
     ray_address: str = ""
     compresslevel: int = 1
+    steer_lapses: float = 0.0  # NoisyWorld's steering lapses: chance per step and mean length
+    steer_lapse_steps: float = 10.0
 
     @classmethod
     def of_config(cls, cfg: config.Config, max_steps: int, noise: float) -> "Driving":
@@ -169,7 +204,8 @@ def drive_and_record(folder, indices, seeds, pending, params: np.ndarray, vae, r
             storage.save_episode(folder / storage.episode_name(index), arrays, "rollout", driving.compresslevel)
 
     with driving.pool(min(len(indices), WAVE)) as pool:
-        world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, driving.z_input), driving.noise)
+        world = NoisyWorld(rollout.RealWorld(RecordingPool(pool, save), vae, rnn, driving.z_input), driving.noise,
+                           driving.steer_lapses, driving.steer_lapse_steps)
         for wave in waves:
             rollout.run_episodes(world, np.asarray(params)[None], np.array(seeds[wave], np.int64)[None],
                                  driving.max_steps, progress=progress)
@@ -224,10 +260,12 @@ def record_controller_share(cfg: config.Config, data_dir, folder, pending, ray_a
     path, vision, models = controller_source(cfg, data_dir)
     params, _ = artifacts.load_controller(path, "params", cfg.vae.z_size, cfg.rnn.hidden_units)
     vae, rnn = artifacts.load_vision(vision, cfg), artifacts.load_rnn(models, cfg)
-    log(f"[01] driving {len(set(pending) & set(indices))} episode(s) with the controller {path} "
-        f"(V of {vision}, M of {models}) plus action noise of std {cfg.data.controller_noise}")
     d = cfg.data
+    lapses = (f" and steering lapses (chance {d.controller_steer_lapses:g} a step, {d.controller_steer_lapse_steps:g} "
+              f"steps on average)" if d.controller_steer_lapses else "")
+    log(f"[01] driving {len(set(pending) & set(indices))} episode(s) with the controller {path} "
+        f"(V of {vision}, M of {models}) plus action noise of std {d.controller_noise}{lapses}")
     driving = Driving(d.max_steps, d.controller_noise, cfg.controller.z_input, cfg.env.observation, d.backend,
-                      d.workers, ray_address, d.compresslevel)
+                      d.workers, ray_address, d.compresslevel, d.controller_steer_lapses, d.controller_steer_lapse_steps)
     seeds = [episode_seed(d.seed, i) for i in indices]
     return drive_and_record(folder, indices, seeds, pending, params, vae, rnn, driving, progress="controller")
