@@ -315,3 +315,27 @@ def test_steering_response_compares_left_and_right_in_m_and_in_reality(smoke_rnn
         assert saved[f"steering_real_{k}"] == pytest.approx(found["real"][k - 1], rel=1e-5)
         assert saved[f"steering_model_{k}"] == pytest.approx(found["model"][k - 1], rel=1e-5)
     assert "full left vs full right" in proc.stdout
+    assert saved["steering_r2_z"] == pytest.approx(diagnostics.steering_predictability(
+        [storage.load_episode(smoke_rnn / "series" / name, "series") for name in split["heldout"]]))
+
+
+def test_steering_predictability_is_the_share_of_steering_the_frame_decides():
+    """R^2 of a linear fit held out over episodes: steer = w.z + noise with a known share of variance -> that share;
+    steering independent of the frame -> about 0; a single episode is split in two halves."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=32)
+
+    def episodes(share):
+        out = []
+        for _ in range(6):
+            mu = rng.normal(size=(1000, 32))
+            signal = mu @ w / np.linalg.norm(w)  # variance 1
+            steer = np.sqrt(share) * signal + np.sqrt(1 - share) * rng.normal(size=1000)
+            out.append({"mu": mu, "action": np.c_[steer, rng.uniform(size=(1000, 2))]})
+        return out
+
+    for share in (0.0, 0.5, 0.9):
+        assert diagnostics.steering_predictability(episodes(share)) == pytest.approx(share, abs=0.02)
+    assert diagnostics.steering_predictability(episodes(0.8)[:1]) == pytest.approx(0.8, abs=0.04)
+    with pytest.raises(ValueError, match="with steps"):
+        diagnostics.steering_predictability([])

@@ -21,7 +21,8 @@ K = mixture components, L = the horizon (steps after the start frame).
   disagreement u (:func:`pessimism_fit`): does the pessimistic dream's signal see the overpayment,
   and at which lambda would it charge as much as is overpaid?
 * :func:`steering_response`: does M know what steering does? Full left against full right from
-  the same real states, in M's open loop and in the real environment (replayed to the state).
+  the same real states, in M's open loop and in the real environment (replayed to the state);
+  :func:`steering_predictability`: how much of the data's steering the frames decide.
 
 :func:`diagnose` computes the first two for a config's M on stored series (a row of the iterative
 procedure's ``iterations.csv``: :data:`FIELDS`), and ``python -m worldmodels.diagnostics`` scores a
@@ -412,6 +413,35 @@ def steering_response(vae, model, rollouts, start: int, horizon: int, driving, b
     return {"steps": np.arange(1, horizon + 1), **curves, "ratio": ratio, "start": s, "env_steps": env_steps}
 
 
+def steering_predictability(episodes) -> float:
+    """How much of the data's steering its frames decide: the held-out R^2 of a least-squares linear fit of the
+    steering ``action[t, 0]`` on V's posterior mean ``mu[t]`` (plus a constant), two-fold over episodes (fit on
+    one half, scored on the other, and the other way round; the pooled residual over the pooled variance).
+
+    ``episodes``: dicts with ``mu`` (T, Z) and ``action`` (T, 3) (a single one is split into its two halves in
+    time). About 1 means a driver whose
+    steering follows from the frame (C is linear in [z, h]); M cannot then tell what steering does from what
+    the frame would have done anyway. About 0: steering seen apart from the frames (random actions, lapses).
+    """
+    episodes = list(episodes)
+    if len(episodes) == 1:
+        half = len(episodes[0]["mu"]) // 2
+        episodes = [{key: episodes[0][key][part] for key in ("mu", "action")}
+                    for part in (slice(None, half), slice(half, None))]
+    if not episodes or min(len(e["mu"]) for e in episodes) == 0:
+        raise ValueError("steering_predictability needs episodes with steps")
+    folds = (episodes[::2], episodes[1::2])
+    design = [np.concatenate([np.c_[e["mu"], np.ones(len(e["mu"]))] for e in fold]).astype(np.float64)
+              for fold in folds]
+    steer = [np.concatenate([np.asarray(e["action"], np.float64)[:, 0] for e in fold]) for fold in folds]
+    residual = total = 0.0
+    for fit, score in ((0, 1), (1, 0)):
+        weights = np.linalg.lstsq(design[fit], steer[fit], rcond=None)[0]
+        residual += float(np.sum(np.square(steer[score] - design[score] @ weights)))
+        total += float(np.sum(np.square(steer[score] - steer[score].mean())))
+    return 1.0 - residual / total if total > 0 else float("nan")
+
+
 def load_for_steering(paths, start: int, horizon: int) -> list[dict]:
     """The rollouts ``paths`` as :func:`steering_response` reads them, each cut to its first ``start + horizon + 1``
     frames (all it uses), so that many full episodes need not sit in memory at once."""
@@ -497,6 +527,10 @@ def steering_check(args, cfg, rnn, paths) -> dict:
                      for k in sorted(ahead))
     print(f"full left vs full right from frame {found['start']} of {len(rollouts)} episodes, squared distance of the "
           f"two z k steps on ({told})")
+    row["steering_r2_z"] = steering_predictability(
+        [storage.load_episode(path, "series", keys=("mu", "action")) for path in paths])
+    print(f"the episodes' steering is {100 * row['steering_r2_z']:.0f}% predictable from the frame alone (held-out R^2 "
+          "of a linear fit on z)")
     return row
 
 
