@@ -36,6 +36,10 @@ python -m worldmodels.figures iterations_table --data-dir $D --out results/dream
 # of the cpu preset's search; 49 min with the 2 cores shared with the iterative run. Resumable: rerun.
 python 05_train_controller.py --preset cpu --data-dir $D $S --set rnn.scheduled_sampling=0.3 \
   --set controller.init_from=controller_dream_t1 --set controller.generations=20
+# The hybrid's control: the same search from zeros on the same V and M (a data dir of links to $D's rollouts, series,
+# vae_gan and rnn); files results/dream_ss/control_*. ~1.5 h over two sessions beside three other jobs.
+R=runs/dream3_real; mkdir -p $R; for f in rollouts series vae_gan rnn; do ln -s $(realpath $D/$f) $R/$f; done
+python 05_train_controller.py --preset cpu --data-dir $R $S --set rnn.scheduled_sampling=0.3 --set controller.generations=20
 # Issue 19's figure: held-out real score against the real steps behind it (this data dir and the long cpu search)
 python -m worldmodels.figures sample_efficiency --data-dir $D --also-data-dir $G --out results/sample_efficiency.png
 # How three controllers drive on the same 10 validation tracks (~2 min each, beside three other jobs)
