@@ -201,6 +201,9 @@ class IterateConfig:
     iterations: int = _f(10, "iterations to run (a larger value continues a finished run)")
     episodes: int = _f(64, "real episodes collected per iteration with the current controller plus noise")
     action_noise: float = _f(0.1, "std of the temporally correlated noise added to the controller's actions while collecting")
+    steer_lapses: float = _f(0.0, "chance per step of a steering lapse while collecting (as "
+                                  "data.controller_steer_lapses; 0 = off)")
+    steer_lapse_steps: float = _f(10.0, "mean length in steps of a steering lapse while collecting")
     rnn_steps: int = _f(1000, "training steps of each iteration's fine-tune of M on all data so far")
     generations: int = _f(200, "CMA-ES generations in the dream per iteration, starting from the previous controller")
     eval_episodes: int = _f(100, "held-out real tracks on which each iteration's controller is scored")
@@ -504,12 +507,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.compresslevel must be in 1..9, got {cfg.data.compresslevel}")
     if not 0.0 <= cfg.rnn.dropout < 1.0:
         raise ConfigError(f"rnn.dropout must be in [0, 1), got {cfg.rnn.dropout}")
-    if not 0.0 <= cfg.data.controller_steer_lapses < 1.0:
-        raise ConfigError(f"data.controller_steer_lapses must be a chance per step in [0, 1), got "
-                          f"{cfg.data.controller_steer_lapses}")
-    if not cfg.data.controller_steer_lapse_steps >= 1.0:
-        raise ConfigError(f"data.controller_steer_lapse_steps must be >= 1 (a mean length in steps), got "
-                          f"{cfg.data.controller_steer_lapse_steps}")
+    for chance, steps in (("data.controller_steer_lapses", "data.controller_steer_lapse_steps"),
+                          ("iterate.steer_lapses", "iterate.steer_lapse_steps")):
+        if not 0.0 <= get(cfg, chance) < 1.0:
+            raise ConfigError(f"{chance} must be a chance per step in [0, 1), got {get(cfg, chance)}")
+        if not get(cfg, steps) >= 1.0:
+            raise ConfigError(f"{steps} must be >= 1 (a mean length in steps), got {get(cfg, steps)}")
     if not 0.0 <= cfg.rnn.scheduled_sampling <= 1.0:
         raise ConfigError(f"rnn.scheduled_sampling must be a probability in [0, 1], got {cfg.rnn.scheduled_sampling}")
     if cfg.controller.population < 2:

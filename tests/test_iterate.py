@@ -243,6 +243,23 @@ def test_action_noise_is_per_episode_correlated_and_in_the_action_box():
         noisy_actions([1], -0.1)
 
 
+def test_the_collection_lapses_as_configured_and_only_the_collection(monkeypatch, tmp_path):
+    """iterate.steer_lapses reaches the collection's driving (recording.NoisyWorld's lapses, tested in
+    test_controller_policy); the other real driving of an iteration (curiosity, repair, steering) has none."""
+    import config
+    from worldmodels import iterate, recording
+
+    cfg = config.make_config("smoke", {"iterate.steer_lapses": 0.05, "iterate.steer_lapse_steps": 4})
+    seen = []
+    monkeypatch.setattr(recording, "drive_and_record", lambda *args, **kwargs: seen.append(args[7]) or 0)
+    iterate.collect_episodes(cfg, 1, tmp_path, np.zeros(3), None, None)
+    assert (seen[0].steer_lapses, seen[0].steer_lapse_steps) == (0.05, 4.0)
+    assert iterate.driving(cfg, 10).steer_lapses == 0.0
+    assert config.make_config("smoke").iterate.steer_lapses == 0.0  # off by default
+    with pytest.raises(config.ConfigError, match="iterate.steer_lapses"):
+        config.make_config("smoke", {"iterate.steer_lapses": 1.0})
+
+
 def test_reward_error_on_tile_steps_is_measured_on_those_steps_only(reference):
     """``reward_mse_tiles`` (the row's ``m_reward_mse_tiles_new``) equals the squared error of M's reward
     prediction on the steps with a positive reward, computed here over whole episodes at once."""

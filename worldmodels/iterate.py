@@ -8,7 +8,8 @@ in ``<data>/iterations/iter_<iii>/``:
 
 1. ``rollouts/``: ``iterate.episodes`` real episodes of the current controller (iteration 1: the
    ``params`` of ``<data>/controller/`` or of a ``<data>/controller_dream_t*/``, else the CMA
-   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``,
+   starting point, zeros) with temporally correlated action noise of std ``iterate.action_noise``
+   (and steering lapses with ``iterate.steer_lapses``, ``recording.NoisyWorld``),
    seen through V and the previous iteration's M exactly as in stage 5, recorded in stage 1's layout on
    ``env.observation`` frames, each file tagged with the policy "controller" (``worldmodels.recording``,
    the code of stage 1's ``controller`` policy). Episode files are numbered from ``i * EPISODE_BLOCK``, so that
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -91,7 +93,8 @@ REPAIR_FILE = repair.REPAIR_FILE
 CLOCK_FILE = "seconds.json"
 # What defines an iterations folder: a rerun with other values of these would mix two procedures.
 ITERATE_KEYS = artifacts.RNN_KEYS + (
-    "iterate.episodes", "iterate.action_noise", "iterate.rnn_steps", "iterate.generations",
+    "iterate.episodes", "iterate.action_noise", "iterate.steer_lapses", "iterate.steer_lapse_steps",
+    "iterate.rnn_steps", "iterate.generations",
     "iterate.eval_episodes", "iterate.seed", "data.max_steps", "controller.seed", "controller.z_input",
     "env.observation", "iterate.curiosity_variants", "iterate.curiosity", "iterate.curiosity_steps",
     "iterate.repair_episodes",
@@ -156,10 +159,15 @@ def collect_episodes(cfg: config.Config, iteration: int, data_dir, params: np.nd
         return 0
     indices = range(first, first + cfg.iterate.episodes)
     seeds = [episode_seed(COLLECT_SEED_OFFSET + cfg.iterate.seed, index) for index in indices]
+    it = cfg.iterate
+    lapses = (f" and steering lapses (chance {it.steer_lapses:g} a step, {it.steer_lapse_steps:g} steps on average)"
+              if it.steer_lapses else "")
     log(f"iteration {iteration}: collecting {len(pending)} of {len(indices)} episode(s) with the controller plus "
-        f"noise of std {cfg.iterate.action_noise} ({cfg.env.observation} observation) -> {folder}")
-    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn,
-                                      driving(cfg, cfg.data.max_steps), progress=f"iteration {iteration}: collecting")
+        f"noise of std {it.action_noise}{lapses} ({cfg.env.observation} observation) -> {folder}")
+    collecting = dataclasses.replace(driving(cfg, cfg.data.max_steps), steer_lapses=it.steer_lapses,
+                                     steer_lapse_steps=it.steer_lapse_steps)
+    return recording.drive_and_record(folder, indices, seeds, pending, params, vae, rnn, collecting,
+                                      progress=f"iteration {iteration}: collecting")
 
 
 def driving(cfg: config.Config, max_steps: int) -> recording.Driving:
