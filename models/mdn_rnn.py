@@ -552,6 +552,13 @@ class MDNRNN(keras.Model):
             result["action"] = self.net.get_layer("action")(features)
         return result
 
+    def plain_mixture(self, h):
+        """M's mixture ``(log_pi, mu, log_sigma)`` (B, Z, K) read from its new hidden state ``h`` (B, H) without
+        dropout: what :meth:`step` returns with ``dropout_mask=None``. The LSTM's output is its new h, so a dream
+        that stepped with a dropout mask gets M's plain prediction from the returned state at the cost of the
+        heads alone (no second LSTM step)."""
+        return self.split(self.net.get_layer("mdn")(tf.convert_to_tensor(h, tf.float32)))
+
     def step(self, z, action, state, dropout_mask=None):
         """Advance B agents by one step in one compiled call.
 

@@ -295,14 +295,15 @@ def read_prefix(model, mu, action, lengths) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- the compiled step
 
 
-def _build_step(model):
+def _build_step(model, plain: bool = False):
     """One tf.function for a batch: M's step, per-(key, t) noise, mixture sampling, done draws.
 
     Inputs: z (B, Z), action (B, 3), h, c, mask (B, H), unique seeds (U, 2) int64, ``inverse``
     (B,) int32 (row i uses ``seeds[inverse[i]]``), tau () float32. Returns z_next (B, Z),
-    h', c' (B, H), reward (B,), done_prob (B,), done_uniform (B,), and with M's action head
+    h', c' (B, H), reward (B,), done_prob (B,), done_uniform (B,), with M's action head
     its predicted next action (B, 3) (without the head the graph is the one built before the
-    option existed). Row i's z_next equals
+    option existed), and with ``plain`` M's mixture without the dropout mask, log_pi and mu (B, Z, K)
+    (``MDNRNN.plain_mixture`` of h': an ensemble's disagreement compares M's plain prediction). Row i's z_next equals
     ``sample_mixture(row i's mixture, tau, seed=seeds[inverse[i]])`` (the per-row mode).
     """
     z_size, k, hidden = model.z_size, model.num_mixtures, model.hidden_units
@@ -329,7 +330,11 @@ def _build_step(model):
         h_new, c_new = out["state"]
         extra = [out[name] if present else tf.zeros_like(done_uniform) for name, present in zeros_if_absent.items()]
         outputs = (z_next, h_new, c_new, extra[0], extra[1], done_uniform)
-        return outputs + (out["action"],) if getattr(model, "action_head", False) else outputs
+        if getattr(model, "action_head", False):
+            outputs += (out["action"],)
+        if plain:
+            outputs += model.plain_mixture(h_new)[:2]
+        return outputs
 
     return step
 
@@ -405,7 +410,7 @@ class DreamWorld:
         self.hidden_size = int(model.hidden_units)
         self._action_head = bool(getattr(model, "action_head", False))
         self._tau = tf.constant(temperature, tf.float32)
-        self._step = _build_step(model)
+        self._step = _build_step(model, plain=bool(ensemble))
         # (N, H) each: M's state at each start frame, after reading the real frames before it.
         if starts.hidden is not None:  # computed when the table was made (branched starts)
             if np.shape(starts.hidden)[1] != self.hidden_size:
@@ -493,14 +498,15 @@ class DreamWorld:
             pick = slice(None) if everyone else index
             seeds, inverse = np.unique(np.stack([self._key[pick], self._t[pick]], axis=1), axis=0,
                                        return_inverse=True)
-            if self.ensemble:  # before M's step: every M reads (z_t, a_t) from the state it had
-                self.disagreement[pick] = self._ensemble_step(pick, actions[pick])
-            z, h, c, r, done_prob, done_uniform, *predicted = (x.numpy() for x in self._step(
-                self._z[pick], actions[pick], self._h[pick], self._c[pick], self._mask[pick],
+            z_t = self._z[pick].copy()  # a view when every row steps, and overwritten just below
+            z, h, c, r, done_prob, done_uniform, *more = (x.numpy() for x in self._step(
+                z_t, actions[pick], self._h[pick], self._c[pick], self._mask[pick],
                 seeds, inverse.reshape(-1).astype(np.int32), self._tau))
             self._z[pick], self._h[pick], self._c[pick] = z, h, c
-            if predicted:
-                self.predicted_action[pick] = predicted[0]
+            if self._action_head:
+                self.predicted_action[pick] = more.pop(0)
+            if self.ensemble:  # every other M reads the same (z_t, a_t) from the state it had
+                self.disagreement[pick] = self._ensemble_step(pick, z_t, actions[pick], mixture_mean(*more))
             self._t[pick] += 1
             reward[pick] = r - self.pessimism * self.disagreement[pick] if self.ensemble else r
             if self.done == "sample":
@@ -510,18 +516,17 @@ class DreamWorld:
             truncated[pick] = self._t[pick] >= self.max_steps
         return (self._z.copy(), self._h.copy()), reward, terminated, truncated
 
-    def _ensemble_step(self, pick, actions) -> np.ndarray:
-        """Advance the ensemble's states of rows ``pick`` by (z_t, a_t); returns u (rows,) of every M's prediction.
+    def _ensemble_step(self, pick, z, actions, own_mean) -> np.ndarray:
+        """Advance the ensemble's states of rows ``pick`` by (z_t, a_t) = (``z``, ``actions``); returns u (rows,) of
+        M's ``own_mean`` (B, Z) and every other M's prediction.
 
-        M's own prediction comes from its inference network on its current state (dropout acts only on the
-        heads' input, so its state is the one the dream's masked step advances)."""
-        z = self._z[pick]
-        means = []
-        for i, (member, (h, c)) in enumerate(zip(self._members, [(self._h, self._c)] + self._member_state)):
+        M's own prediction is its plain mixture (no dropout mask) from the dream's step: dropout acts only on the
+        heads' input, so M's state is the one the masked step advances, and its plain heads read that state."""
+        means = [own_mean]
+        for member, (h, c) in zip(self._members[1:], self._member_state):
             out = member.step(z, actions, (h[pick], c[pick]))
             means.append(mixture_mean(out["log_pi"].numpy(), out["mu"].numpy()))
-            if i > 0:  # M's own state is advanced by the dream's step
-                h[pick], c[pick] = (s.numpy() for s in out["state"])
+            h[pick], c[pick] = (s.numpy() for s in out["state"])
         return disagreement(means)
 
     def observation(self) -> np.ndarray:
