@@ -11,6 +11,14 @@ D=${D:-runs/dream3}; E=${E:-runs/expert}; R=results/dream_diagnosis
 for N in $D ${D}_d00 ${D}_d005 ${D}_m1 $E; do
   python -m worldmodels.diagnostics --data-dir $N --steering 20 --out $R/steering_$(basename $N).json
 done
+# The same check on two data sets that change only how the driver's actions are chosen (stage 1 as results/dream_ss,
+# one --set more; the runs' scripts: results/dream_lapse/commands.sh): data.controller_noise=0.3 (NS) and
+# data.controller_steer_lapses=0.02 (L). --steering also prints steering_r2_z, how much of the episodes' steering a
+# linear fit on z predicts (held out, two folds over the episodes).
+NS=${NS:-runs/noise3}; L=${L:-runs/lapse}
+for N in $NS $L; do
+  python -m worldmodels.diagnostics --data-dir $N --steering 20 --out $R/steering_$(basename $N).json
+done
 H=$(python -c "import json; print(' '.join('$D/series/' + n for n in json.load(open('$D/rnn/split.json'))['heldout']))")
 for k in 1 2 3; do
   I=runs/iter$k; mkdir -p $I; for f in rollouts series vae_gan; do ln -sfn $(realpath $D/$f) $I/$f; done
