@@ -23,3 +23,7 @@ for run in "runs/noise3 --set data.controller_noise=0.3" "runs/lapse --set data.
     --set controller.population=32 --set controller.rollouts_per_member=16 --set controller.generations=100 \
     --set controller.eval_every=20 --set controller.eval_episodes=32
 done
+# How the lapse run's dream-only controller drives (run while the search stood at generation 20-22, so that its
+# controller.npz held generation 20's CMA mean; the JSON records the generation): 6 validation tracks, ~3 min.
+python evaluate_controller.py --data-dir runs/lapse --controller runs/lapse/controller_dream_t1 --episodes 6 \
+  --track-seed 3000000 --profile --output results/dream_lapse/profile_lapse_g20_s3000000_n6.json
