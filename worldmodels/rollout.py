@@ -33,6 +33,7 @@ spawned environment workers, which re-import the script that started them, stay 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -133,6 +134,10 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
             ``patience`` steps without a positive reward (in CarRacing: a new tile) stops, and each
             of its ``max_steps - length`` remaining steps is booked at ``STEP_PENALTY`` (-0.1, what
             a step without a tile earns): the return of driving on without a tile (or a crash).
+        checkpoint: if given, a JSON file (:class:`WaveLog`) that keeps every finished wave, so that a
+            killed run resumes at its first unfinished wave with the same result (an episode depends
+            only on its controller and track, and the waves are the same). Not with ``record_actions``.
+            The caller deletes the file once it has kept the result.
 
     Returns:
         :class:`Rollouts` with returns (P, K), lengths (P, K), the actions if asked for and
@@ -144,64 +149,82 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
     if checkpoint is not None and record_actions:
         raise ValueError("run_episodes keeps no actions in its checkpoint: pass checkpoint or record_actions, not both")
     log = None if checkpoint is None else WaveLog(checkpoint, params, seeds, max_steps, capacity, patience)
-
     p_count, k = seeds.shape
     total = p_count * k
-    flat_seeds = seeds.reshape(-1)
-    returns = np.zeros(total, np.float64)
-    lengths = np.zeros(total, np.int64)
-    stopped = np.zeros(total, bool)
-    actions = [[] for _ in range(total)] if record_actions else None
-    bar = None
+    tally = _Tally(np.zeros(total, np.float64), np.zeros(total, np.int64), np.zeros(total, bool),
+                   [[] for _ in range(total)] if record_actions else None)
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total * int(max_steps), desc=progress, unit="step", unit_scale=True, leave=False,
-                   dynamic_ncols=True)
+        tally.bar = tqdm(total=total * int(max_steps), desc=progress, unit="step", unit_scale=True, leave=False,
+                         dynamic_ncols=True)
     for start in range(0, total, capacity):
         stop = min(start + capacity, total)
-        if log is not None and log.restore(start, stop, returns, lengths, stopped):
-            if bar is not None:
-                bar.update((stop - start) * int(max_steps))
+        if log is not None and log.restore(start, stop, tally.returns, tally.lengths, tally.stopped):
+            tally.advance((stop - start) * int(max_steps))
             continue
         wave_params, group = _wave_controller(params, k, start, stop)
-        batch = stop - start
-        z, h = world.reset(flat_seeds[start:stop])
-        active = np.ones(batch, bool)
-        idle = np.zeros(batch, np.int64)  # steps since the last positive reward, for ``patience``
-        for _ in range(int(max_steps)):
-            a = controller_actions(wave_params, z.reshape(-1, group, z.shape[-1]),
-                                   h.reshape(-1, group, h.shape[-1])).reshape(batch, ACTION_SIZE)
-            env_actions = to_env_action(a)
-            (z, h), reward, terminated, truncated = world.step(env_actions, active)
-            index = start + np.flatnonzero(active)
-            returns[index] += reward[active]
-            lengths[index] += 1
-            if record_actions:
-                for i, row in zip(index, env_actions[active]):
-                    actions[i].append(row)
-            ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-            if patience is not None:
-                idle, give_up = _out_of_patience(idle, reward, active & ~ended, lengths[start:stop], patience,
-                                                 max_steps)
-                index_up = start + np.flatnonzero(give_up)
-                returns[index_up] += STEP_PENALTY * (int(max_steps) - lengths[index_up])
-                stopped[index_up] = True
-                ended = ended | give_up
-            if bar is not None:  # this step, plus the steps that episodes ending now will not take
-                bar.update(int(active.sum()) + int((int(max_steps) - lengths[index[ended[active]]]).sum()))
-            active &= ~ended
-            if not active.any():
-                break
+        _drive_wave(world, wave_params, group, seeds.reshape(-1), start, stop, int(max_steps), patience, tally)
         if log is not None:
-            log.save(start, stop, returns, lengths, stopped)
-    if bar is not None:
-        bar.close()
+            log.save(start, stop, tally.returns, tally.lengths, tally.stopped)
+    if tally.bar is not None:
+        tally.bar.close()
+    actions = None
     if record_actions:
-        actions = [[np.asarray(actions[p * k + j], np.float32).reshape(-1, ACTION_SIZE) for j in range(k)]
+        actions = [[np.asarray(tally.actions[p * k + j], np.float32).reshape(-1, ACTION_SIZE) for j in range(k)]
                    for p in range(p_count)]
-    return Rollouts(returns.reshape(p_count, k), lengths.reshape(p_count, k), actions,
-                    stopped.reshape(p_count, k) if patience is not None else None)
+    return Rollouts(tally.returns.reshape(p_count, k), tally.lengths.reshape(p_count, k), actions,
+                    tally.stopped.reshape(p_count, k) if patience is not None else None)
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What :func:`run_episodes` keeps of its T episodes, in the flat (P * K) order, and its progress bar."""
+
+    returns: np.ndarray  # (T,) float64
+    lengths: np.ndarray  # (T,) int64
+    stopped: np.ndarray  # (T,) bool: ended by patience
+    actions: list | None  # T lists of env-space actions (3,), if recorded
+    bar: object = None
+
+    def advance(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+
+def _drive_wave(world, wave_params, group: int, flat_seeds, start: int, stop: int, max_steps: int, patience,
+                tally: _Tally) -> None:
+    """Episodes ``start..stop-1`` of the flat order as one batch in ``world``, each until it ends; adds to ``tally``.
+
+    ``wave_params``, ``group``: :func:`_wave_controller`'s; ``flat_seeds`` (P * K,) the track seeds."""
+    batch = stop - start
+    z, h = world.reset(flat_seeds[start:stop])
+    active = np.ones(batch, bool)
+    idle = np.zeros(batch, np.int64)  # steps since the last positive reward, for ``patience``
+    for _ in range(max_steps):
+        a = controller_actions(wave_params, z.reshape(-1, group, z.shape[-1]),
+                               h.reshape(-1, group, h.shape[-1])).reshape(batch, ACTION_SIZE)
+        env_actions = to_env_action(a)
+        (z, h), reward, terminated, truncated = world.step(env_actions, active)
+        index = start + np.flatnonzero(active)
+        tally.returns[index] += reward[active]
+        tally.lengths[index] += 1
+        if tally.actions is not None:
+            for i, row in zip(index, env_actions[active]):
+                tally.actions[i].append(row)
+        ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        if patience is not None:
+            idle, give_up = _out_of_patience(idle, reward, active & ~ended, tally.lengths[start:stop], patience,
+                                             max_steps)
+            index_up = start + np.flatnonzero(give_up)
+            tally.returns[index_up] += STEP_PENALTY * (max_steps - tally.lengths[index_up])
+            tally.stopped[index_up] = True
+            ended = ended | give_up
+        # This step, plus the steps that episodes ending now will not take.
+        tally.advance(int(active.sum()) + int((max_steps - tally.lengths[index[ended[active]]]).sum()))
+        active &= ~ended
+        if not active.any():
+            break
 
 
 # A resumable evaluation (a checkpoint) runs in waves of at most this many episodes, so that a kill loses at most
