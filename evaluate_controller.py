@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     # Without recorded actions (a video or a profile) each finished wave is kept, so a killed scoring resumes.
     record = bool(args.video or args.profile)
     partial = None if record else rollout.checkpoint_for(output)
-    waves = args.max_concurrent if record else min(args.max_concurrent, rollout.CHECKPOINT_WAVE)
-    metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, waves, record, partial)
+    metrics = score_on_tracks(cfg, agent.vae, agent.rnn, agent.params, base, episodes, args.max_concurrent, record,
+                              partial)
     actions = metrics.pop("actions", None)
     metrics.update(agent=agent.description, which=args.which, generation=agent.generation,
                    command=shlex.join(sys.argv if argv is None else [sys.argv[0], *argv]))

@@ -274,6 +274,14 @@ def test_a_killed_evaluation_resumes_at_its_first_unfinished_wave_with_the_same_
     world = ScriptedWorld(64)
     run_episodes(world, params, seeds, 100, 5, checkpoint=log)
     assert sum(world.batches) == seeds.size
+    # A checkpointed run keeps waves of at most CHECKPOINT_WAVE episodes, however many the world could run at once.
+    from worldmodels.rollout import CHECKPOINT_WAVE
+
+    many = np.arange(2 * CHECKPOINT_WAVE + 3).reshape(1, -1)
+    world = ScriptedWorld(256)
+    waved = run_episodes(world, params[:1], many, 100, checkpoint=tmp_path / ".many.partial")
+    assert world.batches == [CHECKPOINT_WAVE, CHECKPOINT_WAVE, 3]
+    np.testing.assert_array_equal(waved.returns, run_episodes(ScriptedWorld(256), params[:1], many, 100).returns)
     with pytest.raises(ValueError, match="checkpoint or record_actions"):
         run_episodes(ScriptedWorld(64), params, seeds, 100, checkpoint=log, record_actions=True)
 

@@ -670,8 +670,8 @@ def _final_evaluation(search: Search, command: str) -> None:
     params = search.best[2] if search.best else evolution.mean
     # 100 real episodes take ~40 minutes on 2 cores: each finished wave (of 25) is kept, so a kill costs one wave.
     partial = rollout.checkpoint_for(search.out / METRICS_NAME)
-    metrics = rollout.final_evaluation(search.world, params, cfg, progress="final evaluation", checkpoint=partial,
-                                       max_concurrent=min(search.max_concurrent, rollout.CHECKPOINT_WAVE))
+    metrics = rollout.final_evaluation(search.world, params, cfg, max_concurrent=search.max_concurrent,
+                                       progress="final evaluation", checkpoint=partial)
     metrics.update(
         generation=evolution.generation, controller=str(search.out / CONTROLLER_NAME), which="params",
         selected_at_generation=search.best[0] if search.best else evolution.generation,

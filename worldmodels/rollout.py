@@ -134,9 +134,10 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
             ``patience`` steps without a positive reward (in CarRacing: a new tile) stops, and each
             of its ``max_steps - length`` remaining steps is booked at ``STEP_PENALTY`` (-0.1, what
             a step without a tile earns): the return of driving on without a tile (or a crash).
-        checkpoint: if given, a JSON file (:class:`WaveLog`) that keeps every finished wave, so that a
-            killed run resumes at its first unfinished wave with the same result (an episode depends
-            only on its controller and track, and the waves are the same). Not with ``record_actions``.
+        checkpoint: if given, a JSON file (:class:`WaveLog`) that keeps every finished wave (of at most
+            :data:`CHECKPOINT_WAVE` episodes), so that a killed run resumes at its first unfinished wave with
+            the same result (an episode depends only on its controller and track, and the waves are the
+            same). Not with ``record_actions``.
             The caller deletes the file once it has kept the result.
 
     Returns:
@@ -148,7 +149,10 @@ def run_episodes(world, params, seeds, max_steps: int, max_concurrent: int | Non
     params, seeds, capacity = _check_run(world, params, seeds, max_steps, max_concurrent, patience)
     if checkpoint is not None and record_actions:
         raise ValueError("run_episodes keeps no actions in its checkpoint: pass checkpoint or record_actions, not both")
-    log = None if checkpoint is None else WaveLog(checkpoint, params, seeds, max_steps, capacity, patience)
+    log = None
+    if checkpoint is not None:
+        capacity = min(capacity, CHECKPOINT_WAVE)
+        log = WaveLog(checkpoint, params, seeds, max_steps, capacity, patience)
     p_count, k = seeds.shape
     total = p_count * k
     tally = _Tally(np.zeros(total, np.float64), np.zeros(total, np.int64), np.zeros(total, bool),
