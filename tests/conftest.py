@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Set before anything imports TensorFlow or pygame (also inherited by script subprocesses).
@@ -216,3 +217,33 @@ def assert_old_configs_match_the_option_off(tmp_path: Path, section: str, new_fi
     config.check_compatible(old, config.make_config("smoke"), keys, "old")
     with pytest.raises(config.ConfigError, match=next(iter(turned_on))):
         config.check_compatible(old, config.make_config("smoke", turned_on), keys, "old")
+
+
+class ActionLog:
+    """A world (``worldmodels.rollout``) that records the actions it is given: the inner world of a NoisyWorld."""
+
+    capacity, z_size, hidden_size = 8, 2, 3
+
+    def __init__(self):
+        self.actions = []
+
+    def reset(self, seeds):
+        return np.zeros((len(seeds), 2)), np.zeros((len(seeds), 3))
+
+    def step(self, env_actions, active):
+        self.actions.append(np.array(env_actions))
+        n = len(env_actions)
+        return (np.zeros((n, 2)), np.zeros((n, 3))), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+
+
+def noisy_actions(seeds, scale, steps=200, action=(0.0, 0.5, 0.0), **lapses):
+    """The actions (B, steps, 3) a ``recording.NoisyWorld`` (noise std ``scale``, ``lapses``: its steering lapse
+    arguments) applies to episodes on tracks ``seeds`` (B,) when C always asks for ``action``."""
+    from worldmodels.recording import NoisyWorld
+
+    log = ActionLog()
+    world = NoisyWorld(log, scale, **lapses)
+    world.reset(np.asarray(seeds))
+    for _ in range(steps):
+        world.step(np.tile(np.float32(action), (len(seeds), 1)), np.ones(len(seeds), bool))
+    return np.stack(log.actions, axis=1)

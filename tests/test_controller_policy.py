@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import config
-from tests.conftest import assert_replays_in_the_real_env, assert_user_error, data_dir_with, run_script
+from tests.conftest import (ActionLog, assert_replays_in_the_real_env, assert_user_error, data_dir_with,
+                            noisy_actions, run_script)
 from worldmodels import policies, recording, storage
 
 MIX = "controller:0.5,brownian:0.5"
@@ -141,39 +142,15 @@ def test_a_rollouts_folder_of_the_controller_refuses_another_z_input(mixed):
     assert_user_error(proc, "controller.z_input")
 
 
-class ActionLog:
-    """A world that records the actions it is given (the inner world of a NoisyWorld)."""
-
-    capacity, z_size, hidden_size = 8, 2, 3
-
-    def reset(self, seeds):
-        self.actions = []
-        return np.zeros((len(seeds), 2)), np.zeros((len(seeds), 3))
-
-    def step(self, env_actions, active):
-        self.actions.append(np.array(env_actions))
-        n = len(env_actions)
-        return (np.zeros((n, 2)), np.zeros((n, 3))), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
-
-
-def drive_noisy(seeds, steps, **lapses):
-    """The actions (steps, B, 3) a NoisyWorld (noise 0.1) applies when C always asks for (0.3, 0.5, 0.1)."""
-    inner = ActionLog()
-    world = recording.NoisyWorld(inner, 0.1, **lapses)
-    world.reset(np.asarray(seeds))
-    wanted = np.tile([0.3, 0.5, 0.1], (len(seeds), 1)).astype(np.float32)
-    for _ in range(steps):
-        world.step(wanted, np.ones(len(seeds), bool))
-    return np.stack(inner.actions)
-
-
 def test_steering_lapses_hold_a_random_steer_and_leave_everything_else_as_without_them():
-    seeds, steps = [11, 22, 33], 4000
-    plain = drive_noisy(seeds, steps)
-    lapsed = drive_noisy(seeds, steps, lapses=0.02, lapse_steps=10.0)
+    seeds, steps, wanted = [11, 22, 33], 4000, (0.3, 0.5, 0.1)
+    # (steps, B, 3): the actions applied, C always asking for ``wanted``, noise 0.1.
+    plain = noisy_actions(seeds, 0.1, steps, wanted).swapaxes(0, 1)
+    lapsed = noisy_actions(seeds, 0.1, steps, wanted, lapses=0.02, lapse_steps=10.0).swapaxes(0, 1)
     np.testing.assert_array_equal(lapsed[:, :, 1:], plain[:, :, 1:])  # gas and brake: C's plus the same noise
     changed = lapsed[:, :, 0] != plain[:, :, 0]
-    np.testing.assert_array_equal(drive_noisy(seeds, steps, lapses=0.0), plain)  # off = exactly as before
+    off = noisy_actions(seeds, 0.1, steps, wanted, lapses=0.0).swapaxes(0, 1)
+    np.testing.assert_array_equal(off, plain)  # off = exactly as before
     for agent in range(len(seeds)):
         steer, mask = lapsed[:, agent, 0], changed[:, agent]
         # A lapse holds one value in [-1, 1]: the lapse steps split into runs of one value (a lapse may follow
@@ -186,8 +163,8 @@ def test_steering_lapses_hold_a_random_steer_and_leave_everything_else_as_withou
         assert 6.0 < np.mean([b - a for a, b in runs]) < 14.0
         assert 0.10 < mask.mean() < 0.24, mask.mean()
     # An episode's lapses come from its track seed alone, whatever else runs beside it.
-    alone = drive_noisy([22], steps, lapses=0.02, lapse_steps=10.0)
-    np.testing.assert_array_equal(alone[:, 0], lapsed[:, 1])
+    alone = noisy_actions([22], 0.1, steps, wanted, lapses=0.02, lapse_steps=10.0)
+    np.testing.assert_array_equal(alone[0], lapsed[:, 1])
     with pytest.raises(ValueError, match="steering lapses"):
         recording.NoisyWorld(ActionLog(), 0.1, lapses=1.0)
     with pytest.raises(config.ConfigError, match="data.controller_steer_lapses"):

@@ -12,7 +12,8 @@ import pytest
 
 import config
 from tests.conftest import (REPO, assert_old_configs_match_the_option_off, assert_replays_in_the_real_env,
-                            assert_user_error, data_dir_with, load_npz, read_csv, run_script, run_until_then_kill)
+                            assert_user_error, data_dir_with, load_npz, noisy_actions, read_csv, run_script,
+                            run_until_then_kill)
 
 SCRIPT = "06_iterate.py"
 STAGES = ("rollouts", "vae", "series", "rnn")
@@ -198,34 +199,6 @@ def test_a_bad_value_is_a_one_line_error(reference, tmp_path):
 def test_missing_stages_name_the_command(tmp_path):
     proc = run_script(SCRIPT, data_dir=tmp_path, check=False)
     assert_user_error(proc, "02_train_vae.py")
-
-
-class FakeWorld:
-    """A world that records the actions it is given."""
-
-    capacity, z_size, hidden_size = 8, 2, 3
-
-    def __init__(self):
-        self.actions = []
-
-    def reset(self, seeds):
-        return np.zeros((len(seeds), 2)), np.zeros((len(seeds), 3))
-
-    def step(self, env_actions, active):
-        self.actions.append(np.array(env_actions))
-        n = len(env_actions)
-        return (np.zeros((n, 2)), np.zeros((n, 3))), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
-
-
-def noisy_actions(seeds, scale, steps=200, action=(0.0, 0.5, 0.0)):
-    from worldmodels.recording import NoisyWorld
-
-    fake = FakeWorld()
-    world = NoisyWorld(fake, scale)
-    world.reset(np.asarray(seeds))
-    for _ in range(steps):
-        world.step(np.tile(np.float32(action), (len(seeds), 1)), np.ones(len(seeds), bool))
-    return np.stack(fake.actions, axis=1)  # (B, steps, 3)
 
 
 def test_action_noise_is_per_episode_correlated_and_in_the_action_box():

@@ -419,9 +419,8 @@ def steering_predictability(episodes) -> float:
     one half, scored on the other, and the other way round; the pooled residual over the pooled variance).
 
     ``episodes``: dicts with ``mu`` (T, Z) and ``action`` (T, 3) (a single one is split into its two halves in
-    time). About 1 means a driver whose
-    steering follows from the frame (C is linear in [z, h]); M cannot then tell what steering does from what
-    the frame would have done anyway. About 0: steering seen apart from the frames (random actions, lapses).
+    time). About 1 means a driver whose steering follows from the frame (C is linear in [z, h]); M cannot then
+    tell what steering does from what the frame would have done anyway. About 0: steering seen apart from the frames (random actions, lapses).
     """
     episodes = list(episodes)
     if len(episodes) == 1:
